@@ -1,0 +1,102 @@
+"""The Python API: load a target and a drafter once, then generate from text.
+
+    import diffdraft
+    pipe = diffdraft.load()                      # SmolLM2-135M-Instruct + default drafter
+    answer = pipe.generate("Name three rivers.", max_new_tokens=64)
+    print(answer.text, answer.stats.tau)
+
+Everything here is glue over loading, target, drafters and engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.drafters import build_drafter
+from diffdraft.engine import GenerationResult, SpeculativeEngine
+from diffdraft.errors import DiffdraftError
+from diffdraft.loading import load_model
+from diffdraft.stats import Stats
+from diffdraft.target import Target
+
+DEFAULT_DRAFTER = "ngram"
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]
+    stop_reason: str
+    stats: Stats
+
+
+class Pipeline:
+    """A loaded target and drafter, ready to answer prompts."""
+
+    def __init__(self, target: Target, drafter_spec: str = DEFAULT_DRAFTER, early_exit_layers: int = 4):
+        self.target = target
+        self.drafter_spec = drafter_spec
+        self.drafter = build_drafter(drafter_spec, target, early_exit_layers=early_exit_layers)
+
+    def engine(self, sampling: SamplingConfig | None = None, draft: DraftConfig | None = None) -> SpeculativeEngine:
+        return SpeculativeEngine(self.target, self.drafter, draft=draft, sampling=sampling)
+
+    def chat_ids(self, prompt: str | list[dict]) -> list[int]:
+        """Token ids for a user prompt (str) or a list of chat messages, through the chat template."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not messages or not any(m.get("content", "").strip() for m in messages):
+            raise DiffdraftError("the prompt is empty")
+        return self.target.encode_chat(messages)
+
+    def generate(
+        self,
+        prompt: str | list[dict],
+        max_new_tokens: int = 128,
+        sampling: SamplingConfig | None = None,
+        draft: DraftConfig | None = None,
+        seed: int = 0,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Answer:
+        """Answer a prompt. on_text receives the answer's text as it grows, piece by piece."""
+        ids = self.chat_ids(prompt)
+        streamer = _TextStreamer(self.target, on_text) if on_text else None
+        result: GenerationResult = self.engine(sampling, draft).generate(
+            ids, max_new_tokens=max_new_tokens, seed=seed, on_tokens=streamer
+        )
+        return Answer(
+            text=self.target.decode(result.tokens), tokens=result.tokens, stop_reason=result.stop_reason,
+            stats=result.stats,
+        )
+
+
+class _TextStreamer:
+    """Turns streamed token chunks into text deltas (decoding the whole answer keeps UTF-8 whole)."""
+
+    def __init__(self, target: Target, on_text: Callable[[str], None]):
+        self.target, self.on_text = target, on_text
+        self.tokens: list[int] = []
+        self.shown = ""
+
+    def __call__(self, chunk: list[int]) -> None:
+        self.tokens.extend(chunk)
+        text = self.target.decode(self.tokens)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+            return
+        if text.startswith(self.shown):
+            self.on_text(text[len(self.shown) :])
+            self.shown = text
+
+
+def load(
+    model: str | None = None,
+    drafter: str = DEFAULT_DRAFTER,
+    dtype: str = "float32",
+    tap_layers: tuple[int, ...] | None = None,
+    early_exit_layers: int = 4,
+) -> Pipeline:
+    """Load a target (default SmolLM2-135M-Instruct) and a drafter (name or folder)."""
+    hf_model, tokenizer = load_model(model, dtype=dtype)
+    target = Target(hf_model, tokenizer, tap_layers=tap_layers, name=model or "smollm2")
+    return Pipeline(target, drafter, early_exit_layers=early_exit_layers)

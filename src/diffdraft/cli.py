@@ -1,0 +1,123 @@
+"""Command line: `diffdraft generate` and `diffdraft chat`.
+
+Thin: parses arguments into the config dataclasses and calls the API. A DiffdraftError
+becomes one line on stderr and exit code 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diffdraft.config import VERIFY_MODES, DraftConfig, SamplingConfig
+from diffdraft.drafters import DRAFTER_NAMES
+from diffdraft.errors import DiffdraftError
+from diffdraft.loading import DTYPES
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads a target and a drafter."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help="smollm2 (default), a .gguf file or an HF model folder")
+    group.add_argument("--dtype", default="float32", choices=list(DTYPES), help="target dtype (default float32)")
+    group.add_argument(
+        "--drafter", default="ngram", help=f"one of {', '.join(DRAFTER_NAMES)}, or a drafter folder (default ngram)"
+    )
+    group.add_argument("--early-exit-layers", type=int, default=4, help="layers of the early-exit drafter")
+
+
+def add_decoding_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--draft-len", type=int, default=8, help="tokens drafted per step, g (default 8)")
+    group.add_argument("--verify", default="auto", choices=VERIFY_MODES, help="verification mode (default auto)")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--top-k", type=int, default=0, help="0 = off")
+    group.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--max-new-tokens", type=int, default=256)
+
+
+def decoding_configs(args: argparse.Namespace) -> tuple[SamplingConfig, DraftConfig]:
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    draft = DraftConfig(draft_len=args.draft_len, verify=args.verify)
+    return sampling, draft
+
+
+def _load(args: argparse.Namespace):
+    from diffdraft.api import load
+
+    return load(args.model, drafter=args.drafter, dtype=args.dtype, early_exit_layers=args.early_exit_layers)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise DiffdraftError("the prompt is empty")
+    sampling, draft = decoding_configs(args)  # validate before the slow model load
+    if args.max_new_tokens <= 0:
+        raise DiffdraftError(f"max-new-tokens must be positive, got {args.max_new_tokens}")
+    pipe = _load(args)
+    answer = pipe.generate(
+        prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, draft=draft, seed=args.seed,
+        on_text=lambda text: print(text, end="", flush=True),
+    )
+    print()
+    print(f"[{pipe.drafter_spec}, g={draft.draft_len}] {answer.stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    sampling, draft = decoding_configs(args)
+    pipe = _load(args)
+    messages: list[dict] = []
+    print("diffdraft chat: an empty line or Ctrl-D ends the session.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        answer = pipe.generate(
+            messages, max_new_tokens=args.max_new_tokens, sampling=sampling, draft=draft, seed=args.seed,
+            on_text=lambda text: print(text, end="", flush=True),
+        )
+        print()
+        print(f"[{answer.stats.summary()}]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": answer.text})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffdraft", description="Lossless speculative decoding.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="answer one prompt, streaming the text")
+    generate.add_argument("prompt", help="the user prompt ('-' reads standard input)")
+    add_model_args(generate)
+    add_decoding_args(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="a multi-turn session in the terminal")
+    add_model_args(chat)
+    add_decoding_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DiffdraftError as err:
+        print(f"diffdraft: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ndiffdraft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The drafter interface: propose the next g tokens of a sequence.
+
+A drafter sees the whole token sequence so far (prompt + generated) and returns up to g
+proposed tokens. If it can state the exact law q_i of each proposed token given the
+earlier proposed ones, it returns those distributions too (then rejection sampling can
+verify it); otherwise it returns None and verification falls back to point-mass matching.
+Drafters that read the target's hidden states set `wants_taps` and receive the taps of
+every token the target has committed through begin() and observe().
+A drafter never sees the verifier's randomness except through the generator it is handed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from diffdraft.config import SamplingConfig
+
+
+@dataclass
+class Draft:
+    tokens: torch.Tensor  # [g] int64, g may be smaller than asked (even 0)
+    probs: torch.Tensor | None  # [g, V] float32: q_i, the exact law of tokens[i]; None if unknown
+
+    @staticmethod
+    def empty() -> "Draft":
+        return Draft(tokens=torch.zeros(0, dtype=torch.long), probs=None)
+
+
+class Drafter(ABC):
+    """Base class for every drafter."""
+
+    name: str = "drafter"
+    wants_taps: bool = False  # True: begin()/observe() receive the target's tapped hidden states
+
+    def check_compatible(self, target) -> None:
+        """Raise DiffdraftError if this drafter cannot draft for `target`."""
+
+    def begin(self, prompt: list[int], taps: torch.Tensor | None) -> None:
+        """A new sequence starts. taps: [1, len(prompt), n_taps*D] when wants_taps."""
+
+    def observe(self, taps: torch.Tensor | None) -> None:
+        """The target committed more tokens. taps: [1, n, n_taps*D] for those tokens, in order."""
+
+    @abstractmethod
+    def propose(
+        self, tokens: list[int], num_tokens: int, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> Draft:
+        """Propose up to num_tokens tokens that continue `tokens`."""

@@ -1,0 +1,61 @@
+"""Drafter checkpoints on disk: a folder with drafter.json (config) and drafter.safetensors.
+
+Writes are atomic (temporary folder, then rename) so an interruption never leaves a
+half-written drafter; reads turn every kind of damage into one clear DiffdraftError.
+No pickle anywhere. Knows nothing about what the tensors mean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffdraft.errors import DiffdraftError
+
+CONFIG_FILE = "drafter.json"
+WEIGHTS_FILE = "drafter.safetensors"
+
+
+def write_checkpoint(folder: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write config and tensors (stored as float32) into `folder`, replacing it atomically."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / CONFIG_FILE).is_file()
+
+
+def read_checkpoint(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a drafter folder, turning any damage into a DiffdraftError."""
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise DiffdraftError(f"{folder} is not a drafter folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DiffdraftError(f"corrupt drafter config {config_path}: {err}") from err
+    if not isinstance(config, dict) or not isinstance(config.get("kind"), str):
+        raise DiffdraftError(f"corrupt drafter config {config_path}: expected a JSON object with a 'kind'")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types on a damaged file
+        raise DiffdraftError(f"corrupt drafter weights {weights_path}: {err}") from err
+    return config, tensors

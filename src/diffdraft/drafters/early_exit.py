@@ -1,0 +1,137 @@
+"""Early-exit self drafter: the target's first n layers plus a small head of its own.
+
+It drafts autoregressively with its own KV cache, sharing the target's weights (nothing is
+copied). Its head is a D x D linear map (identity at start, so untrained it is plain
+early exit) followed by the target's final norm and LM head. Every token is drawn from
+logits_to_probs of its logits, so its q is exact and rejection sampling applies.
+Only decoder-only models whose body is `model.model` with `layers`, `norm` and a config
+`num_hidden_layers` (the Llama family and most HF causal LMs) are supported.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from diffdraft.config import SamplingConfig
+from diffdraft.drafters.base import Draft, Drafter
+from diffdraft.drafters.checkpoint import read_checkpoint, write_checkpoint
+from diffdraft.errors import DiffdraftError
+from diffdraft.sampling import logits_to_probs, sample
+
+class EarlyExitDrafter(Drafter):
+    name = "early-exit"
+
+    def __init__(self, target, num_layers: int = 4, head: nn.Linear | None = None):
+        body = getattr(target.model, "model", None)
+        if body is None or not hasattr(body, "layers") or not hasattr(body, "norm"):
+            raise DiffdraftError("the early-exit drafter needs a decoder-only model with model.layers and model.norm")
+        if not 1 <= num_layers < target.num_layers:
+            raise DiffdraftError(
+                f"early-exit layers must be in 1..{target.num_layers - 1} for this target, got {num_layers}"
+            )
+        self.target = target
+        self.num_layers = num_layers
+        # A shallow copy of the target body that runs only the first num_layers layers and
+        # skips the final norm (the head applies it after its own map). Weights are shared.
+        self._body = copy.copy(body)
+        self._body._modules = dict(body._modules)
+        self._body.config = copy.copy(body.config)
+        self._body.config.num_hidden_layers = num_layers
+        self._body.norm = nn.Identity()
+        self._final_norm = body.norm
+        width = target.hidden_size
+        if head is None:
+            head = nn.Linear(width, width, dtype=target.dtype, device=target.device)
+            with torch.no_grad():
+                head.weight.copy_(torch.eye(width))
+                head.bias.zero_()
+        self.head = head
+        self.check_compatible(target)
+        self._cache: DynamicCache | None = None
+        self._cached: list[int] = []  # tokens whose K/V are in self._cache
+
+    def check_compatible(self, target) -> None:
+        if self.head.in_features != target.hidden_size or self.head.out_features != target.hidden_size:
+            raise DiffdraftError(
+                f"drafter width {self.head.in_features} does not fit the target width {target.hidden_size}"
+            )
+
+    def begin(self, prompt: list[int], taps: torch.Tensor | None) -> None:
+        self._cache = DynamicCache(config=self._body.config)
+        self._cached = []
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, k, D] after num_layers layers -> logits [B, k, V]."""
+        return self.target.lm_head(self._final_norm(self.head(hidden)))
+
+    def _forward(self, new_tokens: list[int]) -> torch.Tensor:
+        """Append tokens to the drafter cache; returns logits of the last one, [V]."""
+        ids = torch.tensor([new_tokens], dtype=torch.long, device=self.target.device)  # [1, k]
+        hidden = self._body(input_ids=ids, past_key_values=self._cache, use_cache=True).last_hidden_state
+        self._cached.extend(new_tokens)
+        return self.logits(hidden[:, -1:])[0, 0]
+
+    @torch.inference_mode()
+    def propose(
+        self, tokens: list[int], num_tokens: int, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> Draft:
+        if self._cache is None:
+            self.begin(tokens, None)
+        # Roll the cache back to the longest prefix it shares with `tokens`, keeping at least
+        # one token to feed so that we get logits for the next position.
+        keep = 0
+        limit = min(len(self._cached), len(tokens) - 1)
+        while keep < limit and self._cached[keep] == tokens[keep]:
+            keep += 1
+        if keep < len(self._cached):
+            self._cache.crop(keep - len(self._cached))
+            del self._cached[keep:]
+        logits = self._forward(tokens[keep:])  # [V]
+        drafted, laws = [], []
+        for i in range(num_tokens):
+            probs = logits_to_probs(logits, sampling)  # [V]
+            token = int(probs.argmax()) if sampling.greedy else int(sample(probs, generator))
+            drafted.append(token)
+            laws.append(probs)
+            if i + 1 < num_tokens:
+                logits = self._forward([token])
+        if not drafted:
+            return Draft.empty()
+        return Draft(tokens=torch.tensor(drafted, dtype=torch.long), probs=torch.stack(laws))  # [g], [g, V]
+
+    # ----- checkpoints -----
+    def save(self, folder: str | Path) -> None:
+        config = {
+            "kind": self.name,
+            "num_layers": self.num_layers,
+            "hidden_size": self.target.hidden_size,
+            "vocab_size": self.target.vocab_size,
+        }
+        write_checkpoint(folder, config, self.head.state_dict())
+
+    @classmethod
+    def load(cls, folder: str | Path, target) -> "EarlyExitDrafter":
+        config, tensors = read_checkpoint(folder)
+        for key in ("num_layers", "hidden_size", "vocab_size"):
+            if not isinstance(config.get(key), int):
+                raise DiffdraftError(f"drafter config in {folder} lacks an integer {key!r}")
+        if config["hidden_size"] != target.hidden_size:
+            raise DiffdraftError(
+                f"drafter in {folder} has width {config['hidden_size']}, the target has {target.hidden_size}"
+            )
+        if config["vocab_size"] != target.vocab_size:
+            raise DiffdraftError(
+                f"drafter in {folder} has vocabulary {config['vocab_size']}, the target has {target.vocab_size}"
+            )
+        width = config["hidden_size"]
+        head = nn.Linear(width, width, dtype=target.dtype, device=target.device)
+        try:
+            head.load_state_dict({k: v.to(target.dtype) for k, v in tensors.items()})
+        except RuntimeError as err:
+            raise DiffdraftError(f"drafter weights in {folder} do not match its config: {err}") from err
+        return cls(target, num_layers=config["num_layers"], head=head)

@@ -1,0 +1,157 @@
+"""The speculative decoding loop (DESIGN.md section 1).
+
+prefill -> first token; then repeat: the drafter proposes g tokens, the target runs one
+forward over [last token, draft], the verifier accepts a prefix and adds one token of the
+target's own, and the target cache is cropped to what was accepted. With no drafter (or
+g = 0) it is plain decoding, one target forward per token, through the same code.
+Batch size 1. The engine owns the generator; the drafter and verifier draw from it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.drafters.base import Draft, Drafter
+from diffdraft.errors import DiffdraftError
+from diffdraft.sampling import logits_to_probs, sample
+from diffdraft.stats import Stats
+from diffdraft.target import Target
+from diffdraft.verify import Verdict, verify_greedy, verify_point_mass, verify_rejection
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # new tokens, EOS included when it ended the answer
+    stop_reason: str  # "eos", "length" (max_new_tokens) or "context" (model context full)
+    stats: Stats
+
+
+class SpeculativeEngine:
+    """Lossless speculative decoding of one target with one drafter (or none)."""
+
+    def __init__(
+        self,
+        target: Target,
+        drafter: Drafter | None = None,
+        draft: DraftConfig | None = None,
+        sampling: SamplingConfig | None = None,
+    ):
+        self.target = target
+        self.drafter = drafter
+        self.draft = draft or DraftConfig()
+        self.sampling = sampling or SamplingConfig()
+        if drafter is not None:
+            drafter.check_compatible(target)
+
+    @property
+    def draft_len(self) -> int:
+        return self.draft.draft_len if self.drafter is not None else 0
+
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int = 128,
+        seed: int = 0,
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> GenerationResult:
+        """Generate up to max_new_tokens tokens after `prompt` (token ids, template applied)."""
+        if not prompt:
+            raise DiffdraftError("the prompt is empty")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise DiffdraftError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if len(prompt) >= self.target.max_context:
+            raise DiffdraftError(
+                f"the prompt has {len(prompt)} tokens; the model context holds {self.target.max_context}"
+            )
+        generator = torch.Generator().manual_seed(seed)
+        stats = Stats(draft_len=self.draft_len)
+        want_taps = self.drafter is not None and self.drafter.wants_taps
+        start = time.perf_counter()
+
+        out = self.target.prefill(torch.tensor([prompt], dtype=torch.long), want_taps=want_taps)
+        if self.drafter is not None:
+            self.drafter.begin(list(prompt), out.taps)
+        first = self._pick(out.logits[0, -1], generator)
+        stats.ttft_s = time.perf_counter() - start
+        sequence = list(prompt) + [first]
+        new_tokens = [first]
+        if on_tokens:
+            on_tokens([first])
+        stop_reason = "eos" if first in self.target.eos_token_ids else None
+
+        while stop_reason is None:
+            if len(new_tokens) >= max_new_tokens:
+                stop_reason = "length"
+                break
+            room = self.target.max_context - self.target.length - 1  # after feeding the last token
+            if room < 1:
+                stop_reason = "context"
+                break
+            g = min(self.draft_len, max_new_tokens - len(new_tokens) - 1, room - 1)
+            verdict, proposed = self._step(sequence, max(g, 0), generator, want_taps, stats)
+            emitted = verdict.tokens[: max_new_tokens - len(new_tokens)]
+            for i, token in enumerate(emitted):
+                if token in self.target.eos_token_ids:
+                    emitted = emitted[: i + 1]
+                    stop_reason = "eos"
+                    break
+            stats.record_step(proposed=proposed, accepted=verdict.num_accepted, emitted=len(emitted))
+            sequence.extend(emitted)
+            new_tokens.extend(emitted)
+            if on_tokens:
+                on_tokens(emitted)
+
+        stats.total_s = time.perf_counter() - start
+        stats.new_tokens = len(new_tokens)
+        return GenerationResult(tokens=new_tokens, stop_reason=stop_reason, stats=stats)
+
+    def _pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+        """The target's own next token from logits [V]."""
+        if self.sampling.greedy:
+            return int(logits.argmax())
+        return int(sample(logits_to_probs(logits, self.sampling), generator))
+
+    def _step(
+        self, sequence: list[int], g: int, generator: torch.Generator, want_taps: bool, stats: Stats
+    ) -> tuple[Verdict, int]:
+        """One draft-and-verify step. Returns the verdict and how many tokens were drafted."""
+        tick = time.perf_counter()
+        if g > 0:
+            draft = self.drafter.propose(sequence, g, self.sampling, generator)
+            draft = Draft(tokens=draft.tokens[:g], probs=None if draft.probs is None else draft.probs[:g])
+        else:
+            draft = Draft.empty()
+        tock = time.perf_counter()
+        stats.draft_s += tock - tick
+
+        drafted = draft.tokens.shape[0]
+        block = torch.tensor([[sequence[-1]] + draft.tokens.tolist()], dtype=torch.long)  # [1, 1+g]
+        out = self.target.forward(block, want_taps=want_taps)
+        verdict = self._verify(draft, out.logits[0], generator)  # logits [1+g, V]
+        self.target.crop(self.target.length - (drafted - verdict.num_accepted))
+        if self.drafter is not None and want_taps:
+            self.drafter.observe(out.taps[:, : 1 + verdict.num_accepted])
+        stats.verify_s += time.perf_counter() - tock
+        return verdict, drafted
+
+    def _verify(self, draft: Draft, target_logits: torch.Tensor, generator: torch.Generator) -> Verdict:
+        """target_logits: [g+1, V]."""
+        if self.sampling.greedy:
+            return verify_greedy(draft.tokens, target_logits)
+        target_probs = logits_to_probs(target_logits, self.sampling)  # [g+1, V]
+        mode = self.draft.verify
+        if mode == "auto":
+            mode = "rejection" if draft.probs is not None else "point-mass"
+        if mode == "rejection":
+            if draft.probs is None:
+                raise DiffdraftError(
+                    f"the {self.drafter.name} drafter states no exact q, so rejection sampling cannot verify it: "
+                    "use verify=point-mass or auto"
+                )
+            return verify_rejection(draft.tokens, draft.probs, target_probs, generator)
+        return verify_point_mass(draft.tokens, target_probs, generator)

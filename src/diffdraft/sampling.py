@@ -1,0 +1,43 @@
+"""Logits to probabilities, and drawing from them.
+
+The one source of both p (target) and q (drafter): temperature, then top-k, then top-p,
+computed in float32. Verification is only lossless if the tokens were drawn from exactly
+these distributions, so nothing else in the library turns logits into probabilities.
+Greedy (temperature 0) gives a one-hot distribution on the argmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffdraft.config import SamplingConfig
+
+
+def logits_to_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Shape the last dimension of `logits` into a probability distribution.
+
+    logits: [..., V] in any float dtype. Returns float32 [..., V], each row summing to 1.
+    """
+    logits = logits.float()
+    if sampling.greedy:
+        top = logits.argmax(dim=-1, keepdim=True)  # [..., 1]
+        return torch.zeros_like(logits).scatter_(-1, top, 1.0)
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]  # [..., 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [..., V]
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly better tokens
+        drop_sorted = mass_before >= sampling.top_p  # the top token always stays
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token id per row. probs: [..., V] float32 -> [...] int64."""
+    flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
+    drawn = torch.multinomial(flat, 1, generator=generator)  # [N, 1]
+    return drawn.reshape(probs.shape[:-1])
