@@ -1,0 +1,1 @@
+"""Benchmarks: prompt suites, runners over decoders, peers and reports."""
