@@ -15,14 +15,15 @@ from diffdraft.errors import DiffdraftError
 from diffdraft.loading import DTYPES
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that loads a target and a drafter."""
+def add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> None:
+    """Options shared by every command that loads a target (and, with drafter=True, one drafter)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="smollm2 (default), a .gguf file or an HF model folder")
     group.add_argument("--dtype", default="float32", choices=list(DTYPES), help="target dtype (default float32)")
-    group.add_argument(
-        "--drafter", default="ngram", help=f"one of {', '.join(DRAFTER_NAMES)}, or a drafter folder (default ngram)"
-    )
+    if drafter:
+        group.add_argument(
+            "--drafter", default="ngram", help=f"one of {', '.join(DRAFTER_NAMES)}, or a drafter folder (default ngram)"
+        )
     group.add_argument("--early-exit-layers", type=int, default=4, help="layers of the early-exit drafter")
 
 
@@ -90,6 +91,38 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from diffdraft.bench import BenchConfig, report, run_bench
+
+    if args.report_only:
+        results = report(args.out)
+    else:
+        config = BenchConfig(
+            suite=args.suite, out=args.out, limit=args.limit,
+            categories=tuple(c for c in args.categories.split(",") if c) if args.categories else None,
+            turn=args.turn, model=args.model, dtype=args.dtype, drafters=tuple(args.drafters),
+            peers=None if args.peers is None else tuple(p for p in args.peers if p != "none"),
+            draft_len=args.draft_len, verify=args.verify, early_exit_layers=args.early_exit_layers,
+            temperatures=tuple(args.temperatures), max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+            warmup=not args.no_warmup, seed=args.seed, threads=args.threads, progress=not args.no_progress,
+            command=" ".join(["diffdraft", *sys.argv[1:]]),
+        )
+        results = run_bench(config)
+    for t, summary in results["temperatures"].items():
+        overall = summary["figures"].get("all", {})
+        for name in summary["decoders"]:
+            f = overall.get(name)
+            if f is None:
+                continue
+            eq = summary.get("equality", {}).get(name)
+            same = f", equal {eq['equal']}/{eq['total']}" if eq else ""
+            print(f"T={t} {name:18s} tau {f['tau']:.2f}  {f['tokens_per_s']['median_time']:.1f} tok/s  "
+                  f"speedup {f['speedup']['median_time']:.2f}x  TTFT {f['ttft_s']['median_time'] * 1000:.0f} ms{same}")
+    bugs = sum(len(s.get("bugs", [])) for s in results["temperatures"].values())
+    print(f"results in {args.out}/results.json, .md and .png; engine outputs differing from plain: {bugs}")
+    return 1 if bugs else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffdraft", description="Lossless speculative decoding.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(chat)
     add_decoding_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    bench = commands.add_parser("bench", help="benchmark decoders and peers side by side on a prompt suite")
+    bench.add_argument("--suite", default="mt-bench", help="mt-bench (default), alpaca-eval, or a .jsonl prompt file")
+    bench.add_argument("--out", default="bench-out", help="output folder; an interrupted run there resumes")
+    bench.add_argument("--limit", type=int, default=None, help="prompts to run (AlpacaEval: seeded 80 by default)")
+    bench.add_argument("--categories", default=None, help="comma-separated categories to keep")
+    bench.add_argument("--turn", type=int, default=1, choices=(1, 2), help="MT-Bench turn to answer (default 1)")
+    add_model_args(bench, drafter=False)
+    bench.add_argument("--drafters", nargs="*", default=["ngram", "early-exit"], metavar="SPEC",
+                       help="drafters beside plain decoding: names or folders, SPEC@G for its own draft length")
+    bench.add_argument("--peers", nargs="*", default=None, metavar="PEER",
+                       help="hf-generate hf-prompt-lookup llama.cpp (default: every one installed; 'none' for none)")
+    bench.add_argument("--draft-len", type=int, default=8, help="tokens drafted per step, g (default 8)")
+    bench.add_argument("--verify", default="auto", choices=VERIFY_MODES, help="verification mode (default auto)")
+    bench.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="default: 0 1")
+    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=1, help="timed runs per decoder and prompt (min/median)")
+    bench.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each decoder")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--report-only", action="store_true", help="only rebuild the reports from --out")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

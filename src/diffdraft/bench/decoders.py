@@ -1,0 +1,101 @@
+"""Decoders as the benchmark sees them: token ids in, tokens and Stats out.
+
+A decoder answers one chat-templated prompt (token ids) with up to max_new_tokens tokens
+under a SamplingConfig and a seed, and reports what it did as a diffdraft.stats.Stats
+(tokens, timings, and the verify-step trace when it has one). The engine's decoders live
+here; peers (HF transformers, llama.cpp) live in peers.py behind the same interface.
+Knows nothing of prompt suites, records or reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.drafters import build_drafter
+from diffdraft.engine import SpeculativeEngine
+from diffdraft.errors import DiffdraftError
+from diffdraft.stats import Stats
+from diffdraft.target import Target
+
+PLAIN = "plain"  # the name of the engine's plain decoding, the reference of every speedup and equality
+
+
+@dataclass
+class DecodeRun:
+    tokens: list[int]  # new tokens, EOS included when it ended the answer
+    stop_reason: str  # "eos", "length" or "context"
+    stats: Stats
+
+
+class Decoder:
+    """One way of decoding: a name, a kind ("engine" or "peer") and run()."""
+
+    name: str = "decoder"
+    kind: str = "engine"
+    draft_len: int = 0
+
+    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What goes into the results file about this decoder."""
+        return {"name": self.name, "kind": self.kind, "draft_len": self.draft_len}
+
+
+class EngineDecoder(Decoder):
+    """diffdraft's SpeculativeEngine with one drafter (or none: plain decoding)."""
+
+    kind = "engine"
+
+    def __init__(self, name: str, spec: str, target: Target, draft: DraftConfig, early_exit_layers: int = 4):
+        self.name = name
+        self.spec = spec
+        self.target = target
+        self.drafter = build_drafter(spec, target, early_exit_layers=early_exit_layers)
+        self.draft = draft
+        self.draft_len = draft.draft_len if self.drafter is not None else 0
+
+    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
+        engine = SpeculativeEngine(self.target, self.drafter, draft=self.draft, sampling=sampling)
+        result = engine.generate(prompt, max_new_tokens=max_new_tokens, seed=seed)
+        return DecodeRun(tokens=result.tokens, stop_reason=result.stop_reason, stats=result.stats)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "spec": self.spec, "verify": self.draft.verify}
+
+
+def parse_drafter_spec(entry: str, default_draft_len: int) -> tuple[str, str, int]:
+    """`SPEC` or `SPEC@G` -> (decoder name, drafter spec for build_drafter, draft length).
+
+    The @G suffix (digits only) sets this drafter's draft length; without it the common
+    --draft-len applies. An existing path is never split. "none" is named "plain".
+    """
+    spec, draft_len = entry, default_draft_len
+    head, sep, tail = entry.rpartition("@")
+    if sep and head and tail.isdigit() and not Path(entry).exists():
+        spec, draft_len = head, int(tail)
+    if not spec:
+        raise DiffdraftError(f"empty drafter spec in {entry!r}")
+    if spec == "none":
+        return PLAIN, spec, 0
+    base = Path(spec.rstrip("/")).name if Path(spec).exists() else spec
+    name = base if draft_len == default_draft_len else f"{base}@{draft_len}"
+    return name, spec, draft_len
+
+
+def engine_decoders(
+    entries: list[str], target: Target, draft_len: int, verify: str = "auto", early_exit_layers: int = 4
+) -> list[EngineDecoder]:
+    """Plain decoding first (always: it is the reference), then one decoder per drafter entry."""
+    decoders: dict[str, EngineDecoder] = {}
+    for entry in ["none", *entries]:
+        name, spec, g = parse_drafter_spec(entry, draft_len)
+        if name in decoders:
+            if spec == "none":
+                continue  # "none" named again: plain is already there
+            raise DiffdraftError(f"drafter {entry!r} is listed twice")
+        draft = DraftConfig(draft_len=g, verify=verify)  # validates g
+        decoders[name] = EngineDecoder(name, spec, target, draft, early_exit_layers=early_exit_layers)
+    return list(decoders.values())

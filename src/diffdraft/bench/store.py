@@ -1,0 +1,121 @@
+"""The benchmark's output folder: settings, and per-prompt records that make a run resumable.
+
+    settings.json   what every record in the folder was measured under (model, dtype, draft
+                    length, token limit, seed, ...), the machine and library versions, the
+                    decoders seen, and one entry per session (command, start, end)
+    records.jsonl   one line per (temperature, prompt, decoder): the tokens, stop reason and
+                    Stats trace of each timed repeat
+
+A record is appended as soon as it is measured, so an interrupted run loses at most the
+prompt in flight; a restart skips what is done. A folder refuses a run whose settings
+differ from its own. Knows nothing of models or decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from diffdraft.errors import DiffdraftError
+from diffdraft.stats import Stats
+
+SETTINGS_FILE = "settings.json"
+RECORDS_FILE = "records.jsonl"
+# Settings that must match for records to be pooled; decoders, temperatures, prompts and
+# repeats may differ between sessions (each record says which it is).
+FIXED_SETTINGS = ("suite", "turn", "model", "dtype", "draft_len", "verify", "early_exit_layers", "max_new_tokens", "seed")
+
+
+def stats_to_dict(stats: Stats) -> dict:
+    """The whole trace (Stats.to_dict is a summary and cannot be read back)."""
+    return dataclasses.asdict(stats)
+
+
+def stats_from_dict(data: dict) -> Stats:
+    return Stats(**data)
+
+
+def record_key(record: dict) -> tuple[float, str, str]:
+    return float(record["temperature"]), str(record["prompt_id"]), str(record["decoder"])
+
+
+class RecordStore:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise DiffdraftError(f"output path {self.folder} exists and is not a folder")
+        self.settings_path = self.folder / SETTINGS_FILE
+        self.records_path = self.folder / RECORDS_FILE
+
+    # ----- settings -----
+    def read_settings(self) -> dict | None:
+        if not self.settings_path.is_file():
+            return None
+        try:
+            data = json.loads(self.settings_path.read_text())
+        except json.JSONDecodeError as err:
+            raise DiffdraftError(f"corrupt {self.settings_path}: {err}") from err
+        if not isinstance(data, dict):
+            raise DiffdraftError(f"corrupt {self.settings_path}: expected a JSON object")
+        return data
+
+    def write_settings(self, settings: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.settings_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(tmp, self.settings_path)
+
+    def check_settings(self, fixed: dict) -> dict:
+        """The folder's settings, created from `fixed` if new; an error if they differ."""
+        settings = self.read_settings()
+        if settings is None:
+            return {"fixed": dict(fixed), "decoders": {}, "sessions": []}
+        differ = {k: (settings["fixed"].get(k), fixed.get(k)) for k in FIXED_SETTINGS
+                  if settings["fixed"].get(k) != fixed.get(k)}
+        if differ:
+            listed = ", ".join(f"{k} {old!r} there vs {new!r} now" for k, (old, new) in differ.items())
+            raise DiffdraftError(f"{self.folder} holds a run with other settings ({listed}): use another --out folder")
+        return settings
+
+    # ----- records -----
+    def load(self) -> list[dict]:
+        """All records; a torn last line (an interrupted write) is dropped with a warning."""
+        if not self.records_path.is_file():
+            return []
+        lines = self.records_path.read_text(encoding="utf-8").splitlines()
+        records = []
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                if n == len(lines):
+                    print(f"diffdraft: dropping a torn last line in {self.records_path}", file=sys.stderr)
+                    continue
+                raise DiffdraftError(f"{self.records_path} line {n} is not valid JSON: {err.msg}") from err
+            if not isinstance(record, dict) or not {"temperature", "prompt_id", "decoder", "runs"} <= record.keys():
+                raise DiffdraftError(f"{self.records_path} line {n} is not a benchmark record")
+            records.append(record)
+        return records
+
+    def append(self, record: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.records_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def repair(self) -> None:
+        """Rewrite records.jsonl without a torn last line, so appends start on a fresh line."""
+        if not self.records_path.is_file():
+            return
+        text = self.records_path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):
+            keep = text[: text.rfind("\n") + 1]
+            tmp = self.records_path.with_suffix(".tmp")
+            tmp.write_text(keep, encoding="utf-8")
+            os.replace(tmp, self.records_path)
