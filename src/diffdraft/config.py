@@ -70,3 +70,57 @@ class DraftConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "DraftConfig":
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training of a block-diffusion drafter (see train/trainer.py)."""
+
+    data: str  # folder of train-/eval- shards from `diffdraft data`
+    out: str  # run folder: checkpoint/, drafter/, log.jsonl
+    model: str | None = None  # target spec (default SmolLM2-135M-Instruct)
+    num_layers: int = 2
+    block_size: int = 16
+    tap_layers: tuple[int, ...] | None = None  # None: 1, L/2, L-3
+    blocks_per_sequence: int = 16
+    batch_size: int = 8
+    max_len: int = 512
+    steps: int = 1000
+    lr: float = 6e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    gamma: float | None = 7.0  # positional weighting; None = uniform
+    eval_every: int = 100
+    eval_sequences: int = 64
+    save_every: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "bfloat16"  # autocast dtype, or "float32" for none
+    save_dtype: str = "float32"  # dtype of the exported drafter weights
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2 or self.block_size > 64:
+            raise DiffdraftError(f"block size must be in [2, 64], got {self.block_size}")
+        for name in ("num_layers", "blocks_per_sequence", "batch_size", "steps", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DiffdraftError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise DiffdraftError(f"learning rate must be positive, got {self.lr}")
+        if self.amp not in ("bfloat16", "float16", "float32"):
+            raise DiffdraftError(f"amp must be bfloat16, float16 or float32, got {self.amp!r}")
+        if self.gamma is not None and not self.gamma > 0:
+            raise DiffdraftError(f"gamma must be positive, got {self.gamma}")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["tap_layers"] = list(self.tap_layers) if self.tap_layers is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        if data.get("tap_layers") is not None:
+            data["tap_layers"] = tuple(data["tap_layers"])
+        return cls(**data)

@@ -17,12 +17,12 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from diffdraft.errors import DiffdraftError
+from diffdraft.files import atomic_folder
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,17 +82,9 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     model.config.quantization_config = None
     model.hf_quantizer = None
     model.is_quantized = False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-    try:
+    with atomic_folder(dest) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_folder(folder: str, dtype: torch.dtype):

@@ -9,6 +9,7 @@ Batch size is 1 for now; tensors keep their batch dimension.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,16 @@ class Target:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def tokenizer_fingerprint(self) -> str:
+        """A short hash of the vocabulary, so a drafter can tell it was trained on this tokenizer."""
+        return tokenizer_fingerprint(self.tokenizer)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = tokenizer.get_vocab()
+    text = "\n".join(f"{i}:{t}" for t, i in sorted(vocab.items(), key=lambda item: item[1]))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

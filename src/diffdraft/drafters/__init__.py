@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffdraft.drafters.base import Draft, Drafter
+from diffdraft.drafters.block_diffusion import BlockDiffusionDrafter
 from diffdraft.drafters.checkpoint import is_checkpoint, read_checkpoint
 from diffdraft.drafters.early_exit import EarlyExitDrafter
 from diffdraft.drafters.ngram import NgramDrafter
@@ -12,7 +13,7 @@ from diffdraft.errors import DiffdraftError
 
 DRAFTER_NAMES = ("none", "ngram", "early-exit")
 
-__all__ = ["Draft", "Drafter", "EarlyExitDrafter", "NgramDrafter", "DRAFTER_NAMES", "build_drafter"]
+__all__ = ["Draft", "Drafter", "BlockDiffusionDrafter", "EarlyExitDrafter", "NgramDrafter", "DRAFTER_NAMES", "build_drafter"]
 
 
 def build_drafter(spec: str, target, early_exit_layers: int = 4) -> Drafter | None:
@@ -32,5 +33,7 @@ def build_drafter(spec: str, target, early_exit_layers: int = 4) -> Drafter | No
         kind = read_checkpoint(spec)[0]["kind"]
         if kind == EarlyExitDrafter.name:
             return EarlyExitDrafter.load(spec, target)
+        if kind == BlockDiffusionDrafter.name:
+            return BlockDiffusionDrafter.load(spec, target)
         raise DiffdraftError(f"drafter in {spec} is of unknown kind {kind!r}")
     raise DiffdraftError(f"unknown drafter {spec!r}: use one of {', '.join(DRAFTER_NAMES)} or a drafter folder")

@@ -8,34 +8,25 @@ No pickle anywhere. Knows nothing about what the tensors mean.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from diffdraft.errors import DiffdraftError
+from diffdraft.files import atomic_folder
 
 CONFIG_FILE = "drafter.json"
 WEIGHTS_FILE = "drafter.safetensors"
 
 
-def write_checkpoint(folder: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write config and tensors (stored as float32) into `folder`, replacing it atomically."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
+def write_checkpoint(
+    folder: str | Path, config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> None:
+    """Write config and tensors (stored in `dtype`) into `folder`, replacing it atomically."""
+    with atomic_folder(folder) as tmp:
+        save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_checkpoint(folder: str | Path) -> bool:

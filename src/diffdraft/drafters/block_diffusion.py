@@ -1,0 +1,151 @@
+"""The conditioned block-diffusion drafter at decode time.
+
+Wraps BlockDiffusionNet with the target's frozen embedding and LM head and a context
+cache: per drafter layer, the keys/values of every token the target has committed
+(computed from the target's tapped hidden states as they arrive through begin/observe).
+A step drafts g-1 tokens in one parallel pass over [last token, MASK x (g-1)]. Each token
+is drawn independently from its own marginal, so that marginal is its exact q given the
+earlier draft tokens, and rejection sampling applies at temperature > 0.
+Checkpoints: a drafter folder (drafters/checkpoint.py) whose config names the target's
+width, vocabulary, layer count, tap layers and tokenizer; a mismatch is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffdraft.config import SamplingConfig
+from diffdraft.drafters.base import Draft, Drafter
+from diffdraft.drafters.checkpoint import read_checkpoint, write_checkpoint
+from diffdraft.errors import DiffdraftError
+from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
+from diffdraft.sampling import logits_to_probs, sample
+
+KIND = "block-diffusion"
+
+
+def target_signature(target) -> dict:
+    """What a drafter must agree with to draft for `target`."""
+    return {
+        "hidden_size": target.hidden_size,
+        "vocab_size": target.vocab_size,
+        "num_layers": target.num_layers,
+        "tokenizer": target.tokenizer_fingerprint(),
+    }
+
+
+class BlockDiffusionDrafter(Drafter):
+    name = KIND
+    wants_taps = True
+
+    def __init__(self, target, net: BlockDiffusionNet, tap_layers: tuple[int, ...], signature: dict | None = None):
+        self.target = target
+        self.net = net.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)
+        self.tap_layers = tuple(tap_layers)
+        self.signature = signature or target_signature(target)
+        self.check_compatible(target)
+        # The target must hand us exactly the taps we were trained on.
+        target.tap_layers = self.tap_layers
+        self._ctx_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._ctx_len = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.net.cfg.block_size
+
+    def check_compatible(self, target) -> None:
+        mine, theirs = self.signature, target_signature(target)
+        for key, what in (("hidden_size", "width"), ("vocab_size", "vocabulary size"), ("num_layers", "layer count")):
+            if mine.get(key) != theirs[key]:
+                raise DiffdraftError(
+                    f"drafter does not fit the target: drafter {what} {mine.get(key)}, target {what} {theirs[key]}"
+                )
+        if mine.get("tokenizer") != theirs["tokenizer"]:
+            raise DiffdraftError("drafter does not fit the target: it was trained with a different tokenizer")
+        if self.net.cfg.hidden_size != target.hidden_size or self.net.cfg.num_taps != len(self.tap_layers):
+            raise DiffdraftError("drafter config is inconsistent: width or tap count does not match its own network")
+        bad = [i for i in self.tap_layers if not 0 <= i <= target.num_layers]
+        if bad:
+            raise DiffdraftError(f"drafter taps layers {bad}, outside the target's 0..{target.num_layers}")
+
+    # ----- context cache -----
+    def begin(self, prompt: list[int], taps: torch.Tensor | None) -> None:
+        self._ctx_kv, self._ctx_len = None, 0
+        self.observe(taps)
+
+    @torch.inference_mode()
+    def observe(self, taps: torch.Tensor | None) -> None:
+        """taps: [1, n, n_taps*D] of newly committed tokens."""
+        if taps is None or taps.shape[1] == 0:
+            return
+        n = taps.shape[1]
+        positions = torch.arange(self._ctx_len, self._ctx_len + n, device=taps.device)[None]  # [1, n]
+        new_kv = self.net.context_kv(self.net.fuse_context(taps.to(self.target.dtype)), positions)
+        if self._ctx_kv is None:
+            self._ctx_kv = new_kv
+        else:
+            self._ctx_kv = [
+                (torch.cat([k, nk], dim=2), torch.cat([v, nv], dim=2)) for (k, v), (nk, nv) in zip(self._ctx_kv, new_kv)
+            ]
+        self._ctx_len += n
+
+    # ----- drafting -----
+    @torch.inference_mode()
+    def propose(
+        self, tokens: list[int], num_tokens: int, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> Draft:
+        if self._ctx_kv is None or self._ctx_len != len(tokens) - 1:
+            raise RuntimeError(
+                f"drafter context holds {self._ctx_len} tokens, expected {len(tokens) - 1}: begin/observe were skipped"
+            )
+        g = self.block_size
+        count = min(num_tokens, g - 1)
+        if count <= 0:
+            return Draft.empty()
+        device = self.target.device
+        known = self.target.embed_tokens(torch.tensor([[tokens[-1]]], device=device))  # [1, 1, D]
+        block = self.net.block_inputs(known)  # [1, g, D]
+        positions = torch.arange(len(tokens) - 1, len(tokens) - 1 + g, device=device)[None]  # [1, g]
+        hidden = self.net(block, positions, self._ctx_kv, mask=None)  # [1, g, D]
+        logits = self.target.lm_head(hidden[0, 1 : 1 + count])  # [count, V]
+        probs = logits_to_probs(logits, sampling)  # [count, V]
+        drafted = probs.argmax(dim=-1) if sampling.greedy else sample(probs, generator)  # [count]
+        return Draft(tokens=drafted.cpu(), probs=probs.cpu())
+
+    # ----- checkpoints -----
+    def save(self, folder: str | Path, extra: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
+        save_drafter(folder, self.net, self.tap_layers, self.signature, extra, dtype)
+
+    @classmethod
+    def load(cls, folder: str | Path, target) -> "BlockDiffusionDrafter":
+        net, tap_layers, signature, _ = load_net(folder)
+        return cls(target, net, tap_layers, signature)
+
+
+def save_drafter(
+    folder, net: BlockDiffusionNet, tap_layers, signature: dict, extra: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Write a drafter folder; `extra` (training facts) goes into the config under "training"."""
+    config = {"kind": KIND, "net": net.cfg.to_dict(), "tap_layers": list(tap_layers), "target": signature}
+    if extra:
+        config["training"] = extra
+    write_checkpoint(folder, config, net.state_dict(), dtype=dtype)
+
+
+def load_net(folder) -> tuple[BlockDiffusionNet, tuple[int, ...], dict, dict]:
+    """Read a block-diffusion drafter folder: (net, tap layers, target signature, full config)."""
+    config, tensors = read_checkpoint(folder)
+    if config.get("kind") != KIND:
+        raise DiffdraftError(f"{folder} holds a {config.get('kind')!r} drafter, not a {KIND} one")
+    try:
+        cfg = BlockDiffusionConfig.from_dict(config["net"])
+        tap_layers = tuple(int(i) for i in config["tap_layers"])
+        signature = dict(config["target"])
+        net = BlockDiffusionNet(cfg)
+        net.load_state_dict(tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise DiffdraftError(f"drafter in {folder} is damaged or inconsistent: {type(err).__name__}: {err}") from err
+    return net, tap_layers, signature, config

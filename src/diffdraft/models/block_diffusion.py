@@ -1,0 +1,164 @@
+"""The conditioned block-diffusion drafter network (DESIGN.md section 4).
+
+n transformer layers of the target's width. Hidden states tapped from several target
+layers are concatenated and fused (linear + RMSNorm) into one context feature per token;
+every layer projects those features into extra keys/values. Queries come only from the
+block [known token, MASK x (g-1)]: the block attends to its context and bidirectionally
+to itself, and one pass predicts every masked position. Embedding and LM head are the
+target's (passed in, frozen, never stored here). This module is pure network: it knows
+nothing of caches, decoding or training data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BlockDiffusionConfig:
+    hidden_size: int
+    num_taps: int
+    num_layers: int = 2
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    intermediate_size: int = 1536
+    block_size: int = 16  # g: the known token plus g-1 masked positions
+    rope_theta: float = 100000.0
+    rms_eps: float = 1e-5
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BlockDiffusionConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin for integer positions [..., N] -> [..., N, head_dim] each (float32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # [..., N, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [..., N, hd]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, N, hd]; cos/sin: [B, N, hd] (or broadcastable)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
+
+
+class DrafterLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP; keys/values from [context features; block]."""
+
+    def __init__(self, cfg: BlockDiffusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.attn_norm = nn.RMSNorm(d, eps=cfg.rms_eps)
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.kv_proj = nn.Linear(d, 2 * cfg.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.mlp_norm = nn.RMSNorm(d, eps=cfg.rms_eps)
+        self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+    def context_kv(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of context features. ctx: [B, C, D] (fused, normed) -> 2 x [B, Hkv, C, hd]."""
+        return self._kv(ctx, cos, sin)
+
+    def _kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        kv = self.kv_proj(x).view(b, n, 2, self.cfg.num_kv_heads, self.cfg.head_dim)
+        k = kv[:, :, 0].transpose(1, 2)  # [B, Hkv, N, hd]
+        v = kv[:, :, 1].transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+    def forward(
+        self,
+        h: torch.Tensor,  # [B, G, D] block hidden states
+        ctx_k: torch.Tensor,  # [B, Hkv, C, hd]
+        ctx_v: torch.Tensor,  # [B, Hkv, C, hd]
+        cos: torch.Tensor,  # [B, G, hd] rope of the block positions
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,  # [B, 1, G, C+G] bool, True = may attend; None = all
+    ) -> torch.Tensor:
+        b, g, _ = h.shape
+        cfg = self.cfg
+        x = self.attn_norm(h)
+        q = self.q_proj(x).view(b, g, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, H, G, hd]
+        q = apply_rope(q, cos, sin)
+        k_blk, v_blk = self._kv(x, cos, sin)
+        k = torch.cat([ctx_k, k_blk], dim=2)  # [B, Hkv, C+G, hd]
+        v = torch.cat([ctx_v, v_blk], dim=2)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, G, hd]
+        h = h + self.o_proj(attn.transpose(1, 2).reshape(b, g, -1))
+        gate, up = self.gate_up(self.mlp_norm(h)).chunk(2, dim=-1)
+        return h + self.down(F.silu(gate) * up)
+
+
+class BlockDiffusionNet(nn.Module):
+    """Fuse + layers + final norm. Logits come from the target's LM head, outside."""
+
+    def __init__(self, cfg: BlockDiffusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.fuse = nn.Linear(cfg.num_taps * d, d, bias=False)
+        self.fuse_norm = nn.RMSNorm(d, eps=cfg.rms_eps)
+        self.mask_embedding = nn.Parameter(torch.zeros(d))
+        self.layers = nn.ModuleList(DrafterLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(d, eps=cfg.rms_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        std = 1.0 / math.sqrt(self.cfg.hidden_size)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std, generator=generator)
+        for layer in self.layers:  # residual branches start small
+            nn.init.normal_(layer.o_proj.weight, std=std / math.sqrt(2 * self.cfg.num_layers), generator=generator)
+            nn.init.normal_(layer.down.weight, std=std / math.sqrt(2 * self.cfg.num_layers), generator=generator)
+        nn.init.normal_(self.mask_embedding, std=0.02, generator=generator)
+
+    def fuse_context(self, taps: torch.Tensor) -> torch.Tensor:
+        """taps: [B, C, n_taps*D] -> context features [B, C, D]."""
+        return self.fuse_norm(self.fuse(taps))
+
+    def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer keys/values of context features ctx [B, C, D] at positions [B, C]."""
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = cos.to(ctx.dtype), sin.to(ctx.dtype)
+        return [layer.context_kv(ctx, cos, sin) for layer in self.layers]
+
+    def block_inputs(self, known_embeds: torch.Tensor) -> torch.Tensor:
+        """Block input embeddings: known_embeds [B, nb, D] -> [B, nb*g, D] as [tok, MASK x (g-1)] per block."""
+        b, nb, d = known_embeds.shape
+        g = self.cfg.block_size
+        blocks = self.mask_embedding.to(known_embeds.dtype).expand(b, nb, g, d).clone()
+        blocks[:, :, 0] = known_embeds
+        return blocks.reshape(b, nb * g, d)
+
+    def forward(
+        self,
+        block: torch.Tensor,  # [B, Q, D] block input embeddings (one or many blocks)
+        block_positions: torch.Tensor,  # [B, Q]
+        ctx_kv: list[tuple[torch.Tensor, torch.Tensor]],  # per layer, [B, Hkv, C, hd] each
+        mask: torch.Tensor | None,  # [B, 1, Q, C+Q] bool
+    ) -> torch.Tensor:
+        """Hidden states of the block positions, [B, Q, D], final norm applied."""
+        cos, sin = rope_tables(block_positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = cos.to(block.dtype), sin.to(block.dtype)
+        h = block
+        for layer, (k, v) in zip(self.layers, ctx_kv):
+            h = layer(h, k, v, cos, sin, mask)
+        return self.norm(h)

@@ -1,0 +1,1 @@
+"""Training drafters: data (regenerated responses), block masks, losses, the trainer."""

@@ -1,0 +1,257 @@
+"""Training loop for the block-diffusion drafter.
+
+Each step: the frozen target runs once over a batch of regenerated sequences to produce
+the tapped hidden states; random anchors cut many blocks per sequence; one drafter pass
+under the block attention mask predicts every masked slot; the loss is positional-weighted
+cross-entropy (DESIGN.md section 5). AdamW with linear warm-up and cosine decay, gradient
+clipping, bf16 autocast. Everything random is derived from (seed, step), so a run resumed
+from a checkpoint (net + optimizer + step) continues exactly as an uninterrupted one.
+Runs under torchrun with DDP (gloo on CPU, NCCL on GPU): ranks split each global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from diffdraft.config import TrainConfig
+from diffdraft.drafters.block_diffusion import save_drafter, target_signature
+from diffdraft.errors import DiffdraftError
+from diffdraft.files import atomic_folder
+from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
+from diffdraft.target import Target, default_tap_layers
+from diffdraft.train.data import Sequence, read_split
+from diffdraft.train.losses import (
+    acceptance_counts,
+    per_position_acceptance,
+    positional_weights,
+    simulated_tau,
+    weighted_block_loss,
+)
+from diffdraft.train.masks import block_attention_mask, block_labels, block_positions, sample_anchors
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to 10% of it at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_batch(sequences: list[Sequence], max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tokens [B, L], lengths [B], first anchor [B] (the response's first token)."""
+    cut = [s.tokens[:max_len] for s in sequences]
+    width = max(len(t) for t in cut)
+    tokens = torch.full((len(cut), width), pad_id, dtype=torch.long)
+    for row, t in enumerate(cut):
+        tokens[row, : len(t)] = torch.tensor(t)
+    return {
+        "tokens": tokens,
+        "lengths": torch.tensor([len(t) for t in cut]),
+        "starts": torch.tensor([s.prompt_len for s in sequences]),
+    }
+
+
+class DrafterTrainer:
+    """Owns the frozen target, the drafter net, the optimizer and the data order."""
+
+    def __init__(self, cfg: TrainConfig, target: Target, train_data: list[Sequence], eval_data: list[Sequence]):
+        self.cfg = cfg
+        self.target = target
+        self.device = torch.device(cfg.device)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if cfg.batch_size % self.world:
+            raise DiffdraftError(f"batch size {cfg.batch_size} must divide evenly over {self.world} processes")
+        self.train_data = [s for s in train_data if len(s.tokens) - s.prompt_len >= 2]
+        self.eval_data = eval_data[: cfg.eval_sequences]
+        if not self.train_data:
+            raise DiffdraftError("no training sequence has a response of at least 2 tokens")
+        self.tap_layers = tuple(cfg.tap_layers) if cfg.tap_layers else default_tap_layers(target.num_layers)
+        target.tap_layers = self.tap_layers
+        hf = target.model.config
+        net_cfg = BlockDiffusionConfig(
+            hidden_size=target.hidden_size, num_taps=len(self.tap_layers), num_layers=cfg.num_layers,
+            num_heads=hf.num_attention_heads, num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+            head_dim=getattr(hf, "head_dim", None) or target.hidden_size // hf.num_attention_heads,
+            intermediate_size=hf.intermediate_size, block_size=cfg.block_size,
+            rope_theta=float(getattr(hf, "rope_theta", None) or (getattr(hf, "rope_parameters", None) or {}).get(
+                "rope_theta", 10000.0)),
+            rms_eps=float(getattr(hf, "rms_norm_eps", 1e-5)),
+        )
+        self.net = BlockDiffusionNet(net_cfg)
+        self.net.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+        self.net.to(self.device)
+        self.model = self.net
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.net)
+        decay = [p for n, p in self.net.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.net.named_parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.95), fused=False,
+        )
+        self.weights = positional_weights(cfg.block_size - 1, cfg.gamma).to(self.device)
+        self.step = 0
+        pad = target.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else next(iter(target.eos_token_ids))
+
+    # ----- data order: a pure function of (seed, step) -----
+    def batch_indices(self, step: int) -> list[int]:
+        """This rank's sequence indices for a step; epochs are seeded permutations."""
+        n, b = len(self.train_data), self.cfg.batch_size
+        indices = []
+        for j in range(step * b, (step + 1) * b):
+            epoch, pos = divmod(j, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
+            indices.append(int(perm[pos]))
+        return indices[self.rank :: self.world]
+
+    def _autocast(self):
+        dtype = AMP_DTYPES[self.cfg.amp]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def block_logits_and_labels(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        """Run target (frozen) and drafter over a batch. -> logits [B, nb, g-1, V], labels [B, nb, g-1]."""
+        g, nb = self.cfg.block_size, self.cfg.blocks_per_sequence
+        tokens = batch["tokens"].to(self.device)  # [B, L]
+        lengths, starts = batch["lengths"], batch["starts"]
+        batch_size, length = tokens.shape
+        with torch.no_grad():
+            mask = (torch.arange(length)[None] < lengths[:, None]).long().to(self.device)
+            out = self.target.model(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
+            taps = torch.cat([out.hidden_states[i] for i in self.tap_layers], dim=-1)  # [B, L, n_taps*D]
+        anchors, valid = sample_anchors(lengths, starts, nb, generator)  # [B, nb]
+        anchors, valid = anchors.to(self.device), valid.to(self.device)
+        labels = block_labels(tokens, lengths.to(self.device), anchors, valid, g)  # [B, nb, g-1]
+        with self._autocast():
+            ctx = self.net.fuse_context(taps.to(self.net.fuse.weight.dtype))  # [B, L, D]
+            positions = torch.arange(length, device=self.device)[None].expand(batch_size, length)
+            ctx_kv = self.net.context_kv(ctx, positions)
+            known = self.target.embed_tokens(tokens.gather(1, anchors))  # [B, nb, D]
+            block = self.net.block_inputs(known.to(ctx.dtype))  # [B, nb*g, D]
+            attn_mask = block_attention_mask(anchors, length, g)  # [B, 1, nb*g, L+nb*g]
+            hidden = self.model(block, block_positions(anchors, g), ctx_kv, attn_mask)  # [B, nb*g, D]
+            hidden = hidden.view(batch_size, nb, g, -1)[:, :, 1:]  # masked slots only
+            logits = self.target.lm_head(hidden.to(self.target.dtype))  # [B, nb, g-1, V]
+        return logits, labels
+
+    def train_step(self) -> float:
+        self.model.train()
+        lr = learning_rate(self.cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = make_batch([self.train_data[i] for i in self.batch_indices(self.step)], self.cfg.max_len, self.pad_id)
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 17 + self.rank)
+        logits, labels = self.block_logits_and_labels(batch, generator)
+        loss = weighted_block_loss(logits, labels, self.weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out loss, per-position greedy acceptance and simulated tau (fixed anchors)."""
+        self.net.eval()
+        generator = torch.Generator().manual_seed(12345)
+        losses, prefixes, scorables = [], [], []
+        for start in range(0, len(self.eval_data), self.cfg.batch_size):
+            batch = make_batch(self.eval_data[start : start + self.cfg.batch_size], self.cfg.max_len, self.pad_id)
+            logits, labels = self.block_logits_and_labels(batch, generator)
+            losses.append(float(weighted_block_loss(logits, labels, self.weights)))
+            prefix, scorable = acceptance_counts(logits, labels)
+            prefixes.append(prefix.cpu())
+            scorables.append(scorable.cpu())
+        prefix, scorable = torch.cat(prefixes), torch.cat(scorables)
+        return {
+            "eval_loss": sum(losses) / len(losses),
+            "sim_tau": simulated_tau(prefix),
+            "acceptance": [round(r, 4) for r in per_position_acceptance(prefix, scorable, self.cfg.block_size - 1)],
+        }
+
+    # ----- checkpoints -----
+    def save_checkpoint(self, folder: Path) -> None:
+        optim = self.optimizer.state_dict()
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        for index, state in optim["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+        with atomic_folder(folder) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+            (tmp / "trainer.json").write_text(json.dumps(
+                {"step": self.step, "config": self.cfg.to_dict(), "param_groups": optim["param_groups"]}, indent=2))
+
+    def load_checkpoint(self, folder: Path) -> None:
+        try:
+            meta = json.loads((folder / "trainer.json").read_text())
+            tensors = load_file(str(folder / "state.safetensors"))
+        except Exception as err:
+            raise DiffdraftError(f"cannot resume from damaged checkpoint {folder}: {err}") from err
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value.to(self.device)
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.step = int(meta["step"])
+
+    def export(self, folder: Path, extra: dict) -> None:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.save_dtype]
+        save_drafter(folder, self.net, self.tap_layers, target_signature(self.target), extra, dtype=dtype)
+
+
+def train(cfg: TrainConfig, target: Target | None = None, log=print) -> dict:
+    """Run (or resume) a training run in cfg.out; returns the final evaluation."""
+    from diffdraft.loading import load_model
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if target is None:
+        model, tokenizer = load_model(cfg.model, dtype="float32")
+        model.to(cfg.device)
+        if cfg.device.startswith("cuda") and cfg.amp != "float32":
+            model.to(AMP_DTYPES[cfg.amp])
+        target = Target(model, tokenizer, name=cfg.model or "smollm2")
+    trainer = DrafterTrainer(cfg, target, read_split(Path(cfg.data), "train"), read_split(Path(cfg.data), "eval"))
+    checkpoint = out / "checkpoint"
+    if (checkpoint / "trainer.json").is_file():
+        trainer.load_checkpoint(checkpoint)
+        log(f"resumed from {checkpoint} at step {trainer.step}")
+    main = trainer.rank == 0
+    start, tokens_seen = time.perf_counter(), 0
+    history = out / "log.jsonl"
+    result: dict = {}
+    while trainer.step < cfg.steps:
+        loss = trainer.train_step()
+        tokens_seen += cfg.batch_size * cfg.blocks_per_sequence * (cfg.block_size - 1)
+        last = trainer.step == cfg.steps
+        if main and (trainer.step % cfg.eval_every == 0 or last):
+            result = {"step": trainer.step, "loss": round(loss, 4), **trainer.evaluate(),
+                      "elapsed_s": round(time.perf_counter() - start, 1), "predicted_tokens": tokens_seen}
+            log(json.dumps(result))
+            with history.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+        if main and (trainer.step % cfg.save_every == 0 or last):
+            trainer.save_checkpoint(checkpoint)
+    if main:
+        trainer.export(out / "drafter", extra={"config": cfg.to_dict(), "final": result})
+    if distributed:
+        dist.barrier()
+    return result
