@@ -145,8 +145,8 @@ class SpeculativeEngine:
             return verify_greedy(draft.tokens, target_logits)
         target_probs = logits_to_probs(target_logits, self.sampling)  # [g+1, V]
         mode = self.draft.verify
-        if mode == "auto":
-            mode = "rejection" if draft.probs is not None else "point-mass"
+        if mode == "auto" or draft.tokens.numel() == 0:  # an empty draft: just sample from p
+            mode = "rejection" if draft.probs is not None and draft.tokens.numel() else "point-mass"
         if mode == "rejection":
             if draft.probs is None:
                 raise DiffdraftError(

@@ -1,0 +1,334 @@
+"""The block-diffusion drafter: masks, losses, train/decode consistency, checkpoints, losslessness.
+
+Tiny random Llama targets from conftest.py; a tiny drafter net (1-2 layers of the target's
+width). The key consistency check: the training forward (many blocks per sequence under
+the block mask) and the decode-time drafter (context cache filled through begin/observe,
+one block) compute the same logits for the same block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import EOS_ID, make_llama, make_tokenizer
+from diffdraft.config import DraftConfig, SamplingConfig, TrainConfig
+from diffdraft.drafters import BlockDiffusionDrafter, build_drafter
+from diffdraft.drafters.block_diffusion import save_drafter, target_signature
+from diffdraft.engine import SpeculativeEngine
+from diffdraft.errors import DiffdraftError
+from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
+from diffdraft.target import Target
+from diffdraft.train.losses import (
+    acceptance_counts,
+    per_position_acceptance,
+    positional_weights,
+    simulated_tau,
+    weighted_block_loss,
+)
+from diffdraft.train.masks import IGNORE, block_attention_mask, block_labels, block_positions, sample_anchors
+from lawcheck import fit
+
+G = 4  # block size in these tests: known token + 3 masked slots
+
+
+def tiny_net(target: Target, num_taps: int, layers: int = 1, seed: int = 0) -> BlockDiffusionNet:
+    hf = target.model.config
+    cfg = BlockDiffusionConfig(
+        hidden_size=target.hidden_size, num_taps=num_taps, num_layers=layers, num_heads=hf.num_attention_heads,
+        num_kv_heads=hf.num_key_value_heads, head_dim=target.hidden_size // hf.num_attention_heads,
+        intermediate_size=hf.intermediate_size, block_size=G,
+    )
+    net = BlockDiffusionNet(cfg)
+    net.reset_parameters(torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # a visible mask embedding, so a broken mask path changes the output
+        net.mask_embedding.normal_(generator=torch.Generator().manual_seed(seed + 1))
+    return net
+
+
+# ------------------------------------------------------------------ block mask
+def test_block_mask_enumerated():
+    """Slot k of block j sees context positions < anchor_j and the slots of block j, nothing else."""
+    anchors = torch.tensor([[2, 5]])
+    context = 7
+    mask = block_attention_mask(anchors, context, G)[0, 0]  # [2G, C + 2G]
+    assert mask.shape == (2 * G, context + 2 * G)
+    for j, anchor in enumerate([2, 5]):
+        for k in range(G):
+            row = mask[j * G + k]
+            expected = [c < anchor for c in range(context)]
+            expected += [(i // G) == j for i in range(2 * G)]
+            assert row.tolist() == expected, (j, k)
+
+
+def test_block_positions_and_labels():
+    tokens = torch.tensor([[10, 11, 12, 13, 14, 15, 0, 0]])
+    lengths = torch.tensor([6])
+    anchors = torch.tensor([[1, 4]])
+    valid = torch.tensor([[True, True]])
+    assert block_positions(anchors, G).tolist() == [[1, 2, 3, 4, 4, 5, 6, 7]]
+    labels = block_labels(tokens, lengths, anchors, valid, G)
+    assert labels.tolist() == [[[12, 13, 14], [15, IGNORE, IGNORE]]]
+    labels = block_labels(tokens, lengths, anchors, torch.tensor([[True, False]]), G)
+    assert labels[0, 1].tolist() == [IGNORE] * 3
+
+
+def test_anchors_stay_in_the_response():
+    lengths, starts = torch.tensor([20, 9, 5]), torch.tensor([6, 3, 4])
+    anchors, valid = sample_anchors(lengths, starts, 4, torch.Generator().manual_seed(0))
+    for b in range(3):
+        chosen = anchors[b][valid[b]]
+        assert ((chosen >= starts[b]) & (chosen <= lengths[b] - 2)).all()
+    assert valid[0].all() and len(set(anchors[0].tolist())) == 4  # distinct when there is room
+    assert valid[2].sum() == 0  # no room after the prompt for a block with a label
+
+
+# ------------------------------------------------------------------ losses and metrics
+def test_positional_weights_by_hand():
+    w = positional_weights(3, gamma=2.0)
+    assert torch.allclose(w, torch.tensor([1.0, math.exp(-0.5), math.exp(-1.0)]))
+    assert torch.equal(positional_weights(3, None), torch.ones(3))
+
+
+def test_weighted_loss_by_hand():
+    """Two slots with known probabilities of the true token: 0.5 and 0.25, weights 1 and 0.5."""
+    logits = torch.log(torch.tensor([[[[0.5, 0.5], [0.75, 0.25]]]]))  # [1, 1, 2, V=2]
+    labels = torch.tensor([[[0, 1]]])
+    loss = weighted_block_loss(logits, labels, torch.tensor([1.0, 0.5]))
+    expected = (1.0 * -math.log(0.5) + 0.5 * -math.log(0.25)) / 1.5
+    assert abs(float(loss) - expected) < 1e-6
+    labels = torch.tensor([[[0, IGNORE]]])  # an ignored slot counts for nothing
+    assert abs(float(weighted_block_loss(logits, labels, torch.tensor([1.0, 0.5]))) - math.log(2)) < 1e-6
+
+
+def test_acceptance_metrics_by_hand():
+    # 3 blocks, 3 slots; argmax of one-hot logits = the predicted ids below
+    predicted = torch.tensor([[[1, 2, 3], [1, 9, 3], [9, 2, 3]]])
+    labels = torch.tensor([[[1, 2, 3], [1, 2, 3], [1, 2, IGNORE]]])
+    logits = torch.nn.functional.one_hot(predicted, 10).float()
+    prefix, scorable = acceptance_counts(logits, labels)
+    assert prefix.tolist() == [3, 1, 0] and scorable.tolist() == [3, 3, 2]
+    assert simulated_tau(prefix) == pytest.approx(1 + 4 / 3)
+    rates = per_position_acceptance(prefix, scorable, 3)
+    assert rates == pytest.approx([2 / 3, 1 / 2, 1.0])
+
+
+# ------------------------------------------------------------------ train / decode consistency
+def trainer_for(target: Target, tmp_path, steps: int = 4, **overrides):
+    from diffdraft.train.trainer import DrafterTrainer
+
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), num_layers=1, block_size=G,
+                      tap_layers=(1, 2), blocks_per_sequence=3, batch_size=2, steps=steps, lr=3e-3,
+                      warmup_steps=1, amp="float32", **overrides)
+    return DrafterTrainer(cfg, target, toy_sequences(target), toy_sequences(target)[:2])
+
+
+def toy_sequences(target: Target):
+    from diffdraft.train.data import Sequence
+
+    gen = torch.Generator().manual_seed(3)
+    seqs = []
+    for n in range(6):
+        prompt = torch.randint(0, 250, (5,), generator=gen).tolist()
+        response = torch.randint(0, 250, (12 + n,), generator=gen).tolist()
+        seqs.append(Sequence(prompt + response, len(prompt)))
+    return seqs
+
+
+def test_training_forward_equals_decode_time_drafter(tiny_model, tiny_tokenizer, tmp_path):
+    target = Target(tiny_model, tiny_tokenizer)
+    trainer = trainer_for(target, tmp_path)
+    with torch.no_grad():
+        trainer.net.mask_embedding.normal_(generator=torch.Generator().manual_seed(9))
+    seq = toy_sequences(target)[4]
+    from diffdraft.train.trainer import make_batch
+
+    batch = make_batch([seq], 64, 0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        logits, labels = trainer.block_logits_and_labels(batch, gen)  # [1, nb, G-1, V]
+    anchors, _ = sample_anchors(batch["lengths"], batch["starts"], 3, torch.Generator().manual_seed(0))
+    drafter = BlockDiffusionDrafter(target, trainer.net, trainer.tap_layers)
+    for j, anchor in enumerate(anchors[0].tolist()):
+        prefix = seq.tokens[: anchor + 1]  # context = tokens before the anchor; the anchor is the known token
+        out = target.prefill(torch.tensor([prefix[:-1]]), want_taps=True)
+        drafter.begin(prefix[:-1], out.taps)
+        draft = drafter.propose(prefix, G - 1, SamplingConfig(temperature=1.0), torch.Generator().manual_seed(0))
+        expected = torch.softmax(logits[0, j].float(), dim=-1)  # [G-1, V]
+        assert torch.allclose(draft.probs, expected, atol=1e-5), f"block {j} at anchor {anchor}"
+
+
+def test_context_cache_grows_through_observe(tiny_model, tiny_tokenizer):
+    """Filling the context cache in pieces (begin + observe) equals filling it at once."""
+    target = Target(tiny_model, tiny_tokenizer)
+    net = tiny_net(target, num_taps=2)
+    tokens = list(range(40, 60))
+    one = BlockDiffusionDrafter(target, net, (1, 3))
+    out = target.prefill(torch.tensor([tokens[:-1]]), want_taps=True)
+    one.begin(tokens[:-1], out.taps)
+    whole = one.propose(tokens, G - 1, SamplingConfig(temperature=1.0), None).probs
+    pieces = BlockDiffusionDrafter(target, net, (1, 3))
+    pieces.begin(tokens[:8], out.taps[:, :8])
+    pieces.observe(out.taps[:, 8:13])
+    pieces.observe(out.taps[:, 13:])
+    assert torch.allclose(pieces.propose(tokens, G - 1, SamplingConfig(temperature=1.0), None).probs, whole, atol=1e-6)
+
+
+# ------------------------------------------------------------------ training
+def test_training_lowers_the_loss(tiny_model, tiny_tokenizer, tmp_path):
+    target = Target(tiny_model, tiny_tokenizer)
+    trainer = trainer_for(target, tmp_path, steps=30)
+    before = trainer.evaluate()["eval_loss"]
+    for _ in range(30):
+        trainer.train_step()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.1, (before, after)
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(tiny_model, tiny_tokenizer, tmp_path):
+    target = Target(tiny_model, tiny_tokenizer)
+    straight = trainer_for(target, tmp_path / "a", steps=6)
+    for _ in range(6):
+        straight.train_step()
+
+    first = trainer_for(target, tmp_path / "b", steps=6)
+    for _ in range(3):
+        first.train_step()
+    first.save_checkpoint(tmp_path / "b" / "ckpt")
+    del first
+    resumed = trainer_for(target, tmp_path / "c", steps=6)
+    resumed.load_checkpoint(tmp_path / "b" / "ckpt")
+    assert resumed.step == 3
+    for _ in range(3):
+        resumed.train_step()
+    for (name, a), (_, b) in zip(straight.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert torch.equal(a, b), name
+    a_state, b_state = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert a_state.keys() == b_state.keys()
+    for index in a_state:
+        assert torch.equal(a_state[index]["exp_avg_sq"], b_state[index]["exp_avg_sq"]), index
+
+
+def test_train_command_end_to_end(tiny_model_dir, tmp_path):
+    """`diffdraft train` on shards from write_shard: writes a drafter that build_drafter loads."""
+    from diffdraft.cli import main
+    from diffdraft.loading import load_model
+    from diffdraft.train.data import write_shard
+
+    model, tokenizer = load_model(tiny_model_dir)
+    target = Target(model, tokenizer)
+    seqs = toy_sequences(target)
+    write_shard(tmp_path / "train-00000.safetensors", seqs[:4])
+    write_shard(tmp_path / "eval-00000.safetensors", seqs[4:])
+    rc = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--model", tiny_model_dir,
+               "--layers", "1", "--block-size", str(G), "--tap-layers", "1,2", "--blocks", "2", "--batch-size", "2",
+               "--steps", "3", "--eval-every", "3", "--save-every", "3", "--amp", "float32"])
+    assert rc == 0
+    assert (tmp_path / "run" / "log.jsonl").is_file()
+    drafter = build_drafter(str(tmp_path / "run" / "drafter"), target)
+    assert isinstance(drafter, BlockDiffusionDrafter) and drafter.tap_layers == (1, 2)
+
+
+# ------------------------------------------------------------------ checkpoints and fit
+def test_mismatched_drafter_is_refused(tiny_model, tiny_tokenizer, tmp_path):
+    target = Target(tiny_model, tiny_tokenizer)
+    net = tiny_net(target, num_taps=2)
+    save_drafter(tmp_path / "ok", net, (1, 2), target_signature(target))
+    assert isinstance(build_drafter(str(tmp_path / "ok"), target), BlockDiffusionDrafter)
+
+    wider = Target(make_llama(hidden=96, heads=4, kv_heads=2), tiny_tokenizer)
+    with pytest.raises(DiffdraftError, match="width"):
+        build_drafter(str(tmp_path / "ok"), wider)
+    deeper = Target(make_llama(layers=6), tiny_tokenizer)
+    with pytest.raises(DiffdraftError, match="layer count"):
+        build_drafter(str(tmp_path / "ok"), deeper)
+    other_vocab = Target(make_llama(vocab_size=320), make_tokenizer(320))
+    with pytest.raises(DiffdraftError, match="vocabulary"):
+        build_drafter(str(tmp_path / "ok"), other_vocab)
+    bad_signature = dict(target_signature(target), tokenizer="0" * 16)
+    save_drafter(tmp_path / "tok", net, (1, 2), bad_signature)
+    with pytest.raises(DiffdraftError, match="tokenizer"):
+        build_drafter(str(tmp_path / "tok"), target)
+    save_drafter(tmp_path / "taps", net, (1, 9), target_signature(target))
+    with pytest.raises(DiffdraftError, match="taps layers"):
+        build_drafter(str(tmp_path / "taps"), target)
+
+
+def test_damaged_drafter_is_refused(tiny_model, tiny_tokenizer, tmp_path):
+    target = Target(tiny_model, tiny_tokenizer)
+    net = tiny_net(target, num_taps=2)
+    save_drafter(tmp_path / "d", net, (1, 2), target_signature(target))
+    weights = tmp_path / "d" / "drafter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(DiffdraftError, match="corrupt drafter weights"):
+        build_drafter(str(tmp_path / "d"), target)
+    save_drafter(tmp_path / "e", tiny_net(target, num_taps=3), (1, 2), target_signature(target))
+    with pytest.raises(DiffdraftError, match="inconsistent"):
+        build_drafter(str(tmp_path / "e"), target)
+
+
+def test_bf16_checkpoint_round_trip(tiny_model, tiny_tokenizer, tmp_path):
+    target = Target(tiny_model, tiny_tokenizer)
+    net = tiny_net(target, num_taps=2)
+    save_drafter(tmp_path / "d", net, (1, 2), target_signature(target), dtype=torch.bfloat16)
+    loaded = build_drafter(str(tmp_path / "d"), target).net
+    for (name, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b.float()), name
+
+
+# ------------------------------------------------------------------ losslessness
+@pytest.mark.parametrize("draft_len", [1, 3, 8])
+def test_greedy_equals_plain_decoding(tiny_model, tiny_tokenizer, draft_len):
+    target = Target(tiny_model, tiny_tokenizer)
+    drafter = BlockDiffusionDrafter(target, tiny_net(target, num_taps=2, layers=2), (1, 3))
+    prompt = tiny_tokenizer("The quick brown fox")["input_ids"]
+    plain = SpeculativeEngine(target, None).generate(prompt, 40)
+    spec = SpeculativeEngine(target, drafter, DraftConfig(draft_len)).generate(prompt, 40)
+    assert spec.tokens == plain.tokens
+
+
+def test_greedy_with_a_drafter_that_is_often_right(tiny_model, tiny_tokenizer, tmp_path):
+    """A drafter trained briefly on the target's own greedy text gets acceptances, and output stays exact."""
+    from diffdraft.train.data import Sequence
+    from diffdraft.train.trainer import DrafterTrainer
+
+    target = Target(tiny_model, tiny_tokenizer)
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ["abc", "hello", "xyz 1", "Once"]]
+    seqs = [Sequence(p + SpeculativeEngine(target, None).generate(p, 30).tokens, len(p)) for p in prompts]
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), num_layers=1, block_size=G, tap_layers=(1, 3),
+                      blocks_per_sequence=8, batch_size=4, steps=60, lr=1e-2, warmup_steps=1, amp="float32")
+    trainer = DrafterTrainer(cfg, target, seqs, seqs)
+    for _ in range(60):
+        trainer.train_step()
+    drafter = BlockDiffusionDrafter(target, trainer.net, trainer.tap_layers)
+    for prompt, seq in zip(prompts, seqs):
+        result = SpeculativeEngine(target, drafter, DraftConfig(G - 1)).generate(prompt, 30)
+        assert result.tokens == seq.tokens[len(prompt):]
+    assert result.stats.tau > 1.0
+
+
+def test_sampling_law_through_the_engine():
+    """T = 1 with rejection sampling (the drafter's q is exact): the first 3 tokens follow the
+    target's law computed by enumeration (chi-square, alpha 1e-4, N = 600 seeded runs)."""
+    from test_engine import L, LAW_PROMPT, VOCAB_SMALL, exact_law
+
+    model = make_llama(vocab_size=VOCAB_SMALL, layers=3, hidden=32, heads=2, kv_heads=1, max_positions=64,
+                       eos_token_id=None, init_range=0.2, seed=1)
+    target = Target(model, None, name="tiny-vocab")
+    target.tokenizer_fingerprint = lambda: "none"
+    net = tiny_net(target, num_taps=2)
+    with torch.no_grad():  # a confident, often-wrong drafter makes rejections common
+        net.norm.weight.mul_(30)
+    drafter = BlockDiffusionDrafter(target, net, (1, 2))
+    sampling = SamplingConfig(temperature=1.0)
+    engine = SpeculativeEngine(target, drafter, DraftConfig(3), sampling)
+    samples, accepted = [], []
+    for seed in range(600):
+        result = engine.generate(LAW_PROMPT, max_new_tokens=L + 1, seed=seed)
+        samples.append(tuple(result.tokens[:L]))
+        accepted += result.stats.accepted
+    result = fit(samples, exact_law(target, LAW_PROMPT, sampling))
+    assert result.ok, str(result)
+    assert 0 in accepted and max(accepted) >= 2
