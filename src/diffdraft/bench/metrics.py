@@ -2,9 +2,9 @@
 
 Pure arithmetic over the records of store.py (plain dicts); knows nothing of models.
 
-Per temperature, only prompts that every decoder of that temperature has answered are
-pooled, so every figure of a row is over the same prompts. For each decoder and group
-(a category, or all):
+Per temperature, each decoder is measured on the prompts that it and the engine's plain
+decoding both answered (all of them in a full run; a subset when a slow decoder ran on
+fewer). For each decoder and group (a category, or all):
 - tau, acceptance histogram, per-position acceptance: from the merged Stats traces of
   every prompt and repeat (diffdraft.stats.Stats.merge).
 - tokens/s: generated tokens over the summed time, where each prompt's time is its
@@ -111,7 +111,11 @@ def _rate(tokens: int, seconds: float) -> float:
 
 
 def summarize_temperature(records: list[dict], decoder_order: list[str]) -> dict:
-    """Figures for the records of one temperature: overall, per category, and equality at T=0."""
+    """Figures for the records of one temperature: overall, per category, and equality at T=0.
+
+    Each decoder is measured on the prompts that both it and plain decoding answered, so
+    a decoder run on a subset still gets a fair speedup; its figures say how many prompts.
+    """
     table: dict[str, dict[str, dict]] = {}  # decoder -> prompt -> record
     categories: dict[str, str] = {}
     kinds: dict[str, str] = {}
@@ -122,36 +126,38 @@ def summarize_temperature(records: list[dict], decoder_order: list[str]) -> dict
     if PLAIN not in table:
         raise ValueError("no plain-decoding records: speedup and equality need the engine's plain decoding")
     decoders = [d for d in decoder_order if d in table] + sorted(d for d in table if d not in decoder_order)
-    complete = [pid for pid in table[PLAIN] if all(pid in table[d] for d in decoders)]
-    category_order = list(dict.fromkeys(categories[pid] for pid in complete))
-    groups = {ALL: complete, **{c: [pid for pid in complete if categories[pid] == c] for c in category_order}}
+    reference = list(table[PLAIN])  # prompts in the order plain decoding answered them
+    answered = {d: [pid for pid in reference if pid in table[d]] for d in decoders}
+    category_order = list(dict.fromkeys(categories[pid] for pid in reference))
 
     result = {
         "decoders": decoders,
         "kinds": {d: kinds[d] for d in decoders},
-        "prompts": len(complete),
-        "incomplete_prompts": len(set().union(*(table[d].keys() for d in decoders)) - set(complete)),
+        "prompts": len(reference),
+        "prompts_per_decoder": {d: len(answered[d]) for d in decoders},
+        "without_plain": len(set().union(*(table[d].keys() for d in decoders)) - set(reference)),
         "categories": category_order,
         "figures": {},
     }
-    for group, pids in groups.items():
-        if not pids:
-            continue
-        plain = {pid: table[PLAIN][pid]["runs"] for pid in pids}
-        result["figures"][group] = {
-            d: decoder_figures({pid: table[d][pid]["runs"] for pid in pids}, plain) for d in decoders
-        }
-    if float(records[0]["temperature"]) == 0 and complete:
-        reference = {pid: table[PLAIN][pid]["runs"][0]["tokens"] for pid in complete}
+    for group in [ALL, *category_order]:
+        figures = {}
+        for d in decoders:
+            pids = [pid for pid in answered[d] if group == ALL or categories[pid] == group]
+            if pids:
+                figures[d] = decoder_figures({pid: table[d][pid]["runs"] for pid in pids},
+                                             {pid: table[PLAIN][pid]["runs"] for pid in pids})
+        result["figures"][group] = figures
+    if float(records[0]["temperature"]) == 0:
         equality = {}
         for d in decoders:
-            outputs = {pid: [run["tokens"] for run in table[d][pid]["runs"]] for pid in complete}
-            found = check_equality(reference, outputs, categories)
+            ref = {pid: table[PLAIN][pid]["runs"][0]["tokens"] for pid in answered[d]}
+            outputs = {pid: [run["tokens"] for run in table[d][pid]["runs"]] for pid in answered[d]}
+            found = check_equality(ref, outputs, categories)
             unequal = {m.prompt_id for m in found}
             equality[d] = {
                 "kind": kinds[d],
-                "equal": len(complete) - len(unequal),
-                "total": len(complete),
+                "equal": len(answered[d]) - len(unequal),
+                "total": len(answered[d]),
                 "mismatches": [asdict(m) for m in found],
             }
         result["equality"] = equality

@@ -30,6 +30,10 @@ def _speculative(figures: dict) -> bool:
     return figures["draft_len"] > 0
 
 
+def _subset(n: int, of: int) -> str:
+    return "" if n == of else f" (n={n})"
+
+
 def _speed(pair: dict, digits: int = 1) -> str:
     lo, mid = pair["min_time"], pair["median_time"]
     if f"{lo:.{digits}f}" == f"{mid:.{digits}f}":
@@ -65,20 +69,19 @@ def markdown(results: dict) -> str:
         lines += ["", "Peers not run: " + "; ".join(f"**{n}**: {why}" for n, why in skipped.items()) + "."]
     for t, summary in results["temperatures"].items():
         lines += ["", f"## Temperature {t} ({summary['prompts']} prompts"
-                  + (f"; {summary['incomplete_prompts']} incomplete prompts left out" if summary["incomplete_prompts"] else "")
-                  + ")", ""]
-        if ALL not in summary["figures"]:
-            lines.append("No prompt was answered by every decoder.")
-            continue
+                  + (f"; {summary['without_plain']} prompts without plain decoding left out"
+                     if summary["without_plain"] else "") + ")", ""]
         overall = summary["figures"][ALL]
         equality = summary.get("equality")
-        header = ["decoder", "kind", "g", "tau", "tok/s", "speedup", "speedup, median of prompts", "TTFT ms"]
+        header = ["decoder", "kind", "g", "prompts", "tau", "tok/s", "speedup", "speedup, median of prompts",
+                  "TTFT ms"]
         if equality:
             header.append("equal to plain")
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for d in summary["decoders"]:
             f = overall[d]
-            row = [d, summary["kinds"][d], str(f["draft_len"]), f"{f['tau']:.2f}", _speed(f["tokens_per_s"]),
+            row = [d, summary["kinds"][d], str(f["draft_len"]), str(f["prompts"]), f"{f['tau']:.2f}",
+                   _speed(f["tokens_per_s"]),
                    _speed(f["speedup"], 2) + "x", f"{f['speedup_median_over_prompts']:.2f}x",
                    _speed({k: v * 1000 for k, v in f["ttft_s"].items()}, 0)]
             if equality:
@@ -102,7 +105,8 @@ def markdown(results: dict) -> str:
                 figs = summary["figures"][c]
                 n = figs[summary["decoders"][0]]["prompts"]
                 cells = [f"{figs[d]['tau']:.2f} / {figs[d]['speedup']['median_time']:.2f}x / "
-                         f"{figs[d]['tokens_per_s']['median_time']:.1f}" for d in summary["decoders"]]
+                         f"{figs[d]['tokens_per_s']['median_time']:.1f}" + _subset(figs[d]["prompts"], n)
+                         if d in figs else "-" for d in summary["decoders"]]
                 lines.append(f"| {c} | {n} | " + " | ".join(cells) + " |")
         if equality:
             lines += ["", "Mismatches against plain decoding:", ""]
@@ -136,7 +140,7 @@ def plot(results: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    temps = [(t, s) for t, s in results["temperatures"].items() if ALL in s["figures"]]
+    temps = list(results["temperatures"].items())
     if not temps:
         return
     every = list(dict.fromkeys(d for _, s in temps for d in s["decoders"]))
@@ -150,11 +154,13 @@ def plot(results: dict, path: str | Path) -> None:
         spec = [d for d in summary["decoders"] if _speculative(overall[d])]
         others = [d for d in summary["decoders"] if d != summary["decoders"][0]]  # all but plain
         title = f"T={t}, {summary['prompts']} prompts"
-        _bars(axes[row][0], groups, spec, lambda d, g: figs[g][d]["tau"], colors)
+        labels = {d: d + _subset(overall[d]["prompts"], summary["prompts"]) for d in summary["decoders"]}
+        _bars(axes[row][0], groups, spec, lambda d, g: figs[g][d]["tau"] if d in figs[g] else 0.0, colors, labels)
         axes[row][0].axhline(1.0, color="grey", lw=0.8, ls="--")
         axes[row][0].set_ylabel("tau (tokens / target forward)")
         axes[row][0].set_title(f"tau per category ({title})")
-        _bars(axes[row][1], groups, others, lambda d, g: figs[g][d]["speedup"]["median_time"], colors)
+        _bars(axes[row][1], groups, others,
+              lambda d, g: figs[g][d]["speedup"]["median_time"] if d in figs[g] else float("nan"), colors, labels)
         axes[row][1].set_yscale("log")
         axes[row][1].axhline(1.0, color="black", lw=1.0)
         axes[row][1].set_ylabel("speedup vs plain (log)")
@@ -165,7 +171,7 @@ def plot(results: dict, path: str | Path) -> None:
             hist = overall[d]["histogram"]
             total = sum(hist) or 1
             xs = [k + (i - (len(spec) - 1) / 2) * width for k in range(len(hist))]
-            ax.bar(xs, [h / total for h in hist], width=width, color=colors[d], label=d)
+            ax.bar(xs, [h / total for h in hist], width=width, color=colors[d], label=labels[d])
         ax.set_xlabel("draft tokens accepted per verify step")
         ax.set_ylabel("fraction of verify steps")
         ax.set_title(f"acceptance-length histogram ({title})")
@@ -178,12 +184,12 @@ def plot(results: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def _bars(ax, groups: list[str], decoders: list[str], value, colors: dict) -> None:
+def _bars(ax, groups: list[str], decoders: list[str], value, colors: dict, labels: dict) -> None:
     """Grouped bars: one group per category, one bar per decoder."""
     width = 0.8 / max(1, len(decoders))
     for i, d in enumerate(decoders):
         xs = [g + (i - (len(decoders) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [value(d, g) for g in groups], width=width, color=colors[d], label=d)
+        ax.bar(xs, [value(d, g) for g in groups], width=width, color=colors[d], label=labels[d])
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
     if decoders:

@@ -32,7 +32,7 @@ from diffdraft.bench.metrics import summarize, temperature_key
 from diffdraft.bench.peers import PEER_NAMES, build_peers
 from diffdraft.bench.report import write_reports
 from diffdraft.bench.store import RecordStore, record_key, stats_to_dict
-from diffdraft.bench.suites import Prompt, load_suite
+from diffdraft.bench.suites import Prompt, interleave_categories, load_suite
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import DTYPES
@@ -105,6 +105,7 @@ def select_prompts(config: BenchConfig) -> list[Prompt]:
     if limit is None and config.suite == "alpaca-eval":
         limit = ALPACA_EVAL_DEFAULT_LIMIT
     prompts = load_suite(config.suite, limit=limit, categories=list(config.categories or []) or None, seed=config.seed)
+    prompts = interleave_categories(prompts)  # a run stopped early still covers every category
     if config.turn == 2:
         single = [p.id for p in prompts if len(p.turns) < 2]
         if single:

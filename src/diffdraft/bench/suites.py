@@ -122,11 +122,11 @@ def load_suite(name: str, limit: int | None = None, categories: list[str] | None
         if name == "alpaca-eval":
             prompts = random.Random(seed).sample(prompts, limit)
         else:
-            prompts = _round_robin(prompts)[:limit]
+            prompts = interleave_categories(prompts)[:limit]
     return prompts
 
 
-def _round_robin(prompts: list[Prompt]) -> list[Prompt]:
+def interleave_categories(prompts: list[Prompt]) -> list[Prompt]:
     """Interleave categories so that a short prefix covers all of them."""
     by_category: dict[str, list[Prompt]] = {}
     for p in prompts:

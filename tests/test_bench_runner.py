@@ -1,0 +1,150 @@
+"""The benchmark end to end on a tiny random model: records, resume, reports, equality, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffdraft.bench import BenchConfig, report, run_bench
+from diffdraft.bench import peers as peers_module
+from diffdraft.bench.decoders import PLAIN, engine_decoders
+from diffdraft.bench.peers import HF_GENERATE, LLAMA_CPP, build_peers
+from diffdraft.bench.store import RecordStore
+from diffdraft.cli import main
+from diffdraft.errors import DiffdraftError
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "abcabcabc abc", "category": "copy"}, {"prompt": "The quick brown fox", "category": "free"},
+            {"prompt": "1 2 3 1 2 3 1 2", "category": "copy"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny_config(prompt_file, model_dir, out, **changes) -> BenchConfig:
+    options = dict(suite=prompt_file, out=str(out), model=model_dir, drafters=("ngram", "early-exit@2"),
+                   early_exit_layers=2, peers=("hf-generate", "hf-prompt-lookup"), draft_len=4,
+                   temperatures=(0.0, 1.0), max_new_tokens=8, progress=False)
+    options.update(changes)
+    return BenchConfig(**options)
+
+
+def test_run_report_resume_and_a_planted_mismatch(prompt_file, tiny_model_dir, tmp_path):
+    out = tmp_path / "bench"
+    results = run_bench(tiny_config(prompt_file, tiny_model_dir, out))
+    t0, t1 = results["temperatures"]["0"], results["temperatures"]["1"]
+    names = [PLAIN, "ngram", "early-exit@2", "hf-generate", "hf-prompt-lookup"]
+    assert t0["decoders"] == names and t1["decoders"] == names
+    assert t0["prompts"] == 3 and t0["categories"] == ["copy", "free"]
+    for name in (PLAIN, "ngram", "early-exit@2"):  # the engine is lossless: every output equals plain's
+        assert t0["equality"][name]["equal"] == 3
+    assert t0["bugs"] == []
+    assert "equality" not in t1
+    overall = t0["figures"]["all"]
+    assert overall[PLAIN]["tau"] == 1.0 and overall[PLAIN]["speedup"]["median_time"] == 1.0
+    assert overall["early-exit@2"]["draft_len"] == 2 and len(overall["early-exit@2"]["histogram"]) == 3
+    assert overall["hf-prompt-lookup"]["draft_len"] == 4
+    for name in names:
+        assert overall[name]["tokens_per_s"]["median_time"] > 0 and overall[name]["ttft_s"]["median_time"] > 0
+    for meta in ("date", "machine", "versions", "settings", "decoders"):
+        assert results[meta]
+    assert results["settings"]["dtype"] == "float32" and results["settings"]["draft_len"] == 4
+    for ext in ("json", "md", "png"):
+        assert (out / f"results.{ext}").stat().st_size > 0
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "results.md").read_text()
+    assert "## Temperature 0 (3 prompts)" in md and "| ngram | engine | 4 |" in md
+
+    # resume: nothing is measured twice
+    store = RecordStore(out)
+    lines = store.records_path.read_text().splitlines()
+    assert len(lines) == 2 * 3 * len(names)
+    run_bench(tiny_config(prompt_file, tiny_model_dir, out))
+    assert store.records_path.read_text().splitlines() == lines
+
+    # plant a mismatch in the n-gram drafter's answer to one prompt: the report calls it a bug
+    records = [json.loads(line) for line in lines]
+    victim = next(r for r in records if r["decoder"] == "ngram" and r["temperature"] == 0)
+    victim["runs"][0]["tokens"][3] += 1
+    store.records_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    planted = report(str(out))["temperatures"]["0"]
+    assert [(b["decoder"], b["prompt_id"], b["first_diff"]) for b in planted["bugs"]] == [
+        ("ngram", victim["prompt_id"], 3)
+    ]
+    assert planted["equality"]["ngram"]["equal"] == 2
+    assert "**BUG**" in (out / "results.md").read_text()
+
+
+def test_a_folder_refuses_other_settings(prompt_file, tiny_model_dir, tmp_path):
+    out = tmp_path / "bench"
+    run_bench(tiny_config(prompt_file, tiny_model_dir, out, drafters=(), peers=(), temperatures=(0.0,), limit=1))
+    with pytest.raises(DiffdraftError, match="other settings.*max_new_tokens"):
+        run_bench(tiny_config(prompt_file, tiny_model_dir, out, drafters=(), peers=(), max_new_tokens=9))
+
+
+def test_torn_last_record_is_dropped_and_repaired(tmp_path):
+    store = RecordStore(tmp_path)
+    good = {"temperature": 0.0, "prompt_id": "1", "decoder": PLAIN, "runs": []}
+    store.append(good)
+    with store.records_path.open("a") as f:
+        f.write('{"temperature": 0.0, "prompt_id": "2", "dec')
+    assert store.load() == [good]
+    store.repair()
+    store.append(good)
+    assert store.load() == [good, good]
+    store.records_path.write_text('not json\n' + json.dumps(good) + "\n")
+    with pytest.raises(DiffdraftError, match="line 1 is not valid JSON"):
+        store.load()
+
+
+def test_plain_always_runs_first_and_duplicates_are_refused(tiny_target):
+    names = [d.name for d in engine_decoders(["ngram", "none"], tiny_target, draft_len=4, early_exit_layers=2)]
+    assert names == [PLAIN, "ngram"]
+    with pytest.raises(DiffdraftError, match="twice"):
+        engine_decoders(["ngram", "ngram@4"], tiny_target, draft_len=4)
+    with pytest.raises(DiffdraftError, match="unknown drafter"):
+        engine_decoders(["medusa"], tiny_target, draft_len=4)
+
+
+def test_absent_llama_cpp_is_said_clearly(tiny_target, monkeypatch):
+    monkeypatch.setattr(peers_module, "llama_cpp_available", lambda: False)
+    found, skipped = build_peers([HF_GENERATE, LLAMA_CPP], tiny_target, None, 4, 1, explicit=False)
+    assert [p.name for p in found] == [HF_GENERATE]
+    assert "llama-cpp-python is not installed" in skipped[LLAMA_CPP]
+    with pytest.raises(DiffdraftError, match="peer llama.cpp cannot run: llama-cpp-python is not installed"):
+        build_peers([LLAMA_CPP], tiny_target, None, 4, 1, explicit=True)
+
+
+def test_llama_cpp_needs_a_gguf(tiny_target, tiny_model_dir):
+    _, skipped = build_peers([LLAMA_CPP], tiny_target, tiny_model_dir, 4, 1, explicit=False)
+    assert "not a GGUF file" in skipped[LLAMA_CPP]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--suite", "mtbench"], "unknown suite 'mtbench'"),
+        (["--suite", "{empty}"], "holds no prompts"),
+        (["--suite", "{bad}"], "line 2 is not valid JSON"),
+        (["--categories", "poetry"], "unknown categories"),
+        (["--max-new-tokens", "0"], "max-new-tokens must be a positive integer"),
+        (["--draft-len", "99"], "draft length must be an integer in [0, 64]"),
+        (["--temperatures", "-1"], "temperature must be >= 0"),
+        (["--peers", "vllm"], "unknown peers"),
+        (["--repeats", "0"], "repeats must be a positive integer"),
+        (["--report-only"], "holds no benchmark"),
+    ],
+)
+def test_cli_rejects_bad_input_in_one_line(argv, message, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    argv = [a.format(empty=empty, bad=bad) for a in argv]
+    code = main(["bench", "--out", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("diffdraft: error:") and message in err
