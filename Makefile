@@ -22,3 +22,8 @@ demo: install
 # pytest exits 5 when it collected no tests: that is a failure here, never a pass.
 test: install
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# A quick benchmark; override with e.g. make bench BENCH_ARGS="--limit 80 --out results/mine"
+BENCH_ARGS ?= --limit 8 --max-new-tokens 64 --out bench-out
+bench: install
+	$(VENV)/bin/diffdraft bench $(BENCH_ARGS)
