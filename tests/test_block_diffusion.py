@@ -309,9 +309,35 @@ def test_greedy_with_a_drafter_that_is_often_right(tiny_model, tiny_tokenizer, t
     assert result.stats.tau > 1.0
 
 
-def test_sampling_law_through_the_engine():
-    """T = 1 with rejection sampling (the drafter's q is exact): the first 3 tokens follow the
-    target's law computed by enumeration (chi-square, alpha 1e-4, N = 600 seeded runs)."""
+def test_reduced_draft_vocabulary(tiny_model, tiny_tokenizer, tmp_path):
+    """A drafter limited to a few ids proposes only those, states q with zeros elsewhere, stays exact,
+    and keeps its vocabulary through a checkpoint."""
+    target = Target(tiny_model, tiny_tokenizer)
+    vocab = torch.tensor([5, 40, 41, 97, 98, 99])
+    net = tiny_net(target, num_taps=2)
+    drafter = BlockDiffusionDrafter(target, net, (1, 3), draft_vocab=vocab)
+    prompt = tiny_tokenizer("abcabc")["input_ids"]
+    out = target.prefill(torch.tensor([prompt[:-1]]), want_taps=True)
+    drafter.begin(prompt[:-1], out.taps)
+    draft = drafter.propose(prompt, G - 1, SamplingConfig(temperature=1.0), torch.Generator().manual_seed(0))
+    assert set(draft.tokens.tolist()) <= set(vocab.tolist())
+    outside = torch.ones(target.vocab_size, dtype=torch.bool)
+    outside[vocab] = False
+    assert torch.allclose(draft.probs.sum(-1), torch.ones(G - 1)) and float(draft.probs[:, outside].abs().max()) == 0
+    plain = SpeculativeEngine(target, None).generate(prompt, 30)
+    assert SpeculativeEngine(target, drafter, DraftConfig(G - 1)).generate(prompt, 30).tokens == plain.tokens
+    save_drafter(tmp_path / "d", net, (1, 3), target_signature(target), draft_vocab=vocab)
+    assert torch.equal(build_drafter(str(tmp_path / "d"), target).draft_vocab, vocab)
+    bad = torch.tensor([5, 10_000])
+    with pytest.raises(DiffdraftError, match="draft vocabulary"):
+        BlockDiffusionDrafter(target, net, (1, 3), draft_vocab=bad)
+
+
+@pytest.mark.parametrize("draft_vocab", [None, [0, 2]])
+def test_sampling_law_through_the_engine(draft_vocab):
+    """T = 1 with rejection sampling (the drafter's q is exact, with the full or a reduced draft
+    vocabulary): the first 3 tokens follow the target's law computed by enumeration
+    (chi-square, alpha 1e-4, N = 600 seeded runs)."""
     from test_engine import L, LAW_PROMPT, VOCAB_SMALL, exact_law
 
     model = make_llama(vocab_size=VOCAB_SMALL, layers=3, hidden=32, heads=2, kv_heads=1, max_positions=64,
@@ -321,7 +347,8 @@ def test_sampling_law_through_the_engine():
     net = tiny_net(target, num_taps=2)
     with torch.no_grad():  # a confident, often-wrong drafter makes rejections common
         net.norm.weight.mul_(30)
-    drafter = BlockDiffusionDrafter(target, net, (1, 2))
+    vocab = torch.tensor(draft_vocab) if draft_vocab else None
+    drafter = BlockDiffusionDrafter(target, net, (1, 2), draft_vocab=vocab)
     sampling = SamplingConfig(temperature=1.0)
     engine = SpeculativeEngine(target, drafter, DraftConfig(3), sampling)
     samples, accepted = [], []

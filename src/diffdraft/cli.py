@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         blocks_per_sequence=args.blocks, batch_size=args.batch_size, max_len=args.max_len, steps=args.steps,
         lr=args.lr, warmup_steps=args.warmup, gamma=None if args.gamma <= 0 else args.gamma,
         eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every, seed=args.seed,
-        device=args.device, amp=args.amp, save_dtype=args.save_dtype,
+        device=args.device, amp=args.amp, save_dtype=args.save_dtype, draft_vocab=args.draft_vocab,
     )
     result = train(cfg)
     print(f"drafter written to {args.out}/drafter  (simulated tau {result.get('sim_tau', float('nan')):.3f})")
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--amp", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    tr.add_argument("--draft-vocab", type=int, default=0,
+                    help="draft only the N most frequent training tokens (cheaper head); 0 = full vocabulary")
     tr.set_defaults(func=cmd_train)
     return parser
 

@@ -98,6 +98,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: str = "bfloat16"  # autocast dtype, or "float32" for none
     save_dtype: str = "float32"  # dtype of the exported drafter weights
+    draft_vocab: int = 0  # >0: the drafter proposes only the N most frequent training tokens
 
     def __post_init__(self) -> None:
         if self.block_size < 2 or self.block_size > 64:

@@ -17,6 +17,9 @@ def atomic_folder(folder: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result should read like any folder
+        for path in tmp.rglob("*"):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

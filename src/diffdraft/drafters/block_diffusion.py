@@ -6,6 +6,9 @@ cache: per drafter layer, the keys/values of every token the target has committe
 A step drafts g-1 tokens in one parallel pass over [last token, MASK x (g-1)]. Each token
 is drawn independently from its own marginal, so that marginal is its exact q given the
 earlier draft tokens, and rejection sampling applies at temperature > 0.
+An optional reduced draft vocabulary (the most frequent tokens of the training data) cuts
+the LM head's cost: the drafter then only ever proposes those tokens, and its q, put back
+into the full vocabulary with zeros elsewhere, is still exact.
 Checkpoints: a drafter folder (drafters/checkpoint.py) whose config names the target's
 width, vocabulary, layer count, tap layers and tokenizer; a mismatch is refused.
 """
@@ -24,6 +27,7 @@ from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusio
 from diffdraft.sampling import logits_to_probs, sample
 
 KIND = "block-diffusion"
+DRAFT_VOCAB_KEY = "draft_vocab"
 
 
 def target_signature(target) -> dict:
@@ -40,7 +44,14 @@ class BlockDiffusionDrafter(Drafter):
     name = KIND
     wants_taps = True
 
-    def __init__(self, target, net: BlockDiffusionNet, tap_layers: tuple[int, ...], signature: dict | None = None):
+    def __init__(
+        self,
+        target,
+        net: BlockDiffusionNet,
+        tap_layers: tuple[int, ...],
+        signature: dict | None = None,
+        draft_vocab: torch.Tensor | None = None,  # [N] target token ids the drafter may propose
+    ):
         self.target = target
         self.net = net.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)
         self.tap_layers = tuple(tap_layers)
@@ -48,6 +59,14 @@ class BlockDiffusionDrafter(Drafter):
         self.check_compatible(target)
         # The target must hand us exactly the taps we were trained on.
         target.tap_layers = self.tap_layers
+        self.draft_vocab = None
+        self._head_weight = None
+        if draft_vocab is not None:
+            if draft_vocab.dim() != 1 or draft_vocab.numel() == 0 or int(draft_vocab.max()) >= target.vocab_size \
+                    or int(draft_vocab.min()) < 0:
+                raise DiffdraftError("the drafter's draft vocabulary holds ids outside the target vocabulary")
+            self.draft_vocab = draft_vocab.long().to(target.device)
+            self._head_weight = target.lm_head.weight[self.draft_vocab].detach()  # [N, D]
         self._ctx_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._ctx_len = 0
 
@@ -108,36 +127,50 @@ class BlockDiffusionDrafter(Drafter):
         known = self.target.embed_tokens(torch.tensor([[tokens[-1]]], device=device))  # [1, 1, D]
         block = self.net.block_inputs(known)  # [1, g, D]
         positions = torch.arange(len(tokens) - 1, len(tokens) - 1 + g, device=device)[None]  # [1, g]
-        hidden = self.net(block, positions, self._ctx_kv, mask=None)  # [1, g, D]
-        logits = self.target.lm_head(hidden[0, 1 : 1 + count])  # [count, V]
-        probs = logits_to_probs(logits, sampling)  # [count, V]
+        hidden = self.net(block, positions, self._ctx_kv, mask=None)[0, 1 : 1 + count]  # [count, D]
+        if self.draft_vocab is None:
+            probs = logits_to_probs(self.target.lm_head(hidden), sampling)  # [count, V]
+        else:
+            small = logits_to_probs(hidden @ self._head_weight.T, sampling)  # [count, N]
+            probs = torch.zeros(count, self.target.vocab_size, device=device)
+            probs[:, self.draft_vocab] = small  # exact q in the full vocabulary
         drafted = probs.argmax(dim=-1) if sampling.greedy else sample(probs, generator)  # [count]
         return Draft(tokens=drafted.cpu(), probs=probs.cpu())
 
     # ----- checkpoints -----
-    def save(self, folder: str | Path, extra: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
-        save_drafter(folder, self.net, self.tap_layers, self.signature, extra, dtype)
-
     @classmethod
     def load(cls, folder: str | Path, target) -> "BlockDiffusionDrafter":
-        net, tap_layers, signature, _ = load_net(folder)
-        return cls(target, net, tap_layers, signature)
+        net, tap_layers, signature, config, draft_vocab = load_net(folder)
+        return cls(target, net, tap_layers, signature, draft_vocab=draft_vocab)
 
 
 def save_drafter(
     folder, net: BlockDiffusionNet, tap_layers, signature: dict, extra: dict | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, draft_vocab: torch.Tensor | None = None,
 ) -> None:
     """Write a drafter folder; `extra` (training facts) goes into the config under "training"."""
     config = {"kind": KIND, "net": net.cfg.to_dict(), "tap_layers": list(tap_layers), "target": signature}
     if extra:
         config["training"] = extra
-    write_checkpoint(folder, config, net.state_dict(), dtype=dtype)
+    tensors = dict(net.state_dict())
+    if draft_vocab is not None:
+        tensors[DRAFT_VOCAB_KEY] = draft_vocab.long()
+        config["draft_vocab_size"] = int(draft_vocab.numel())
+    write_checkpoint(folder, config, tensors, dtype=dtype)
 
 
-def load_net(folder) -> tuple[BlockDiffusionNet, tuple[int, ...], dict, dict]:
-    """Read a block-diffusion drafter folder: (net, tap layers, target signature, full config)."""
+def frequent_tokens(sequences, size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` most frequent response tokens of training sequences: ids [size], most frequent first."""
+    ids = torch.tensor([t for seq in sequences for t in seq.tokens[seq.prompt_len :]], dtype=torch.long)
+    counts = torch.bincount(ids, minlength=vocab_size)  # [V]
+    size = min(size, int((counts > 0).sum()))
+    return counts.argsort(descending=True, stable=True)[:size]
+
+
+def load_net(folder) -> tuple[BlockDiffusionNet, tuple[int, ...], dict, dict, torch.Tensor | None]:
+    """Read a block-diffusion drafter folder: (net, tap layers, target signature, config, draft vocab)."""
     config, tensors = read_checkpoint(folder)
+    draft_vocab = tensors.pop(DRAFT_VOCAB_KEY, None)
     if config.get("kind") != KIND:
         raise DiffdraftError(f"{folder} holds a {config.get('kind')!r} drafter, not a {KIND} one")
     try:
@@ -148,4 +181,4 @@ def load_net(folder) -> tuple[BlockDiffusionNet, tuple[int, ...], dict, dict]:
         net.load_state_dict(tensors)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise DiffdraftError(f"drafter in {folder} is damaged or inconsistent: {type(err).__name__}: {err}") from err
-    return net, tap_layers, signature, config
+    return net, tap_layers, signature, config, draft_vocab

@@ -23,9 +23,10 @@ WEIGHTS_FILE = "drafter.safetensors"
 def write_checkpoint(
     folder: str | Path, config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
 ) -> None:
-    """Write config and tensors (stored in `dtype`) into `folder`, replacing it atomically."""
+    """Write config and tensors (floating ones stored in `dtype`) into `folder`, replacing it atomically."""
     with atomic_folder(folder) as tmp:
-        save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
+        stored = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(stored, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 

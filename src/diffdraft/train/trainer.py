@@ -23,7 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from diffdraft.config import TrainConfig
-from diffdraft.drafters.block_diffusion import save_drafter, target_signature
+from diffdraft.drafters.block_diffusion import frequent_tokens, save_drafter, target_signature
 from diffdraft.errors import DiffdraftError
 from diffdraft.files import atomic_folder
 from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
@@ -211,7 +211,10 @@ class DrafterTrainer:
 
     def export(self, folder: Path, extra: dict) -> None:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.save_dtype]
-        save_drafter(folder, self.net, self.tap_layers, target_signature(self.target), extra, dtype=dtype)
+        vocab = frequent_tokens(self.train_data, self.cfg.draft_vocab, self.target.vocab_size) \
+            if self.cfg.draft_vocab > 0 else None
+        save_drafter(folder, self.net, self.tap_layers, target_signature(self.target), extra, dtype=dtype,
+                     draft_vocab=vocab)
 
 
 def train(cfg: TrainConfig, target: Target | None = None, log=print) -> dict:
