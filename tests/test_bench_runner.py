@@ -78,6 +78,24 @@ def test_run_report_resume_and_a_planted_mismatch(prompt_file, tiny_model_dir, t
     assert "**BUG**" in (out / "results.md").read_text()
 
 
+def test_second_turn_follows_plain_decodings_first_answer(tmp_path, tiny_model_dir):
+    path = tmp_path / "two.jsonl"
+    path.write_text(json.dumps({"turns": ["abc abc", "again abc"], "category": "c"}) + "\n")
+    results = run_bench(tiny_config(str(path), tiny_model_dir, tmp_path / "out", turn=2, drafters=("ngram",),
+                                    peers=(), temperatures=(0.0,)))
+    record = RecordStore(tmp_path / "out").load()[0]
+    assert record["prompt_tokens"] > len("abc abc") + len("again abc")  # both turns and the answer
+    assert results["temperatures"]["0"]["equality"]["ngram"]["equal"] == 1
+    with pytest.raises(DiffdraftError, match="--turn 2 needs two user turns"):
+        run_bench(tiny_config(prompt_file_with_one_turn(tmp_path), tiny_model_dir, tmp_path / "o2", turn=2))
+
+
+def prompt_file_with_one_turn(tmp_path) -> str:
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"prompt": "only one"}) + "\n")
+    return str(path)
+
+
 def test_a_folder_refuses_other_settings(prompt_file, tiny_model_dir, tmp_path):
     out = tmp_path / "bench"
     run_bench(tiny_config(prompt_file, tiny_model_dir, out, drafters=(), peers=(), temperatures=(0.0,), limit=1))

@@ -3,7 +3,7 @@
 Takes the results dict that runner.report() assembles (settings, environment, and the
 figures of metrics.py per temperature) and only formats it. The plot has one row per
 temperature: tau per category, speedup per category (log scale, line at 1), and the
-acceptance-length histogram. matplotlib is imported only to draw, with the Agg backend.
+acceptance-length histogram (log scale). matplotlib is imported only to draw, with the Agg backend.
 """
 
 from __future__ import annotations
@@ -157,12 +157,13 @@ def plot(results: dict, path: str | Path) -> None:
         labels = {d: d + _subset(overall[d]["prompts"], summary["prompts"]) for d in summary["decoders"]}
         _bars(axes[row][0], groups, spec, lambda d, g: figs[g][d]["tau"] if d in figs[g] else 0.0, colors, labels)
         axes[row][0].axhline(1.0, color="grey", lw=0.8, ls="--")
+        axes[row][0].set_ylim(0, axes[row][0].get_ylim()[1] * 1.25)  # room for the legend
         axes[row][0].set_ylabel("tau (tokens / target forward)")
         axes[row][0].set_title(f"tau per category ({title})")
         _bars(axes[row][1], groups, others,
               lambda d, g: figs[g][d]["speedup"]["median_time"] if d in figs[g] else float("nan"), colors, labels)
-        axes[row][1].set_yscale("log")
         axes[row][1].axhline(1.0, color="black", lw=1.0)
+        _log_ratio_axis(axes[row][1])
         axes[row][1].set_ylabel("speedup vs plain (log)")
         axes[row][1].set_title(f"speedup over the engine's plain decoding ({title})")
         ax = axes[row][2]
@@ -172,8 +173,9 @@ def plot(results: dict, path: str | Path) -> None:
             total = sum(hist) or 1
             xs = [k + (i - (len(spec) - 1) / 2) * width for k in range(len(hist))]
             ax.bar(xs, [h / total for h in hist], width=width, color=colors[d], label=labels[d])
+        ax.set_yscale("log")  # most steps accept nothing; the log scale shows the tail
         ax.set_xlabel("draft tokens accepted per verify step")
-        ax.set_ylabel("fraction of verify steps")
+        ax.set_ylabel("fraction of verify steps (log)")
         ax.set_title(f"acceptance-length histogram ({title})")
         if spec:
             ax.legend(fontsize=8)
@@ -194,3 +196,17 @@ def _bars(ax, groups: list[str], decoders: list[str], value, colors: dict, label
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
     if decoders:
         ax.legend(fontsize=8, ncol=2)
+
+
+def _log_ratio_axis(ax) -> None:
+    """A log y axis labelled 0.5x, 1x, 2x, ..., with room above for the legend."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    low, high = min(low, 0.9), max(high, 1.1) * 2.5
+    ax.set_ylim(low, high)
+    ticks = [t for t in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16, 32) if low <= t <= high]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"{t:g}x" for t in ticks])
+    ax.yaxis.set_minor_formatter(NullFormatter())
