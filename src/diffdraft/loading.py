@@ -127,6 +127,8 @@ def load_model(spec: str | None = None, dtype: str = "float32"):
             model, tokenizer = _load_folder(str(folder), torch_dtype)
     else:
         path = Path(spec)
+        if not path.exists() and ("/" in spec and spec.count("/") != 1 or spec.startswith((".", "/", "~"))):
+            raise DiffdraftError(f"model not found: {spec} (no such file or folder)")
         if path.exists() and not (path.is_dir() and (path / "config.json").is_file()):
             raise DiffdraftError(f"{spec} is not a model folder (no config.json) nor a .gguf file")
         try:

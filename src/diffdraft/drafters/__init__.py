@@ -11,13 +11,15 @@ from diffdraft.drafters.early_exit import EarlyExitDrafter
 from diffdraft.drafters.ngram import NgramDrafter
 from diffdraft.errors import DiffdraftError
 
-DRAFTER_NAMES = ("none", "ngram", "early-exit")
+DRAFTER_NAMES = ("none", "ngram", "early-exit", "block-diffusion")
+# The block-diffusion drafter trained for the default target, shipped in the package.
+SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "weights" / "smollm2-bd16"
 
 __all__ = ["Draft", "Drafter", "BlockDiffusionDrafter", "EarlyExitDrafter", "NgramDrafter", "DRAFTER_NAMES", "build_drafter"]
 
 
 def build_drafter(spec: str, target, early_exit_layers: int = 4) -> Drafter | None:
-    """A drafter by name (none, ngram, early-exit) or a drafter checkpoint folder.
+    """A drafter by name (none, ngram, early-exit, block-diffusion) or a drafter checkpoint folder.
 
     "none" returns None: plain decoding. The drafter is checked against the target.
     """
@@ -27,6 +29,8 @@ def build_drafter(spec: str, target, early_exit_layers: int = 4) -> Drafter | No
         return NgramDrafter()
     if spec == "early-exit":
         return EarlyExitDrafter(target, num_layers=early_exit_layers)
+    if spec == "block-diffusion":
+        return BlockDiffusionDrafter.load(SHIPPED_DRAFTER, target)
     if Path(spec).is_dir():
         if not is_checkpoint(spec):
             raise DiffdraftError(f"{spec} is not a drafter folder (no drafter.json)")
