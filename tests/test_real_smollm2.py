@@ -1,0 +1,101 @@
+"""The real default target, SmolLM2-135M-Instruct in float32, on real MT-Bench prompts.
+
+Greedy speculative decoding with the n-gram and the early-exit (4 layers) drafters must be
+token-identical to plain decoding of the same engine, 128 new tokens per prompt. The model
+is loaded once per module (the first load ever converts the GGUF, ~25 s; later loads read
+the cached safetensors). Plain outputs are computed once and shared. Budget on the 2-core
+CPU: plain ~14 tok/s, early exit with g = 3 ~7 tok/s, so the file takes about 2 minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffdraft.bench.suites import load_suite
+from diffdraft.config import DraftConfig
+from diffdraft.drafters import EarlyExitDrafter, NgramDrafter
+from diffdraft.engine import SpeculativeEngine
+from diffdraft.loading import load_model
+from diffdraft.target import Target
+
+pytestmark = pytest.mark.real
+
+NEW_TOKENS = 128
+NUM_PROMPTS = 3  # n-gram and plain
+NUM_PROMPTS_EARLY_EXIT = 2
+
+
+@pytest.fixture(scope="module")
+def real_target() -> Target:
+    model, tokenizer = load_model(dtype="float32")
+    return Target(model, tokenizer, name="smollm2")
+
+
+@pytest.fixture(scope="module")
+def prompts(real_target) -> list[list[int]]:
+    suite = load_suite("mt-bench", limit=NUM_PROMPTS)
+    assert len({p.category for p in suite}) == NUM_PROMPTS  # one per category, round robin
+    return [real_target.encode_chat([{"role": "user", "content": p.turns[0]}]) for p in suite]
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(real_target, prompts) -> list[list[int]]:
+    outputs = []
+    for prompt in prompts:
+        result = SpeculativeEngine(real_target, None).generate(prompt, max_new_tokens=NEW_TOKENS)
+        assert result.stats.tau == 1.0
+        outputs.append(result.tokens)
+    # MT-Bench answers are long: the comparison covers the full 128 tokens
+    assert all(len(tokens) == NEW_TOKENS for tokens in outputs), [len(t) for t in outputs]
+    return outputs
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def test_target_shape(real_target):
+    assert (real_target.num_layers, real_target.hidden_size, real_target.vocab_size) == (30, 576, 49152)
+    assert real_target.eos_token_ids  # the chat end token is known
+
+
+def test_ngram_greedy_equals_plain(real_target, prompts, plain_outputs):
+    accepted = 0
+    for prompt, expected in zip(prompts, plain_outputs):
+        result = SpeculativeEngine(real_target, NgramDrafter(), DraftConfig(draft_len=8)).generate(
+            prompt, max_new_tokens=NEW_TOKENS
+        )
+        assert result.tokens == expected, f"first difference at token {first_difference(result.tokens, expected)}"
+        assert sum(result.stats.emitted) + 1 == len(result.tokens)
+        accepted += sum(result.stats.accepted)
+    assert accepted > 0  # the drafter got tokens accepted, so the speculative path was taken
+
+
+def test_early_exit_greedy_equals_plain(real_target, prompts, plain_outputs):
+    drafter = EarlyExitDrafter(real_target, num_layers=4)
+    accepted = 0
+    for prompt, expected in list(zip(prompts, plain_outputs))[:NUM_PROMPTS_EARLY_EXIT]:
+        result = SpeculativeEngine(real_target, drafter, DraftConfig(draft_len=3)).generate(
+            prompt, max_new_tokens=NEW_TOKENS
+        )
+        assert result.tokens == expected, f"first difference at token {first_difference(result.tokens, expected)}"
+        assert sum(result.stats.emitted) + 1 == len(result.tokens)
+        accepted += sum(result.stats.accepted)
+    assert accepted > 0
+
+
+def test_cli_generate_on_the_real_model():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "diffdraft.cli", "generate", "Name three rivers in Europe.", "--max-new-tokens", "16"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip()) > 0
+    assert "Traceback" not in done.stderr
+    stats_lines = [line for line in done.stderr.splitlines() if "tau" in line]
+    assert len(stats_lines) == 1 and "16 tokens" in stats_lines[0] and "ngram" in stats_lines[0], done.stderr
