@@ -185,17 +185,9 @@ def test_streamed_chunks_add_up(tiny_target):
     assert [len(c) for c in chunks[1:]] == result.stats.emitted
 
 
-STREAM_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="api.py _TextStreamer: text ending in U+FFFD is held back as an incomplete character and never "
-    "flushed when the answer ends, so the streamed (CLI) text loses the tail of answer.text",
-)
-
-
 @pytest.mark.parametrize(
     "text",
-    ["hello world", "The quick brown fox", pytest.param("x y z", marks=STREAM_BUG),
-     pytest.param("Once upon a time", marks=STREAM_BUG)],
+    ["hello world", "The quick brown fox", "x y z", "Once upon a time"],
 )
 def test_streamed_text_equals_answer_text(tiny_target, text):
     """Pipeline.generate's on_text pieces add up to the answer. The tiny model emits raw bytes;

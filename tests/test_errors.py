@@ -147,14 +147,7 @@ def _damage_model(folder: Path, damage: str) -> None:
         "config-garbage",
         "weights-garbage",
         "weights-missing",
-        pytest.param(
-            "tokenizer-missing",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="loading.py load_model: the DiffdraftError embeds the tokenizer's 5-line ValueError text, "
-                "so stderr gets 5 lines instead of one",
-            ),
-        ),
+        "tokenizer-missing",
     ],
 )
 def test_corrupt_model_folder(capsys, tmp_path, tiny_model_dir, damage):
@@ -165,11 +158,6 @@ def test_corrupt_model_folder(capsys, tmp_path, tiny_model_dir, damage):
     assert_user_error(code, err, str(folder))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py generate: torch.Generator().manual_seed raises ValueError (traceback) for seeds "
-    "outside the 64-bit range; --seed is not validated",
-)
 def test_seed_out_of_range(capsys, tiny_model_dir):
     code, _, err = run_main(capsys, "hi", "--model", tiny_model_dir, "--seed", str(2**70), "--max-new-tokens", "3")
     assert_user_error(code, err, "seed")
@@ -342,19 +330,9 @@ CORRUPTIONS = {
 }
 
 
-MULTILINE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="drafters/early_exit.py EarlyExitDrafter.load: the DiffdraftError embeds torch's multi-line "
-    "load_state_dict RuntimeError text, so stderr gets 3 lines instead of one",
-)
-
-
 @pytest.mark.parametrize(
     "damage",
-    [
-        pytest.param(name, marks=MULTILINE_BUG) if name in ("weights-wrong-shape", "weights-wrong-names") else name
-        for name in CORRUPTIONS
-    ],
+    list(CORRUPTIONS),
 )
 def test_corrupt_drafter_folder(capsys, tiny_model_dir, drafter_dir, damage):
     CORRUPTIONS[damage](drafter_dir)

@@ -65,8 +65,11 @@ class Pipeline:
         result: GenerationResult = self.engine(sampling, draft).generate(
             ids, max_new_tokens=max_new_tokens, seed=seed, on_tokens=streamer
         )
+        text = self.target.decode(result.tokens)
+        if streamer:
+            streamer.finish(text)
         return Answer(
-            text=self.target.decode(result.tokens), tokens=result.tokens, stop_reason=result.stop_reason,
+            text=text, tokens=result.tokens, stop_reason=result.stop_reason,
             stats=result.stats,
         )
 
@@ -85,6 +88,12 @@ class _TextStreamer:
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
             return
         if text.startswith(self.shown):
+            self.on_text(text[len(self.shown) :])
+            self.shown = text
+
+    def finish(self, text: str) -> None:
+        """Send whatever of the final text was held back (a trailing U+FFFD, say)."""
+        if text.startswith(self.shown) and len(text) > len(self.shown):
             self.on_text(text[len(self.shown) :])
             self.shown = text
 

@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DiffdraftError as err:
-        print(f"diffdraft: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # always one line, whatever the cause's text held
+        print(f"diffdraft: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ndiffdraft: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ message, and round-trips through plain dicts (JSON). Nothing here knows about mo
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from diffdraft.errors import DiffdraftError
@@ -26,13 +27,14 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature != self.temperature:
-            raise DiffdraftError(f"temperature must be a number, got {self.temperature!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature):
+            raise DiffdraftError(f"temperature must be a finite number, got {self.temperature!r}")
         if self.temperature < 0:
             raise DiffdraftError(f"temperature must be >= 0, got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise DiffdraftError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
             raise DiffdraftError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
     @property

@@ -68,6 +68,8 @@ class SpeculativeEngine:
             raise DiffdraftError(
                 f"the prompt has {len(prompt)} tokens; the model context holds {self.target.max_context}"
             )
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise DiffdraftError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         generator = torch.Generator().manual_seed(seed)
         stats = Stats(draft_len=self.draft_len)
         want_taps = self.drafter is not None and self.drafter.wants_taps
