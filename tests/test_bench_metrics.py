@@ -65,6 +65,13 @@ def test_speedup_is_throughput_over_plain_on_the_same_prompts():
     assert decoder_figures(plain, plain)["speedup"]["median_time"] == pytest.approx(1.0)
 
 
+def test_time_per_step():
+    r = run(range(4), 1.0, draft_len=2, steps=[(2, 1, 2), (2, 0, 1)])
+    r["stats"].update(draft_s=0.010, verify_s=0.300)
+    f = decoder_figures({"a": [r]}, {"a": [run(range(4), 1.0)]})
+    assert f["draft_ms_per_step"] == pytest.approx(5.0) and f["verify_ms_per_step"] == pytest.approx(150.0)
+
+
 def test_min_and_median_over_repeats():
     # three timed repeats per prompt: times 1, 3, 2 -> min 1, median 2
     runs = {"a": [run(range(12), 1.0, ttft_s=0.1), run(range(12), 3.0, ttft_s=0.3), run(range(12), 2.0, ttft_s=0.2)]}

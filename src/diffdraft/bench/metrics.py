@@ -79,6 +79,9 @@ def decoder_figures(runs_by_prompt: dict[str, list[dict]], plain_by_prompt: dict
     figures = merged.to_dict()
     for key in ("new_tokens", "runs", "mean_ttft_s", "total_s", "draft_s", "verify_s", "tokens_per_s"):
         figures.pop(key)  # pooled over repeats these mislead; the speed figures follow
+    # where the time of a step goes (the engine's decoders time both; peers report neither)
+    figures["draft_ms_per_step"] = 1000 * merged.draft_s / merged.steps if merged.steps else 0.0
+    figures["verify_ms_per_step"] = 1000 * merged.verify_s / merged.steps if merged.steps else 0.0
     figures["prompts"] = len(pids)
     figures["repeats"] = min(len(runs_by_prompt[pid]) for pid in pids)
     tokens = {pid: runs_by_prompt[pid][0]["stats"]["new_tokens"] for pid in pids}

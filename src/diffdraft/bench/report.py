@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffdraft.bench.decoders import PLAIN
 from diffdraft.bench.metrics import ALL
 
 JSON_FILE, MD_FILE, PNG_FILE = "results.json", "results.md", "results.png"
@@ -90,12 +91,17 @@ def markdown(results: dict) -> str:
                 row.append(f"{e['equal']}/{e['total']}{mark}")
             lines.append("| " + " | ".join(row) + " |")
         spec = [d for d in summary["decoders"] if _speculative(overall[d])]
+        if PLAIN in overall:
+            lines += ["", f"Plain decoding: {overall[PLAIN]['verify_ms_per_step']:.1f} ms per one-token step."]
         if spec:
             lines += ["", "Per-position acceptance (P(draft token i accepted | proposed)) and acceptance-length "
                       "histogram (verify steps accepting 0, 1, 2, ... draft tokens):", ""]
             for d in spec:
-                rates = " ".join(f"{r:.2f}" for r in overall[d]["per_position_acceptance"])
-                lines.append(f"- {d}: acceptance [{rates}]; histogram {overall[d]['histogram']}")
+                f = overall[d]
+                rates = " ".join(f"{r:.2f}" for r in f["per_position_acceptance"])
+                cost = (f"; per step: draft {f['draft_ms_per_step']:.1f} ms, verify {f['verify_ms_per_step']:.1f} ms"
+                        if summary["kinds"][d] == "engine" else "")
+                lines.append(f"- {d}: acceptance [{rates}]; histogram {f['histogram']}{cost}")
         cats = [c for c in summary["categories"] if c in summary["figures"]]
         if len(cats) > 1:
             lines += ["", "Per category: tau / speedup (median-time) / tok/s (median-time)", "",
