@@ -1,6 +1,7 @@
 """The real default target, SmolLM2-135M-Instruct in float32, on real MT-Bench prompts.
 
-Greedy speculative decoding with the n-gram and the early-exit (4 layers) drafters must be
+Greedy speculative decoding with the n-gram, the early-exit (4 layers) and the shipped
+block-diffusion drafters must be
 token-identical to plain decoding of the same engine, 128 new tokens per prompt. The model
 is loaded once per module (the first load ever converts the GGUF, ~25 s; later loads read
 the cached safetensors). Plain outputs are computed once and shared. Budget on the 2-core
@@ -17,7 +18,7 @@ import pytest
 
 from diffdraft.bench.suites import load_suite
 from diffdraft.config import DraftConfig
-from diffdraft.drafters import EarlyExitDrafter, NgramDrafter
+from diffdraft.drafters import EarlyExitDrafter, NgramDrafter, build_drafter
 from diffdraft.engine import SpeculativeEngine
 from diffdraft.loading import load_model
 from diffdraft.target import Target
@@ -84,6 +85,19 @@ def test_early_exit_greedy_equals_plain(real_target, prompts, plain_outputs):
         )
         assert result.tokens == expected, f"first difference at token {first_difference(result.tokens, expected)}"
         assert sum(result.stats.emitted) + 1 == len(result.tokens)
+        accepted += sum(result.stats.accepted)
+    assert accepted > 0
+
+
+def test_shipped_block_diffusion_drafter_greedy_equals_plain(real_target, prompts, plain_outputs):
+    """The trained drafter shipped in the package loads against the real target and is lossless."""
+    drafter = build_drafter("block-diffusion", real_target)
+    accepted = 0
+    for prompt, expected in zip(prompts, plain_outputs):
+        result = SpeculativeEngine(real_target, drafter, DraftConfig(draft_len=4)).generate(
+            prompt, max_new_tokens=NEW_TOKENS
+        )
+        assert result.tokens == expected, f"first difference at token {first_difference(result.tokens, expected)}"
         accepted += sum(result.stats.accepted)
     assert accepted > 0
 
