@@ -103,6 +103,12 @@ def test_a_folder_refuses_other_settings(prompt_file, tiny_model_dir, tmp_path):
         run_bench(tiny_config(prompt_file, tiny_model_dir, out, drafters=(), peers=(), max_new_tokens=9))
 
 
+def test_one_run_at_a_time_per_folder(prompt_file, tmp_path):
+    with RecordStore(tmp_path / "out").lock():
+        with pytest.raises(DiffdraftError, match="another diffdraft bench is running"):
+            run_bench(BenchConfig(suite=prompt_file, out=str(tmp_path / "out")))
+
+
 def test_torn_last_record_is_dropped_and_repaired(tmp_path):
     store = RecordStore(tmp_path)
     good = {"temperature": 0.0, "prompt_id": "1", "decoder": PLAIN, "runs": []}

@@ -181,6 +181,12 @@ def run_bench(config: BenchConfig) -> dict:
     config.validate()
     prompts = select_prompts(config)
     store = RecordStore(config.out)
+    with store.lock():
+        _run_locked(config, prompts, store)
+    return report(config.out)
+
+
+def _run_locked(config: BenchConfig, prompts: list[Prompt], store: RecordStore) -> None:
     settings = store.check_settings(config.fixed_settings())
     store.repair()
     if config.threads:
@@ -222,7 +228,6 @@ def run_bench(config: BenchConfig) -> dict:
         _measure(config, pipe, decoders, todo, store)
     session["ended"] = _now()
     store.write_settings(settings)
-    return report(config.out)
 
 
 def _measure(config: BenchConfig, pipe, decoders: list[Decoder], todo: list, store: RecordStore) -> None:

@@ -8,7 +8,8 @@
 
 A record is appended as soon as it is measured, so an interrupted run loses at most the
 prompt in flight; a restart skips what is done. A folder refuses a run whose settings
-differ from its own. Knows nothing of models or decoding.
+differ from its own, and a second run while one holds its lock (.lock). Knows nothing of
+models or decoding.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from diffdraft.errors import DiffdraftError
@@ -24,6 +26,7 @@ from diffdraft.stats import Stats
 
 SETTINGS_FILE = "settings.json"
 RECORDS_FILE = "records.jsonl"
+LOCK_FILE = ".lock"
 # Settings that must match for records to be pooled; decoders, temperatures, prompts and
 # repeats may differ between sessions (each record says which it is).
 FIXED_SETTINGS = ("suite", "turn", "model", "dtype", "draft_len", "verify", "early_exit_layers", "max_new_tokens", "seed")
@@ -49,6 +52,25 @@ class RecordStore:
             raise DiffdraftError(f"output path {self.folder} exists and is not a folder")
         self.settings_path = self.folder / SETTINGS_FILE
         self.records_path = self.folder / RECORDS_FILE
+
+    @contextmanager
+    def lock(self):
+        """Hold the folder for one run: a second run writing into it would mix its timings in."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / LOCK_FILE, "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DiffdraftError(f"another diffdraft bench is running in {self.folder}") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # ----- settings -----
     def read_settings(self) -> dict | None:
