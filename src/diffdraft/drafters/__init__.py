@@ -6,7 +6,7 @@ from pathlib import Path
 
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.drafters.block_diffusion import BlockDiffusionDrafter
-from diffdraft.drafters.checkpoint import is_checkpoint, read_checkpoint
+from diffdraft.drafters.checkpoint import is_checkpoint, read_config
 from diffdraft.drafters.early_exit import EarlyExitDrafter
 from diffdraft.drafters.ngram import NgramDrafter
 from diffdraft.errors import DiffdraftError
@@ -34,7 +34,7 @@ def build_drafter(spec: str, target, early_exit_layers: int = 4) -> Drafter | No
     if Path(spec).is_dir():
         if not is_checkpoint(spec):
             raise DiffdraftError(f"{spec} is not a drafter folder (no drafter.json)")
-        kind = read_checkpoint(spec)[0]["kind"]
+        kind = read_config(spec)["kind"]
         if kind == EarlyExitDrafter.name:
             return EarlyExitDrafter.load(spec, target)
         if kind == BlockDiffusionDrafter.name:

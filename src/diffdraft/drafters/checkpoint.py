@@ -34,8 +34,8 @@ def is_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / CONFIG_FILE).is_file()
 
 
-def read_checkpoint(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read a drafter folder, turning any damage into a DiffdraftError."""
+def read_config(folder: str | Path) -> dict:
+    """The config of a drafter folder (cheap: no tensors), turning any damage into a DiffdraftError."""
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
@@ -46,6 +46,13 @@ def read_checkpoint(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise DiffdraftError(f"corrupt drafter config {config_path}: {err}") from err
     if not isinstance(config, dict) or not isinstance(config.get("kind"), str):
         raise DiffdraftError(f"corrupt drafter config {config_path}: expected a JSON object with a 'kind'")
+    return config
+
+
+def read_checkpoint(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a drafter folder (config and tensors), turning any damage into a DiffdraftError."""
+    config = read_config(folder)
+    weights_path = Path(folder) / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights_path))
     except Exception as err:  # safetensors raises its own error types on a damaged file
