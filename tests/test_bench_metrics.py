@@ -146,7 +146,8 @@ def test_no_equality_at_temperature_one_and_temperatures_kept_apart():
     ]
     s = summarize(records, [PLAIN, "ngram"])
     assert list(s) == ["0", "1"]
-    assert "equality" not in s["1"] and s["1"]["decoders"] == [PLAIN, "ngram"]
+    assert "equality" not in s["1"] and "bugs" not in s["1"] and s["1"]["decoders"] == [PLAIN, "ngram"]
+    assert s["1"]["same_tokens_as_plain"]["ngram"] == {"equal": 0, "total": 1}
     assert s["0"]["decoders"] == [PLAIN]
 
 

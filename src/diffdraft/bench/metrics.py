@@ -13,7 +13,10 @@ fewer). For each decoder and group (a category, or all):
 - speedup: that tokens/s over plain decoding's (the engine's, same prompts, same statistic);
   also the median over prompts of the per-prompt speedup, which shrugs off bursts of load.
 - TTFT: mean over prompts of each prompt's min / median time to first token.
-- equality (temperature 0 only): every run's tokens against plain decoding's first run.
+- equality (temperature 0): every run's tokens against plain decoding's first run. Above 0
+  the same count is kept as information ("same_tokens_as_plain"): with the same seed, a
+  decoder that samples exactly as plain decoding does (HF generate) gives the same tokens,
+  while speculative decoders draw their randomness differently.
 """
 
 from __future__ import annotations
@@ -150,23 +153,25 @@ def summarize_temperature(records: list[dict], decoder_order: list[str]) -> dict
                 figures[d] = decoder_figures({pid: table[d][pid]["runs"] for pid in pids},
                                              {pid: table[PLAIN][pid]["runs"] for pid in pids})
         result["figures"][group] = figures
+    equality = {}
+    for d in decoders:
+        ref = {pid: table[PLAIN][pid]["runs"][0]["tokens"] for pid in answered[d]}
+        outputs = {pid: [run["tokens"] for run in table[d][pid]["runs"]] for pid in answered[d]}
+        found = check_equality(ref, outputs, categories)
+        unequal = {m.prompt_id for m in found}
+        equality[d] = {
+            "kind": kinds[d],
+            "equal": len(answered[d]) - len(unequal),
+            "total": len(answered[d]),
+            "mismatches": [asdict(m) for m in found],
+        }
     if float(records[0]["temperature"]) == 0:
-        equality = {}
-        for d in decoders:
-            ref = {pid: table[PLAIN][pid]["runs"][0]["tokens"] for pid in answered[d]}
-            outputs = {pid: [run["tokens"] for run in table[d][pid]["runs"]] for pid in answered[d]}
-            found = check_equality(ref, outputs, categories)
-            unequal = {m.prompt_id for m in found}
-            equality[d] = {
-                "kind": kinds[d],
-                "equal": len(answered[d]) - len(unequal),
-                "total": len(answered[d]),
-                "mismatches": [asdict(m) for m in found],
-            }
         result["equality"] = equality
         result["bugs"] = [
             {"decoder": d, **m} for d in decoders if kinds[d] == "engine" for m in equality[d]["mismatches"]
         ]
+    else:  # information only: with the same seed, a decoder that samples as plain does gives the same tokens
+        result["same_tokens_as_plain"] = {d: {"equal": e["equal"], "total": e["total"]} for d, e in equality.items()}
     return result
 
 

@@ -102,6 +102,12 @@ def markdown(results: dict) -> str:
                 cost = (f"; per step: draft {f['draft_ms_per_step']:.1f} ms, verify {f['verify_ms_per_step']:.1f} ms"
                         if summary["kinds"][d] == "engine" else "")
                 lines.append(f"- {d}: acceptance [{rates}]; histogram {f['histogram']}{cost}")
+        same = summary.get("same_tokens_as_plain")
+        if same:
+            lines += ["", "Same tokens as plain decoding with the same seed (information: a decoder sampling exactly as "
+                      "plain decoding does repeats its tokens; speculative decoders draw their randomness "
+                      "differently): " + ", ".join(f"{d} {e['equal']}/{e['total']}" for d, e in same.items()
+                                                  if d != PLAIN) + "."]
         cats = [c for c in summary["categories"] if c in summary["figures"]]
         if len(cats) > 1:
             lines += ["", "Per category: tau / speedup (median-time) / tok/s (median-time)", "",
