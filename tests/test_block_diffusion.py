@@ -148,9 +148,9 @@ def test_training_forward_equals_decode_time_drafter(tiny_model, tiny_tokenizer,
     batch = make_batch([seq], 64, 0)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        logits, labels = trainer.block_logits_and_labels(batch, gen)  # [1, nb, G-1, V]
+        logits, labels = trainer.task.logits_and_labels(batch, gen, training=False)  # [1, nb, G-1, V]
     anchors, _ = sample_anchors(batch["lengths"], batch["starts"], 3, torch.Generator().manual_seed(0))
-    drafter = BlockDiffusionDrafter(target, trainer.net, trainer.tap_layers)
+    drafter = BlockDiffusionDrafter(target, trainer.net, trainer.task.tap_layers)
     for j, anchor in enumerate(anchors[0].tolist()):
         prefix = seq.tokens[: anchor + 1]  # context = tokens before the anchor; the anchor is the known token
         out = target.prefill(torch.tensor([prefix[:-1]]), want_taps=True)
@@ -302,7 +302,7 @@ def test_greedy_with_a_drafter_that_is_often_right(tiny_model, tiny_tokenizer, t
     trainer = DrafterTrainer(cfg, target, seqs, seqs)
     for _ in range(60):
         trainer.train_step()
-    drafter = BlockDiffusionDrafter(target, trainer.net, trainer.tap_layers)
+    drafter = BlockDiffusionDrafter(target, trainer.net, trainer.task.tap_layers)
     for prompt, seq in zip(prompts, seqs):
         result = SpeculativeEngine(target, drafter, DraftConfig(G - 1)).generate(prompt, 30)
         assert result.tokens == seq.tokens[len(prompt):]

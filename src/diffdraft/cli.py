@@ -122,9 +122,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, warmup_steps=args.warmup, gamma=None if args.gamma <= 0 else args.gamma,
         eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every, seed=args.seed,
         device=args.device, amp=args.amp, save_dtype=args.save_dtype, draft_vocab=args.draft_vocab,
+        kind=args.kind, init_from=args.init_from, focal_lambda=args.focal_lambda, chain_weight=args.chain_weight,
+        align_fraction=args.align_fraction, align_alpha=args.align_alpha, align_max_masked=args.align_max_masked,
     )
     result = train(cfg)
     print(f"drafter written to {args.out}/drafter  (simulated tau {result.get('sim_tau', float('nan')):.3f})")
+    return 0
+
+
+def cmd_dllm_train(args: argparse.Namespace) -> int:
+    from diffdraft.dllm.train import DLLMTrainConfig, train_dllm
+
+    cfg = DLLMTrainConfig(
+        data=args.data, out=args.out, model=args.model, block_size=args.block_size, num_layers=args.layers,
+        rank=args.rank, alpha=args.alpha, init_from=args.init_from, batch_size=args.batch_size, max_len=args.max_len,
+        steps=args.steps, lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every,
+        eval_sequences=args.eval_sequences, save_every=args.save_every, seed=args.seed, device=args.device,
+        amp=args.amp, save_dtype=args.save_dtype,
+    )
+    result = train_dllm(cfg)
+    print(f"adapters written to {args.out}/adapter  (held-out masked loss {result.get('eval_loss', float('nan'))})")
     return 0
 
 
@@ -237,7 +254,40 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     tr.add_argument("--draft-vocab", type=int, default=0,
                     help="draft only the N most frequent training tokens (cheaper head); 0 = full vocabulary")
+    tr.add_argument("--kind", default="block-diffusion", choices=["block-diffusion", "masked-diffusion"],
+                    help="block-diffusion (reads target features) or masked-diffusion (standalone)")
+    tr.add_argument("--init-from", default=None, help="a drafter folder of the same kind to start from")
+    objective = tr.add_argument_group("objective (block-diffusion; composable)")
+    objective.add_argument("--focal-lambda", type=float, default=0.0, help="extra weight on each block's first error")
+    objective.add_argument("--chain-weight", type=float, default=0.0, help="weight of the chain loss")
+    objective.add_argument("--align-fraction", type=float, default=0.0,
+                           help="last fraction of the steps run as stage II of the two-stage alignment")
+    objective.add_argument("--align-alpha", type=float, default=1.01)
+    objective.add_argument("--align-max-masked", type=int, default=96)
     tr.set_defaults(func=cmd_train)
+
+    dt = commands.add_parser("dllm-train", help="convert the target into a block-diffusion LM (LoRA), or train a dLLM drafter")
+    dt.add_argument("--data", required=True, help="a `diffdraft data` folder")
+    dt.add_argument("--out", required=True, help="run folder; an existing checkpoint there is resumed")
+    dt.add_argument("--model", default=None)
+    dt.add_argument("--block-size", type=int, default=4)
+    dt.add_argument("--layers", type=int, default=None, help="train a drafter of the first N layers (default: all)")
+    dt.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    dt.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    dt.add_argument("--init-from", default=None, help="start from a converted dLLM folder (e.g. the target's adapter)")
+    dt.add_argument("--batch-size", type=int, default=16)
+    dt.add_argument("--max-len", type=int, default=512)
+    dt.add_argument("--steps", type=int, default=1000)
+    dt.add_argument("--lr", type=float, default=3e-4)
+    dt.add_argument("--warmup", type=int, default=50)
+    dt.add_argument("--eval-every", type=int, default=100)
+    dt.add_argument("--eval-sequences", type=int, default=64)
+    dt.add_argument("--save-every", type=int, default=100)
+    dt.add_argument("--seed", type=int, default=0)
+    dt.add_argument("--device", default="cpu")
+    dt.add_argument("--amp", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    dt.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    dt.set_defaults(func=cmd_dllm_train)
     return parser
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from diffdraft.errors import DiffdraftError
 
 VERIFY_MODES = ("auto", "rejection", "point-mass")
+TRAINABLE_KINDS = ("block-diffusion", "masked-diffusion")
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,14 @@ class TrainConfig:
     amp: str = "bfloat16"  # autocast dtype, or "float32" for none
     save_dtype: str = "float32"  # dtype of the exported drafter weights
     draft_vocab: int = 0  # >0: the drafter proposes only the N most frequent training tokens
+    kind: str = "block-diffusion"  # or "masked-diffusion": the standalone drafter (no target features)
+    init_from: str | None = None  # a drafter folder of the same kind to start from (fine-tuning)
+    # Objective pieces (train/objectives.py); the defaults are positional weighting alone.
+    focal_lambda: float = 0.0  # extra weight on each block's first wrong slot
+    chain_weight: float = 0.0  # weight of the chain loss (-log expected accepted length)
+    align_fraction: float = 0.0  # last fraction of the steps run as stage II of the two-stage alignment
+    align_alpha: float = 1.01
+    align_max_masked: int = 96
 
     def __post_init__(self) -> None:
         if self.block_size < 2 or self.block_size > 64:
@@ -115,6 +124,16 @@ class TrainConfig:
             raise DiffdraftError(f"amp must be bfloat16, float16 or float32, got {self.amp!r}")
         if self.gamma is not None and not self.gamma > 0:
             raise DiffdraftError(f"gamma must be positive, got {self.gamma}")
+        if self.kind not in TRAINABLE_KINDS:
+            raise DiffdraftError(f"drafter kind must be one of {', '.join(TRAINABLE_KINDS)}, got {self.kind!r}")
+        for name in ("focal_lambda", "chain_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise DiffdraftError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {value!r}")
+        if not 0.0 <= self.align_fraction < 1.0:
+            raise DiffdraftError(f"align fraction must be in [0, 1), got {self.align_fraction}")
+        if not self.align_alpha > 0 or self.align_max_masked < 1:
+            raise DiffdraftError("align alpha must be positive and align max masked at least 1")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

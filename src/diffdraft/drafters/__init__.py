@@ -8,36 +8,93 @@ from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.drafters.block_diffusion import BlockDiffusionDrafter
 from diffdraft.drafters.checkpoint import is_checkpoint, read_config
 from diffdraft.drafters.early_exit import EarlyExitDrafter
+from diffdraft.drafters.handoff import HandoffDrafter
+from diffdraft.drafters.masked_diffusion import MaskedDiffusionDrafter, denoise_from_dict
 from diffdraft.drafters.ngram import NgramDrafter
 from diffdraft.errors import DiffdraftError
 
 DRAFTER_NAMES = ("none", "ngram", "early-exit", "block-diffusion")
 # The block-diffusion drafter trained for the default target, shipped in the package.
 SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "weights" / "smollm2-bd16"
+# Options a masked-diffusion drafter folder takes after its path: FOLDER:steps=2:order=confidence
+MASKED_OPTIONS = {"steps": int, "order": str, "select": str, "samples": int, "warmup": int, "warmup-drafter": str}
 
-__all__ = ["Draft", "Drafter", "BlockDiffusionDrafter", "EarlyExitDrafter", "NgramDrafter", "DRAFTER_NAMES", "build_drafter"]
+__all__ = ["Draft", "Drafter", "BlockDiffusionDrafter", "EarlyExitDrafter", "HandoffDrafter", "MaskedDiffusionDrafter",
+           "NgramDrafter", "DRAFTER_NAMES", "build_drafter"]
+
+
+def parse_options(spec: str) -> tuple[str, dict[str, str]]:
+    """`BASE:key=value:key=value` -> (BASE, {key: value}); a BASE that exists as a path is never split."""
+    if Path(spec).exists() or ":" not in spec:
+        return spec, {}
+    base, *pairs = spec.split(":")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise DiffdraftError(f"bad drafter option {pair!r} in {spec!r}: write key=value")
+        options[key] = value
+    return base, options
 
 
 def build_drafter(spec: str, target, early_exit_layers: int = 4) -> Drafter | None:
     """A drafter by name (none, ngram, early-exit, block-diffusion) or a drafter checkpoint folder.
 
-    "none" returns None: plain decoding. The drafter is checked against the target.
+    "none" returns None: plain decoding. The drafter is checked against the target. A
+    masked-diffusion folder takes options: FOLDER:steps=T:order=left-to-right|confidence:
+    select=1,2,4 (self-selection among step counts):samples=K:warmup=N:warmup-drafter=ngram.
     """
+    spec, options = parse_options(spec)
     if spec == "none":
         return None
     if spec == "ngram":
-        return NgramDrafter()
-    if spec == "early-exit":
-        return EarlyExitDrafter(target, num_layers=early_exit_layers)
-    if spec == "block-diffusion":
-        return BlockDiffusionDrafter.load(SHIPPED_DRAFTER, target)
-    if Path(spec).is_dir():
+        drafter: Drafter = NgramDrafter()
+    elif spec == "early-exit":
+        drafter = EarlyExitDrafter(target, num_layers=early_exit_layers)
+    elif spec == "block-diffusion":
+        drafter = BlockDiffusionDrafter.load(SHIPPED_DRAFTER, target)
+    elif Path(spec).is_dir():
         if not is_checkpoint(spec):
             raise DiffdraftError(f"{spec} is not a drafter folder (no drafter.json)")
-        kind = read_config(spec)["kind"]
+        config = read_config(spec)
+        kind = config["kind"]
+        if kind == MaskedDiffusionDrafter.name:
+            return _masked_diffusion(spec, config, options, target, early_exit_layers)
         if kind == EarlyExitDrafter.name:
-            return EarlyExitDrafter.load(spec, target)
-        if kind == BlockDiffusionDrafter.name:
-            return BlockDiffusionDrafter.load(spec, target)
-        raise DiffdraftError(f"drafter in {spec} is of unknown kind {kind!r}")
-    raise DiffdraftError(f"unknown drafter {spec!r}: use one of {', '.join(DRAFTER_NAMES)} or a drafter folder")
+            drafter = EarlyExitDrafter.load(spec, target)
+        elif kind == BlockDiffusionDrafter.name:
+            drafter = BlockDiffusionDrafter.load(spec, target)
+        else:
+            raise DiffdraftError(f"drafter in {spec} is of unknown kind {kind!r}")
+    else:
+        raise DiffdraftError(f"unknown drafter {spec!r}: use one of {', '.join(DRAFTER_NAMES)} or a drafter folder")
+    if options:
+        raise DiffdraftError(f"the {drafter.name} drafter takes no options, got {', '.join(options)}")
+    return drafter
+
+
+def _masked_diffusion(folder: str, config: dict, options: dict[str, str], target, early_exit_layers: int) -> Drafter:
+    """A masked-diffusion drafter with its saved decoding settings, overridden by options; wrapped
+    in a HandoffDrafter when it has warm-up tokens."""
+    unknown = sorted(set(options) - set(MASKED_OPTIONS))
+    if unknown:
+        raise DiffdraftError(f"unknown masked-diffusion option(s) {', '.join(unknown)}: use {', '.join(MASKED_OPTIONS)}")
+    try:
+        values = {key: MASKED_OPTIONS[key](value) for key, value in options.items()}
+        if "select" in values:
+            values["select"] = tuple(int(t) for t in values["select"].split(","))
+    except ValueError as err:
+        raise DiffdraftError(f"bad masked-diffusion option value: {err}") from err
+    denoise = dict(config.get("denoise") or {})
+    for key, name in (("steps", "steps"), ("order", "order"), ("select", "candidates"), ("samples", "samples")):
+        if key in values:
+            denoise[name] = values[key]
+    main = MaskedDiffusionDrafter.load(folder, target, denoise=denoise_from_dict(denoise))
+    warmup = dict(config.get("warmup") or {})
+    tokens = values.get("warmup", warmup.get("tokens", 0))
+    if not isinstance(tokens, int) or tokens < 0:
+        raise DiffdraftError(f"warm-up tokens must be an integer >= 0, got {tokens!r}")
+    if tokens == 0:
+        return main
+    warmup_spec = values.get("warmup-drafter", warmup.get("drafter", "ngram"))
+    return HandoffDrafter(build_drafter(warmup_spec, target, early_exit_layers), main, tokens)

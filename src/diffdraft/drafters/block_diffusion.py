@@ -22,12 +22,12 @@ import torch
 from diffdraft.config import SamplingConfig
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.drafters.checkpoint import read_checkpoint, write_checkpoint
+from diffdraft.drafters.draft_head import DRAFT_VOCAB_KEY, DraftHead, add_draft_vocab
 from diffdraft.errors import DiffdraftError
 from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
-from diffdraft.sampling import logits_to_probs, sample
+from diffdraft.sampling import sample
 
 KIND = "block-diffusion"
-DRAFT_VOCAB_KEY = "draft_vocab"
 
 
 def target_signature(target) -> dict:
@@ -38,6 +38,21 @@ def target_signature(target) -> dict:
         "num_layers": target.num_layers,
         "tokenizer": target.tokenizer_fingerprint(),
     }
+
+
+SIGNATURE_CHECKS = (("hidden_size", "width"), ("vocab_size", "vocabulary size"), ("num_layers", "layer count"))
+
+
+def check_signature(signature: dict, target, checks=SIGNATURE_CHECKS) -> None:
+    """Refuse a drafter whose recorded target differs from `target` in a checked field or the tokenizer."""
+    theirs = target_signature(target)
+    for key, what in checks:
+        if signature.get(key) != theirs[key]:
+            raise DiffdraftError(
+                f"drafter does not fit the target: drafter {what} {signature.get(key)}, target {what} {theirs[key]}"
+            )
+    if signature.get("tokenizer") != theirs["tokenizer"]:
+        raise DiffdraftError("drafter does not fit the target: it was trained with a different tokenizer")
 
 
 class BlockDiffusionDrafter(Drafter):
@@ -59,30 +74,21 @@ class BlockDiffusionDrafter(Drafter):
         self.check_compatible(target)
         # The target must hand us exactly the taps we were trained on.
         target.tap_layers = self.tap_layers
-        self.draft_vocab = None
-        self._head_weight = None
-        if draft_vocab is not None:
-            if draft_vocab.dim() != 1 or draft_vocab.numel() == 0 or int(draft_vocab.max()) >= target.vocab_size \
-                    or int(draft_vocab.min()) < 0:
-                raise DiffdraftError("the drafter's draft vocabulary holds ids outside the target vocabulary")
-            self.draft_vocab = draft_vocab.long().to(target.device)
-            self._head_weight = target.lm_head.weight[self.draft_vocab].detach()  # [N, D]
+        self.head = DraftHead(target, draft_vocab)
         self._ctx_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._ctx_len = 0
+
+    @property
+    def draft_vocab(self) -> torch.Tensor | None:
+        """The target ids this drafter may propose, or None for the whole vocabulary."""
+        return self.head.draft_vocab
 
     @property
     def block_size(self) -> int:
         return self.net.cfg.block_size
 
     def check_compatible(self, target) -> None:
-        mine, theirs = self.signature, target_signature(target)
-        for key, what in (("hidden_size", "width"), ("vocab_size", "vocabulary size"), ("num_layers", "layer count")):
-            if mine.get(key) != theirs[key]:
-                raise DiffdraftError(
-                    f"drafter does not fit the target: drafter {what} {mine.get(key)}, target {what} {theirs[key]}"
-                )
-        if mine.get("tokenizer") != theirs["tokenizer"]:
-            raise DiffdraftError("drafter does not fit the target: it was trained with a different tokenizer")
+        check_signature(self.signature, target)
         if self.net.cfg.hidden_size != target.hidden_size or self.net.cfg.num_taps != len(self.tap_layers):
             raise DiffdraftError("drafter config is inconsistent: width or tap count does not match its own network")
         bad = [i for i in self.tap_layers if not 0 <= i <= target.num_layers]
@@ -128,12 +134,7 @@ class BlockDiffusionDrafter(Drafter):
         block = self.net.block_inputs(known)  # [1, g, D]
         positions = torch.arange(len(tokens) - 1, len(tokens) - 1 + g, device=device)[None]  # [1, g]
         hidden = self.net(block, positions, self._ctx_kv, mask=None)[0, 1 : 1 + count]  # [count, D]
-        if self.draft_vocab is None:
-            probs = logits_to_probs(self.target.lm_head(hidden), sampling)  # [count, V]
-        else:
-            small = logits_to_probs(hidden @ self._head_weight.T, sampling)  # [count, N]
-            probs = torch.zeros(count, self.target.vocab_size, device=device)
-            probs[:, self.draft_vocab] = small  # exact q in the full vocabulary
+        probs = self.head.probs(hidden, sampling)  # [count, V], exact q
         drafted = probs.argmax(dim=-1) if sampling.greedy else sample(probs, generator)  # [count]
         return Draft(tokens=drafted.cpu(), probs=probs.cpu())
 
@@ -153,9 +154,7 @@ def save_drafter(
     if extra:
         config["training"] = extra
     tensors = dict(net.state_dict())
-    if draft_vocab is not None:
-        tensors[DRAFT_VOCAB_KEY] = draft_vocab.long()
-        config["draft_vocab_size"] = int(draft_vocab.numel())
+    add_draft_vocab(config, tensors, draft_vocab)
     write_checkpoint(folder, config, tensors, dtype=dtype)
 
 

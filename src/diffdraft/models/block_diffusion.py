@@ -21,9 +21,10 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class BlockDiffusionConfig:
+class DrafterLayersConfig:
+    """Sizes of a stack of drafter layers (shared by both diffusion drafters' configs)."""
+
     hidden_size: int
-    num_taps: int
     num_layers: int = 2
     num_heads: int = 9
     num_kv_heads: int = 3
@@ -37,9 +38,14 @@ class BlockDiffusionConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BlockDiffusionConfig":
+    def from_dict(cls, data: dict):
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class BlockDiffusionConfig(DrafterLayersConfig):
+    num_taps: int = 3  # target layers whose hidden states are fused into the context
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +98,10 @@ class DrafterLayer(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,  # [B, 1, G, C+G] bool, True = may attend; None = all
     ) -> torch.Tensor:
+        return self.forward_with_kv(h, ctx_k, ctx_v, cos, sin, mask)[0]
+
+    def forward_with_kv(self, h, ctx_k, ctx_v, cos, sin, mask) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """forward(), also returning the keys/values of h itself (2 x [B, Hkv, G, hd]) for a cache."""
         b, g, _ = h.shape
         cfg = self.cfg
         x = self.attn_norm(h)
@@ -103,7 +113,7 @@ class DrafterLayer(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, G, hd]
         h = h + self.o_proj(attn.transpose(1, 2).reshape(b, g, -1))
         gate, up = self.gate_up(self.mlp_norm(h)).chunk(2, dim=-1)
-        return h + self.down(F.silu(gate) * up)
+        return h + self.down(F.silu(gate) * up), (k_blk, v_blk)
 
 
 class BlockDiffusionNet(nn.Module):

@@ -1,7 +1,9 @@
 """Per-block training losses over the g-1 masked positions, and acceptance metrics.
 
 Position k = 1..g-1 is the k-th masked slot of a block (the first draft token is k = 1).
-Knows nothing of models: inputs are logits and labels.
+The pieces (DESIGN.md section 5): positional weights, first-error focal weights, the chain
+loss (minus log of the expected accepted length) and the stage-II alignment weights;
+train/objectives.py composes them. Knows nothing of models: inputs are logits and labels.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from diffdraft.expected_length import log_expected_accepted_length
 from diffdraft.train.masks import IGNORE
 
 
@@ -23,12 +26,54 @@ def positional_weights(num_positions: int, gamma: float | None) -> torch.Tensor:
 def weighted_block_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean cross-entropy.
 
-    logits: [B, nb, g-1, V]; labels: [B, nb, g-1] (IGNORE where absent); weights: [g-1].
+    logits: [B, nb, g-1, V]; labels: [B, nb, g-1] (IGNORE where absent); weights: [g-1] (per
+    position) or [B, nb, g-1] (per slot).
     """
     nll = F.cross_entropy(logits.flatten(0, 2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
     nll = nll.view(labels.shape)  # [B, nb, g-1]
-    w = weights.to(nll.device)[None, None, :] * (labels != IGNORE)
+    w = weights.to(nll.device).expand_as(nll) * (labels != IGNORE)
     return (nll * w).sum() / w.sum().clamp(min=1e-8)
+
+
+def first_error_weights(logits: torch.Tensor, labels: torch.Tensor, focal_lambda: float) -> torch.Tensor:
+    """1 everywhere, 1 + lambda on each block's first scorable slot whose argmax is wrong.
+
+    That slot ends the greedy accepted prefix. logits [B, nb, g-1, V], labels [B, nb, g-1]
+    -> weights [B, nb, g-1] (no gradient: they come from an argmax).
+    """
+    wrong = (logits.detach().argmax(dim=-1) != labels) & (labels != IGNORE)  # [B, nb, g-1]
+    first = wrong & (wrong.long().cumsum(dim=-1) == 1)
+    return 1.0 + focal_lambda * first.float()
+
+
+def true_token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p of each slot's label, 0 where IGNORE. [B, nb, g-1, V], [B, nb, g-1] -> [B, nb, g-1]."""
+    logp = -F.cross_entropy(logits.flatten(0, 2).float(), labels.clamp(min=0).flatten(), reduction="none")
+    return logp.view(labels.shape).masked_fill(labels == IGNORE, 0.0)
+
+
+def chain_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over blocks of -log E, E = sum_k prod_{j<=k} p_j the expected accepted length.
+
+    p_j is the drafter's probability of the true token at slot j; an IGNORE slot ends the
+    chain. Blocks without a scorable slot do not count. The gradient on log p_i is
+    -(sum_{k>=i} prod_{j<=k} p_j) / E: early slots, which gate every later one, weigh most.
+    """
+    scorable = labels != IGNORE  # [B, nb, g-1]
+    log_e = log_expected_accepted_length(true_token_log_probs(logits, labels), scorable)  # [B, nb]
+    keep = scorable[..., 0]
+    return -log_e[keep].mean() if keep.any() else logits.sum() * 0.0
+
+
+def alignment_weights(num_positions: int, masked: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Stage-II weights: slot i of a block with R masked slots gets alpha^(R-i) if i <= R, else 0.
+
+    masked: [...] values of R in 1..num_positions -> [..., num_positions]. With alpha > 1 the
+    slot next to the known prefix (i = 1) weighs most.
+    """
+    i = torch.arange(1, num_positions + 1, device=masked.device, dtype=torch.float32)
+    r = masked[..., None].float()
+    return torch.where(i <= r, alpha ** (r - i), torch.zeros(()))
 
 
 def acceptance_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,3 +71,30 @@ def block_attention_mask(anchors: torch.Tensor, context_len: int, block_size: in
     block_id = torch.arange(nb, device=device).repeat_interleave(g)  # [nb*g]
     sees_block = (block_id[:, None] == block_id[None, :]).expand(batch, nb * g, nb * g)
     return torch.cat([sees_ctx, sees_block], dim=-1)[:, None]
+
+
+def prefix_and_blocks_mask(anchors: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Mask of one pass over [prefix of `length` tokens; nb blocks of g slots] (standalone drafter).
+
+    Prefix rows are causal over the prefix and see no block; block rows are those of
+    block_attention_mask (prefix positions < their anchor, their own block).
+    -> [B, 1, L+nb*g, L+nb*g] bool.
+    """
+    batch, nb = anchors.shape
+    causal = torch.ones(length, length, dtype=torch.bool, device=anchors.device).tril()
+    prefix_rows = torch.cat([causal, causal.new_zeros(length, nb * block_size)], dim=-1)
+    prefix_rows = prefix_rows.expand(batch, 1, length, length + nb * block_size)
+    return torch.cat([prefix_rows, block_attention_mask(anchors, length, block_size)], dim=2)
+
+
+def sample_block_masking(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """Masked-diffusion corruption of block slots 1..g-1: [..., g-1] bool, True = masked.
+
+    Each block draws a ratio r ~ U(0, 1) and masks each slot with probability r; at least
+    one slot is always masked (a block with nothing to predict teaches nothing).
+    """
+    *lead, slots = shape
+    ratio = torch.rand(*lead, 1, generator=generator)
+    masked = torch.rand(*lead, slots, generator=generator) < ratio
+    forced = torch.randint(0, slots, (*lead, 1), generator=generator)
+    return masked.scatter(-1, forced, True)

@@ -1,9 +1,9 @@
-"""Training loop for the block-diffusion drafter.
+"""Training loop for the diffusion drafters.
 
-Each step: the frozen target runs once over a batch of regenerated sequences to produce
-the tapped hidden states; random anchors cut many blocks per sequence; one drafter pass
-under the block attention mask predicts every masked slot; the loss is positional-weighted
-cross-entropy (DESIGN.md section 5). AdamW with linear warm-up and cosine decay, gradient
+Each step: the task (train/tasks.py: block-diffusion or masked-diffusion) turns a batch of
+regenerated sequences into logits and labels of many random blocks at once; the objective
+(train/objectives.py: positional weighting by default, optionally focal, chain and the
+two-stage alignment) turns them into a loss (DESIGN.md section 5). AdamW with linear warm-up and cosine decay, gradient
 clipping, bf16 autocast. Everything random is derived from (seed, step), so a run resumed
 from a checkpoint (net + optimizer + step) continues exactly as an uninterrupted one.
 Runs under torchrun with DDP (gloo on CPU, NCCL on GPU): ranks split each global batch.
@@ -23,20 +23,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from diffdraft.config import TrainConfig
-from diffdraft.drafters.block_diffusion import frequent_tokens, save_drafter, target_signature
 from diffdraft.errors import DiffdraftError
 from diffdraft.files import atomic_folder
-from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
-from diffdraft.target import Target, default_tap_layers
+from diffdraft.target import Target
 from diffdraft.train.data import Sequence, read_split
-from diffdraft.train.losses import (
-    acceptance_counts,
-    per_position_acceptance,
-    positional_weights,
-    simulated_tau,
-    weighted_block_loss,
-)
-from diffdraft.train.masks import block_attention_mask, block_labels, block_positions, sample_anchors
+from diffdraft.train.losses import acceptance_counts, per_position_acceptance, positional_weights, simulated_tau, \
+    weighted_block_loss
+from diffdraft.train.objectives import Objective
+from diffdraft.train.tasks import TASKS
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
@@ -77,31 +71,23 @@ class DrafterTrainer:
         self.eval_data = eval_data[: cfg.eval_sequences]
         if not self.train_data:
             raise DiffdraftError("no training sequence has a response of at least 2 tokens")
-        self.tap_layers = tuple(cfg.tap_layers) if cfg.tap_layers else default_tap_layers(target.num_layers)
-        target.tap_layers = self.tap_layers
-        hf = target.model.config
-        net_cfg = BlockDiffusionConfig(
-            hidden_size=target.hidden_size, num_taps=len(self.tap_layers), num_layers=cfg.num_layers,
-            num_heads=hf.num_attention_heads, num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
-            head_dim=getattr(hf, "head_dim", None) or target.hidden_size // hf.num_attention_heads,
-            intermediate_size=hf.intermediate_size, block_size=cfg.block_size,
-            rope_theta=float(getattr(hf, "rope_theta", None) or (getattr(hf, "rope_parameters", None) or {}).get(
-                "rope_theta", 10000.0)),
-            rms_eps=float(getattr(hf, "rms_norm_eps", 1e-5)),
-        )
-        self.net = BlockDiffusionNet(net_cfg)
-        self.net.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+        if cfg.kind == "masked-diffusion" and (cfg.focal_lambda or cfg.chain_weight or cfg.align_fraction):
+            raise DiffdraftError("the masked-diffusion drafter trains with the masked-diffusion objective: "
+                                 "focal, chain and alignment terms assume fully masked blocks")
+        self.task = TASKS[cfg.kind](cfg, target, self._autocast)
+        self.net = self.task.net
         self.net.to(self.device)
         self.model = self.net
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(self.net)
+        self.task.module = self.model
         decay = [p for n, p in self.net.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.net.named_parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(0.9, 0.95), fused=False,
         )
-        self.weights = positional_weights(cfg.block_size - 1, cfg.gamma).to(self.device)
+        self.objective = Objective.from_config(cfg)
         self.step = 0
         pad = target.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(target.eos_token_ids))
@@ -121,31 +107,6 @@ class DrafterTrainer:
         dtype = AMP_DTYPES[self.cfg.amp]
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
-    def block_logits_and_labels(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
-        """Run target (frozen) and drafter over a batch. -> logits [B, nb, g-1, V], labels [B, nb, g-1]."""
-        g, nb = self.cfg.block_size, self.cfg.blocks_per_sequence
-        tokens = batch["tokens"].to(self.device)  # [B, L]
-        lengths, starts = batch["lengths"], batch["starts"]
-        batch_size, length = tokens.shape
-        with torch.no_grad():
-            mask = (torch.arange(length)[None] < lengths[:, None]).long().to(self.device)
-            out = self.target.model(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
-            taps = torch.cat([out.hidden_states[i] for i in self.tap_layers], dim=-1)  # [B, L, n_taps*D]
-        anchors, valid = sample_anchors(lengths, starts, nb, generator)  # [B, nb]
-        anchors, valid = anchors.to(self.device), valid.to(self.device)
-        labels = block_labels(tokens, lengths.to(self.device), anchors, valid, g)  # [B, nb, g-1]
-        with self._autocast():
-            ctx = self.net.fuse_context(taps.to(self.net.fuse.weight.dtype))  # [B, L, D]
-            positions = torch.arange(length, device=self.device)[None].expand(batch_size, length)
-            ctx_kv = self.net.context_kv(ctx, positions)
-            known = self.target.embed_tokens(tokens.gather(1, anchors))  # [B, nb, D]
-            block = self.net.block_inputs(known.to(ctx.dtype))  # [B, nb*g, D]
-            attn_mask = block_attention_mask(anchors, length, g)  # [B, 1, nb*g, L+nb*g]
-            hidden = self.model(block, block_positions(anchors, g), ctx_kv, attn_mask)  # [B, nb*g, D]
-            hidden = hidden.view(batch_size, nb, g, -1)[:, :, 1:]  # masked slots only
-            logits = self.target.lm_head(hidden.to(self.target.dtype))  # [B, nb, g-1, V]
-        return logits, labels
-
     def train_step(self) -> float:
         self.model.train()
         lr = learning_rate(self.cfg, self.step)
@@ -153,8 +114,8 @@ class DrafterTrainer:
             group["lr"] = lr
         batch = make_batch([self.train_data[i] for i in self.batch_indices(self.step)], self.cfg.max_len, self.pad_id)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 17 + self.rank)
-        logits, labels = self.block_logits_and_labels(batch, generator)
-        loss = weighted_block_loss(logits, labels, self.weights)
+        logits, labels = self.task.logits_and_labels(batch, generator, training=True)
+        loss = self.objective.loss(logits, labels, self.objective.stage(self.step, self.cfg.steps), generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
@@ -164,14 +125,19 @@ class DrafterTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out loss, per-position greedy acceptance and simulated tau (fixed anchors)."""
+        """Held-out loss, per-position greedy acceptance and simulated tau (fixed anchors).
+
+        eval_loss is the plain (uniform) cross-entropy over the masked slots, whatever the
+        training objective, so runs with different objectives compare.
+        """
         self.net.eval()
         generator = torch.Generator().manual_seed(12345)
         losses, prefixes, scorables = [], [], []
+        uniform = positional_weights(self.cfg.block_size - 1, None)
         for start in range(0, len(self.eval_data), self.cfg.batch_size):
             batch = make_batch(self.eval_data[start : start + self.cfg.batch_size], self.cfg.max_len, self.pad_id)
-            logits, labels = self.block_logits_and_labels(batch, generator)
-            losses.append(float(weighted_block_loss(logits, labels, self.weights)))
+            logits, labels = self.task.logits_and_labels(batch, generator, training=False)
+            losses.append(float(weighted_block_loss(logits, labels, uniform)))
             prefix, scorable = acceptance_counts(logits, labels)
             prefixes.append(prefix.cpu())
             scorables.append(scorable.cpu())
@@ -211,10 +177,7 @@ class DrafterTrainer:
 
     def export(self, folder: Path, extra: dict) -> None:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.save_dtype]
-        vocab = frequent_tokens(self.train_data, self.cfg.draft_vocab, self.target.vocab_size) \
-            if self.cfg.draft_vocab > 0 else None
-        save_drafter(folder, self.net, self.tap_layers, target_signature(self.target), extra, dtype=dtype,
-                     draft_vocab=vocab)
+        self.task.export(folder, self.train_data, extra, dtype)
 
 
 def train(cfg: TrainConfig, target: Target | None = None, log=print) -> dict:
