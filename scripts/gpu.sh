@@ -5,7 +5,18 @@
 # (.gpu/b/), carried by two calls in a row while the machine is warm.
 #   bash scripts/gpu.sh part-a          # call 1, carry .gpu/a
 #   bash scripts/gpu.sh data [N]        # call 2, carry .gpu/b: join, regenerate N prompts
-#   bash scripts/gpu.sh train STEPS     # call 3: train on the regenerated data
+#   bash scripts/gpu.sh train ARGS...   # call 3: train on the regenerated data
+# With training data made earlier (.gpu/b/data.tgz, a tarball of the `data` folder):
+#   bash scripts/gpu.sh setup           # call 2 instead of `data`: join, install, unpack the data
+# The objective ablation of issue 6 is one `train` call per row, same data, budget and seed:
+#   bash scripts/gpu.sh train $ABLATION --gamma 0                      # uniform
+#   bash scripts/gpu.sh train $ABLATION                                # + positional (gamma 7)
+#   bash scripts/gpu.sh train $ABLATION --gamma 0 --focal-lambda 1     # + first-error focal
+#   bash scripts/gpu.sh train $ABLATION --gamma 0 --chain-weight 1     # + chain
+#   bash scripts/gpu.sh train $ABLATION --focal-lambda 1 --chain-weight 1   # all three
+#   bash scripts/gpu.sh train $ABLATION --gamma 0 --align-fraction 0.3      # two-stage
+#   bash scripts/gpu.sh train $ABLATION --gamma 0 --kind masked-diffusion   # standalone (bench T = 1, 2, 4)
+# with ABLATION="--steps 600 --batch-size 64 --blocks 32 --draft-vocab 8192 --save-dtype bfloat16 --seed 0"
 set -euo pipefail
 W=/tmp/dd
 mkdir -p "$W"
@@ -28,6 +39,13 @@ case "$1" in
     cat "$W/data/manifest.json"
     tar czf "$OUT/data.tgz" -C "$W" data
     ls -la "$OUT"
+    ;;
+  setup)
+    python3 -m pip install -q --no-index --no-deps --target "$W/site" .gpu/b/gguf-*.whl
+    cat "$W/part_aa" .gpu/b/part_ab > "$GGUF"
+    sha256sum "$GGUF" | cut -c1-16
+    tar xzf .gpu/b/data.tgz -C "$W"
+    cat "$W/data/manifest.json"
     ;;
   train)
     shift

@@ -147,3 +147,12 @@ def test_objective_composes_all_pieces():
 def test_bad_objective_settings_are_refused(field, value):
     with pytest.raises(DiffdraftError):
         TrainConfig(data="d", out="o", **{field: value})
+
+
+def test_autocast_dtype_follows_the_device():
+    """bf16 autocast only where it is fast: CUDA. On CPU it is emulated (a step took 30x longer)."""
+    assert TrainConfig(data="d", out="o").amp_dtype == "float32"
+    assert TrainConfig(data="d", out="o", device="cuda").amp_dtype == "bfloat16"
+    assert TrainConfig(data="d", out="o", amp="bfloat16").amp_dtype == "bfloat16"
+    with pytest.raises(DiffdraftError, match="amp"):
+        TrainConfig(data="d", out="o", amp="int8")

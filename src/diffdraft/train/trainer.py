@@ -104,7 +104,7 @@ class DrafterTrainer:
         return indices[self.rank :: self.world]
 
     def _autocast(self):
-        dtype = AMP_DTYPES[self.cfg.amp]
+        dtype = AMP_DTYPES[self.cfg.amp_dtype]
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
     def train_step(self) -> float:
@@ -192,8 +192,8 @@ def train(cfg: TrainConfig, target: Target | None = None, log=print) -> dict:
     if target is None:
         model, tokenizer = load_model(cfg.model, dtype="float32")
         model.to(cfg.device)
-        if cfg.device.startswith("cuda") and cfg.amp != "float32":
-            model.to(AMP_DTYPES[cfg.amp])
+        if cfg.device.startswith("cuda") and cfg.amp_dtype != "float32":
+            model.to(AMP_DTYPES[cfg.amp_dtype])
         target = Target(model, tokenizer, name=cfg.model or "smollm2")
     trainer = DrafterTrainer(cfg, target, read_split(Path(cfg.data), "train"), read_split(Path(cfg.data), "eval"))
     checkpoint = out / "checkpoint"
