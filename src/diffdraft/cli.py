@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, default=100)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="cpu")
-    tr.add_argument("--amp", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    tr.add_argument("--amp", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     tr.add_argument("--draft-vocab", type=int, default=0,
                     help="draft only the N most frequent training tokens (cheaper head); 0 = full vocabulary")
@@ -285,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--save-every", type=int, default=100)
     dt.add_argument("--seed", type=int, default=0)
     dt.add_argument("--device", default="cpu")
-    dt.add_argument("--amp", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    dt.add_argument("--amp", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     dt.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     dt.set_defaults(func=cmd_dllm_train)
     return parser
