@@ -1,8 +1,8 @@
 """The real default target, SmolLM2-135M-Instruct in float32, on real MT-Bench prompts.
 
-Greedy speculative decoding with the n-gram, the early-exit (4 layers) and the shipped
-block-diffusion drafters must be
-token-identical to plain decoding of the same engine, 128 new tokens per prompt. The model
+Greedy speculative decoding with the n-gram, the early-exit (4 layers), the shipped
+block-diffusion and a standalone masked-diffusion drafter (every decoding option at once)
+must be token-identical to plain decoding of the same engine, 128 new tokens per prompt. The model
 is loaded once per module (the first load ever converts the GGUF, ~25 s; later loads read
 the cached safetensors). Plain outputs are computed once and shared. Budget on the 2-core
 CPU: plain ~14 tok/s, early exit with g = 3 ~7 tok/s, so the file takes about 2 minutes.
@@ -100,6 +100,29 @@ def test_shipped_block_diffusion_drafter_greedy_equals_plain(real_target, prompt
         assert result.tokens == expected, f"first difference at token {first_difference(result.tokens, expected)}"
         accepted += sum(result.stats.accepted)
     assert accepted > 0
+
+
+def test_masked_diffusion_drafter_greedy_equals_plain(real_target, prompts, plain_outputs, tmp_path):
+    """A standalone drafter (the target's first 2 layers, untrained MASK) through a folder with
+    every decoding option: confidence order, self-selection over T in {1, 2}, n-gram warm-up."""
+    import torch
+
+    from diffdraft.drafters import HandoffDrafter
+    from diffdraft.drafters.block_diffusion import target_signature
+    from diffdraft.drafters.masked_diffusion import save_masked_drafter
+    from diffdraft.models.masked_diffusion import MaskedDiffusionConfig, MaskedDiffusionNet
+    from diffdraft.train.tasks import layer_shape
+
+    net = MaskedDiffusionNet(MaskedDiffusionConfig(num_layers=2, block_size=8, **layer_shape(real_target)))
+    net.reset_parameters(torch.Generator().manual_seed(0))
+    net.init_from_target(real_target.model)
+    save_masked_drafter(tmp_path / "md", net, target_signature(real_target))
+    drafter = build_drafter(f"{tmp_path / 'md'}:order=confidence:select=1,2:warmup=8", real_target)
+    assert isinstance(drafter, HandoffDrafter)
+    prompt, expected = prompts[0], plain_outputs[0]
+    result = SpeculativeEngine(real_target, drafter, DraftConfig(draft_len=4)).generate(prompt, max_new_tokens=NEW_TOKENS)
+    assert result.tokens == expected, f"first difference at token {first_difference(result.tokens, expected)}"
+    assert sum(result.stats.proposed) > 4 * 8  # the masked-diffusion drafter drafted past the warm-up
 
 
 def test_cli_generate_on_the_real_model():
