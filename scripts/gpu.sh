@@ -6,8 +6,8 @@
 #   bash scripts/gpu.sh part-a          # call 1, carry .gpu/a
 #   bash scripts/gpu.sh data [N]        # call 2, carry .gpu/b: join, regenerate N prompts
 #   bash scripts/gpu.sh train ARGS...   # call 3: train on the regenerated data
-# With training data made earlier (.gpu/b/data.tgz, a tarball of the `data` folder):
-#   bash scripts/gpu.sh setup           # call 2 instead of `data`: join, install, unpack the data
+# With training data made earlier (.gpu/c/data.tgz: `bash scripts/gpu_dllm.sh pack`):
+#   bash scripts/gpu.sh setup           # call 2 instead of `data`, carry .gpu/b .gpu/c: join, install, unpack
 # The objective ablation of issue 6 is one `train` call per row, same data, budget and seed:
 #   bash scripts/gpu.sh train $ABLATION --gamma 0                      # uniform
 #   bash scripts/gpu.sh train $ABLATION                                # + positional (gamma 7)
@@ -44,7 +44,7 @@ case "$1" in
     python3 -m pip install -q --no-index --no-deps --target "$W/site" .gpu/b/gguf-*.whl
     cat "$W/part_aa" .gpu/b/part_ab > "$GGUF"
     sha256sum "$GGUF" | cut -c1-16
-    tar xzf .gpu/b/data.tgz -C "$W"
+    tar xzf .gpu/c/data.tgz -C "$W"
     cat "$W/data/manifest.json"
     ;;
   train)

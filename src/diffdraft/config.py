@@ -17,6 +17,14 @@ TRAINABLE_KINDS = ("block-diffusion", "masked-diffusion")
 AMP_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
+def resolve_amp(amp: str, device: str) -> str:
+    """The autocast dtype a training run uses: "auto" is bfloat16 on CUDA and float32 elsewhere
+    (bf16 matmuls on a CPU without bf16 units are emulated: a step took 391 s instead of ~12 s here)."""
+    if amp != "auto":
+        return amp
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How the target's next-token distribution is shaped.
@@ -100,8 +108,7 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     device: str = "cpu"
-    amp: str = "auto"  # autocast dtype, "float32" for none; auto: bfloat16 on CUDA, float32 on CPU
-    # (bf16 matmuls on a CPU without bf16 units are emulated: a step took 391 s instead of ~12 s here)
+    amp: str = "auto"  # autocast dtype, "float32" for none; auto: see resolve_amp
     save_dtype: str = "float32"  # dtype of the exported drafter weights
     draft_vocab: int = 0  # >0: the drafter proposes only the N most frequent training tokens
     kind: str = "block-diffusion"  # or "masked-diffusion": the standalone drafter (no target features)
@@ -140,9 +147,7 @@ class TrainConfig:
     @property
     def amp_dtype(self) -> str:
         """The autocast dtype this run uses, "auto" resolved by device."""
-        if self.amp != "auto":
-            return self.amp
-        return "bfloat16" if self.device.startswith("cuda") else "float32"
+        return resolve_amp(self.amp, self.device)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

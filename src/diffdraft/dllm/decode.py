@@ -1,0 +1,171 @@
+"""Blockwise decoding with a block-diffusion model: the session state and the plain decoder.
+
+A Session holds one sequence: the KV cache of the prompt and of every finished block
+that has been run through the model, plus the finished blocks not yet run (they ride
+along, as a prefix, with the next forward and are cached there). A BlockState is the
+block being denoised. `decode` is the model's own decoding, the baseline: prefill the
+prompt causally, then for each block of b slots run `steps` forwards, each revealing
+schedule(b, steps)[j] slots by the rule of unmask.py; a block is finished when no slot
+is masked; generation stops after the block that holds an end token or reaches
+max_new_tokens, and the output is cut after the first end token and at max_new_tokens.
+It knows nothing of drafting or verification (simsd.py builds on the Session).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from diffdraft.config import SamplingConfig
+from diffdraft.dllm.cache import KVCache
+from diffdraft.dllm.masks import causal_mask, finished_then
+from diffdraft.dllm.model import MASK_ID, BlockDiffusionLM
+from diffdraft.dllm.unmask import Step, choose_step, masked_slots, schedule
+from diffdraft.errors import DiffdraftError
+
+
+@dataclass(frozen=True)
+class BlockState:
+    """The block being denoised: slot 0 sits at position `start`; `step` steps are done."""
+
+    start: int
+    ids: tuple[int, ...]  # [b], MASK_ID where still masked
+    step: int = 0
+
+    @staticmethod
+    def empty(start: int, block_size: int) -> "BlockState":
+        return BlockState(start=start, ids=(MASK_ID,) * block_size)
+
+    @property
+    def finished(self) -> bool:
+        return MASK_ID not in self.ids
+
+    def advance(self, step: Step) -> "BlockState":
+        return BlockState(start=self.start, ids=tuple(step.apply(list(self.ids))), step=self.step + 1)
+
+    def next_block(self) -> "BlockState":
+        return BlockState.empty(self.start + len(self.ids), len(self.ids))
+
+
+class Session:
+    """One sequence decoded blockwise by one BlockDiffusionLM (batch size 1)."""
+
+    def __init__(self, net: BlockDiffusionLM):
+        self.net = net
+        self.cache = KVCache()
+        self.unsent: list[tuple[int, ...]] = []  # finished blocks not yet in the cache
+        self.forwards = 0  # forwards after the prefill
+
+    @torch.inference_mode()
+    def begin(self, prompt: list[int], max_new_tokens: int) -> BlockState:
+        """Prefill the prompt (causal) and return the first, all-masked block."""
+        b = self.net.block_size
+        if not prompt:
+            raise DiffdraftError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise DiffdraftError(f"max-new-tokens must be positive, got {max_new_tokens}")
+        limit = getattr(self.net.base.config, "max_position_embeddings", None) or 2048
+        needed = len(prompt) + (-(-max_new_tokens // b) + 1) * b
+        if needed > limit:
+            raise DiffdraftError(f"prompt plus {max_new_tokens} new tokens in blocks of {b} exceed the context of {limit}")
+        ids = torch.tensor([prompt], dtype=torch.long)
+        _, kv = self.net(ids, torch.arange(len(prompt))[None], causal_mask(0, len(prompt)))
+        self.cache = KVCache()
+        self.cache.append(kv, slice(None))
+        self.unsent, self.forwards = [], 0
+        return BlockState.empty(len(prompt), b)
+
+    def finish(self, ids: tuple[int, ...]) -> None:
+        """A block is final: it will be cached by the next forward."""
+        self.unsent.append(tuple(ids))
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
+        """One forward over [unsent finished blocks | more]; caches the unsent blocks.
+
+        ids, positions: [1, T]; mask: [1, 1, T, C+T]. Returns hidden [T, D] and the new keys/values.
+        """
+        hidden, kv = self.net(ids, positions, mask, self.cache)
+        sent = len(self.unsent) * self.net.block_size
+        if sent:
+            self.cache.append(kv, slice(0, sent))
+            self.unsent = []
+        self.forwards += 1
+        return hidden[0], kv
+
+    def block_logits(self, block: BlockState) -> torch.Tensor:
+        """Logits at every slot of the block in its current state, [b, V] (one forward)."""
+        b = self.net.block_size
+        n = len(self.unsent)
+        ids = [t for blk in self.unsent for t in blk] + list(block.ids)
+        positions = torch.arange(block.start - n * b, block.start + b)[None]
+        hidden, _ = self.run(torch.tensor([ids]), positions, finished_then(self.cache.length, n, b, [b]))
+        return self.net.logits(hidden[n * b :]).float()
+
+
+@dataclass
+class DLLMResult:
+    """The output of one generation and what it cost."""
+
+    tokens: list[int]
+    forwards: int  # target forwards after the prefill
+    seconds: float
+    accepted: list[int] = field(default_factory=list)  # SimSD: drafted steps accepted per verification
+    drafted: list[int] = field(default_factory=list)  # SimSD: steps drafted per verification
+    draft_forwards: int = 0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.tokens) / max(1, self.forwards)
+
+
+class Output:
+    """Finished blocks in order, and when to stop."""
+
+    def __init__(self, max_new_tokens: int, eos_ids: frozenset[int]):
+        self.blocks: list[tuple[int, ...]] = []
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = eos_ids
+
+    def add(self, ids: tuple[int, ...]) -> bool:
+        """Append a finished block; True when generation is done."""
+        self.blocks.append(tuple(ids))
+        return any(t in self.eos_ids for t in ids) or len(self.blocks) * len(ids) >= self.max_new_tokens
+
+    def tokens(self) -> list[int]:
+        """All finished tokens, cut after the first end token and at max_new_tokens."""
+        out: list[int] = []
+        for token in (t for block in self.blocks for t in block):
+            out.append(token)
+            if token in self.eos_ids:
+                break
+        return out[: self.max_new_tokens]
+
+
+def decode(
+    net: BlockDiffusionLM,
+    prompt: list[int],
+    steps: int,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    generator: torch.Generator | None = None,
+    eos_ids: frozenset[int] = frozenset(),
+) -> DLLMResult:
+    """The model's own blockwise decoding (see the module docstring)."""
+    sampling = sampling or SamplingConfig()
+    counts = schedule(net.block_size, steps)
+    start = time.perf_counter()
+    session = Session(net)
+    block = session.begin(prompt, max_new_tokens)
+    output = Output(max_new_tokens, eos_ids)
+    while True:
+        logits = session.block_logits(block)  # [b, V]
+        block = block.advance(choose_step(logits, masked_slots(list(block.ids)), counts[block.step], sampling, generator))
+        if block.finished:
+            if output.add(block.ids):
+                break
+            session.finish(block.ids)
+            block = block.next_block()
+    return DLLMResult(tokens=output.tokens(), forwards=session.forwards, seconds=time.perf_counter() - start)
