@@ -105,7 +105,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         args.out, model, tokenizer, num_prompts=args.num_prompts, temperatures=temperatures,
         eval_fraction=args.eval_fraction, shard_size=args.shard_size, batch_size=args.batch_size,
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        prompts=prompts,
+        prompts=prompts, responses=args.responses,
     )
     print(f"train: {manifest['train']}  eval: {manifest['eval']}  ->  {args.out}")
     return 0
@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--prompts", default=None, help="a JSON list of prompts instead of ShareGPT's")
     data.add_argument("--num-prompts", type=int, default=2000)
     data.add_argument("--temperatures", default="0,0.8", help="comma-separated; shards alternate between them")
+    data.add_argument("--responses", default="regenerate", choices=["regenerate", "sharegpt"],
+                      help="regenerate: the target answers (default); sharegpt: ShareGPT's own answers, "
+                           "tokenised only (fast, more text, not the target's distribution)")
     data.add_argument("--eval-fraction", type=float, default=0.02)
     data.add_argument("--shard-size", type=int, default=256)
     data.add_argument("--batch-size", type=int, default=32)

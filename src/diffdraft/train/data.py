@@ -4,7 +4,9 @@ Prompts are the first user turns of ShareGPT conversations (PyPI `sharegpt-datas
 JSON is cut off near the end, so it is parsed one conversation at a time). Benchmark
 prompts (MT-Bench, AlpacaEval when present) are removed. Responses come from the target
 itself through its chat template, batched, at a few temperatures, so the drafter learns
-the target's own distribution. A shard is one safetensors file of token ids with offsets
+the target's own distribution. Or, much cheaper (tokenising only, no generation), they are
+ShareGPT's own answers: more and more varied text, but not the target's distribution, so
+best for a first stage followed by training on regenerated data. A shard is one safetensors file of token ids with offsets
 and prompt lengths; finished shards are skipped on restart, so an interrupted run resumes.
 Taps are not stored: the trainer recomputes them with one target forward (cheap next to
 regeneration, and 3.5 KB per token less on disk).
@@ -22,6 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from diffdraft.errors import DiffdraftError
 from diffdraft.files import data_package_dir
+
+
+RESPONSE_SOURCES = ("regenerate", "sharegpt")
 
 
 def sharegpt_file() -> Path:
@@ -63,18 +68,26 @@ def benchmark_prompts() -> set[str]:
     return texts
 
 
-def load_sharegpt_prompts(min_chars: int = 8, max_chars: int = 2000) -> list[str]:
-    """Distinct first user turns of ShareGPT, benchmark prompts removed, in file order."""
+def load_sharegpt_exchanges(min_chars: int = 8, max_chars: int = 2000) -> list[tuple[str, str | None]]:
+    """Distinct first user turns of ShareGPT with the answer that follows (None if none), benchmark
+    prompts removed, in file order."""
     text = sharegpt_file().read_text(encoding="utf-8")
     banned = benchmark_prompts()
-    seen, prompts = set(), []
+    seen, exchanges = set(), []
     for conv in iter_json_array(text):
         turns = conv.get("conversations") or []
-        first = next((t.get("value", "") for t in turns if t.get("from") == "human"), "").strip()
-        if min_chars <= len(first) <= max_chars and first not in seen and first not in banned:
-            seen.add(first)
-            prompts.append(first)
-    return prompts
+        first = next((i for i, t in enumerate(turns) if t.get("from") == "human"), None)
+        prompt = turns[first].get("value", "").strip() if first is not None else ""
+        if min_chars <= len(prompt) <= max_chars and prompt not in seen and prompt not in banned:
+            seen.add(prompt)
+            answer = next((t.get("value") for t in turns[first + 1 :] if t.get("from") == "gpt"), None)
+            exchanges.append((prompt, answer.strip() if isinstance(answer, str) and answer.strip() else None))
+    return exchanges
+
+
+def load_sharegpt_prompts(min_chars: int = 8, max_chars: int = 2000) -> list[str]:
+    """Distinct first user turns of ShareGPT, benchmark prompts removed, in file order."""
+    return [prompt for prompt, _ in load_sharegpt_exchanges(min_chars, max_chars)]
 
 
 def load_prompts_file(path: str | Path) -> list[str]:
@@ -133,20 +146,41 @@ def read_split(folder: Path, split: str) -> list[Sequence]:
     return [s for p in paths for s in read_shard(p)]
 
 
-# ----- regeneration -----
+# ----- responses -----
+def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
+    """A user prompt through the chat template, ready for the answer; an over-long one loses its middle
+    (the template's end, the assistant header, stays)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_prompt_tokens:
+        ids = ids[: max_prompt_tokens // 2] + ids[-(max_prompt_tokens - max_prompt_tokens // 2):]
+    return ids
+
+
+def answer_sequence(tokenizer, prompt: str, answer: str, max_prompt_tokens: int, max_new_tokens: int) -> Sequence:
+    """A given answer (not the target's) after its prompt, formatted as the chat template writes an
+    assistant turn, cut after its end-of-turn token or at max_new_tokens."""
+    head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                                          tokenize=False)
+    if not whole.startswith(head):
+        raise DiffdraftError("the chat template does not write an answer after its generation prompt")
+    response = tokenizer(whole[len(head):], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos in response:
+        response = response[: response.index(eos) + 1]
+    ids = encode_prompt(tokenizer, prompt, max_prompt_tokens)
+    return Sequence(tokens=ids + response[:max_new_tokens], prompt_len=len(ids))
+
+
 @torch.inference_mode()
 def regenerate(
     model, tokenizer, prompts: list[str], max_prompt_tokens: int, max_new_tokens: int, temperature: float, seed: int
 ) -> list[Sequence]:
     """The target's own answers to a batch of prompts (left-padded batched generation)."""
-    encoded = []
-    for prompt in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_prompt_tokens:  # keep the template's end (the assistant header)
-            ids = ids[: max_prompt_tokens // 2] + ids[-(max_prompt_tokens - max_prompt_tokens // 2):]
-        encoded.append(ids)
+    encoded = [encode_prompt(tokenizer, prompt, max_prompt_tokens) for prompt in prompts]
     width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model.get_input_embeddings().weight.device
@@ -189,21 +223,37 @@ def build_dataset(
     seed: int = 0,
     progress: bool = True,
     prompts: list[str] | None = None,
+    responses: str = "regenerate",
+    exchanges: list[tuple[str, str]] | None = None,
 ) -> dict:
-    """Regenerate responses for `num_prompts` ShareGPT prompts into train-/eval- shards under `out`.
+    """Responses for `num_prompts` ShareGPT prompts, in train-/eval- shards under `out`.
 
-    Shard i holds prompts [i*shard_size, (i+1)*shard_size) of its split, answered at
-    temperatures[i % len(temperatures)]. Finished shards are skipped, so a rerun resumes.
+    responses "regenerate": the target answers (model needed), shard i at temperatures[i %
+    len(temperatures)]. responses "sharegpt": ShareGPT's own first answers, tokenised only
+    (`exchanges` replaces them, e.g. in tests). Shard i holds items [i*shard_size,
+    (i+1)*shard_size) of its split. Finished shards are skipped, so a rerun resumes.
     Returns the manifest (also written to out/manifest.json).
     """
     from tqdm import tqdm
 
+    if responses not in RESPONSE_SOURCES:
+        raise DiffdraftError(f"responses must be one of {', '.join(RESPONSE_SOURCES)}, got {responses!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = load_sharegpt_prompts() if prompts is None else prompts
+    if responses == "sharegpt":
+        if prompts is not None:
+            raise DiffdraftError("a prompts file has no answers: use it with regenerated responses")
+        exchanges = load_sharegpt_exchanges() if exchanges is None else exchanges
+        prompts = [prompt for prompt, _ in exchanges]
+    else:
+        prompts = load_sharegpt_prompts() if prompts is None else prompts
     if num_prompts > len(prompts):
-        raise DiffdraftError(f"asked for {num_prompts} prompts; ShareGPT has {len(prompts)} usable ones")
+        raise DiffdraftError(f"asked for {num_prompts} prompts; there are {len(prompts)} usable ones")
+    # The split depends on the prompts only, so both response sources put a prompt on the same side.
     train, held_out = split_prompts(prompts[:num_prompts], eval_fraction, seed)
+    if responses == "sharegpt":
+        answers = dict(exchanges)
+        train, held_out = ([(p, answers[p]) for p in part if answers[p]] for part in (train, held_out))
     jobs = []
     for split, items in (("eval", held_out), ("train", train)):
         for i in range(0, len(items), shard_size):
@@ -216,13 +266,17 @@ def build_dataset(
         sequences = []
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            sequences += regenerate(model, tokenizer, batch, max_prompt_tokens, max_new_tokens, temperature,
-                                    seed=seed * 100003 + index * 1009 + start)
+            if responses == "sharegpt":
+                sequences += [answer_sequence(tokenizer, p, a, max_prompt_tokens, max_new_tokens) for p, a in batch]
+            else:
+                sequences += regenerate(model, tokenizer, batch, max_prompt_tokens, max_new_tokens, temperature,
+                                        seed=seed * 100003 + index * 1009 + start)
             bar.update(len(batch))
             bar.set_postfix(tokens=sum(len(s.tokens) - s.prompt_len for s in sequences))
         write_shard(path, sequences)
     bar.close()
-    manifest = {"num_prompts": num_prompts, "temperatures": list(temperatures), "eval_fraction": eval_fraction,
+    manifest = {"num_prompts": num_prompts, "responses": responses,
+                "temperatures": list(temperatures) if responses == "regenerate" else None, "eval_fraction": eval_fraction,
                 "shard_size": shard_size, "max_prompt_tokens": max_prompt_tokens, "max_new_tokens": max_new_tokens,
                 "seed": seed}
     for split in ("train", "eval"):
