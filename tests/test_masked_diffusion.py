@@ -275,7 +275,7 @@ def test_training_lowers_the_loss(tiny_model, tiny_tokenizer, tmp_path):
 
 
 def test_train_command_and_folder_options(tiny_model_dir, tmp_path):
-    """`diffdraft train --kind masked-diffusion` writes a folder that build_drafter loads, with options."""
+    """`diffdraft train --kind masked-diffusion --eval-data` writes a folder that build_drafter loads, with options."""
     from test_block_diffusion import toy_sequences
     from diffdraft.cli import main
     from diffdraft.loading import load_model
@@ -285,8 +285,10 @@ def test_train_command_and_folder_options(tiny_model_dir, tmp_path):
     target = Target(model, tokenizer)
     seqs = toy_sequences(target)
     write_shard(tmp_path / "train-00000.safetensors", seqs[:4])
-    write_shard(tmp_path / "eval-00000.safetensors", seqs[4:])
-    rc = main(["train", "--kind", "masked-diffusion", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+    (tmp_path / "held").mkdir()
+    write_shard(tmp_path / "held" / "eval-00000.safetensors", seqs[4:])  # held-out data from another folder
+    rc = main(["train", "--kind", "masked-diffusion", "--data", str(tmp_path), "--eval-data", str(tmp_path / "held"),
+               "--out", str(tmp_path / "run"),
                "--model", tiny_model_dir, "--layers", "1", "--block-size", str(G), "--blocks", "2",
                "--batch-size", "2", "--steps", "2", "--eval-every", "2", "--save-every", "2", "--amp", "float32"])
     assert rc == 0

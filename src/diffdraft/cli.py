@@ -122,7 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, warmup_steps=args.warmup, gamma=None if args.gamma <= 0 else args.gamma,
         eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every, seed=args.seed,
         device=args.device, amp=args.amp, save_dtype=args.save_dtype, draft_vocab=args.draft_vocab,
-        kind=args.kind, init_from=args.init_from, focal_lambda=args.focal_lambda, chain_weight=args.chain_weight,
+        kind=args.kind, init_from=args.init_from, eval_data=args.eval_data,
+        focal_lambda=args.focal_lambda, chain_weight=args.chain_weight,
         align_fraction=args.align_fraction, align_alpha=args.align_alpha, align_max_masked=args.align_max_masked,
     )
     result = train(cfg)
@@ -261,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--kind", default="block-diffusion", choices=["block-diffusion", "masked-diffusion"],
                     help="block-diffusion (reads target features) or masked-diffusion (standalone)")
     tr.add_argument("--init-from", default=None, help="a drafter folder of the same kind to start from")
+    tr.add_argument("--eval-data", default=None,
+                    help="evaluate on this data folder's held-out shards (e.g. regenerated data while training "
+                         "on ShareGPT's own answers)")
     objective = tr.add_argument_group("objective (block-diffusion; composable)")
     objective.add_argument("--focal-lambda", type=float, default=0.0, help="extra weight on each block's first error")
     objective.add_argument("--chain-weight", type=float, default=0.0, help="weight of the chain loss")

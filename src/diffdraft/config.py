@@ -113,6 +113,7 @@ class TrainConfig:
     draft_vocab: int = 0  # >0: the drafter proposes only the N most frequent training tokens
     kind: str = "block-diffusion"  # or "masked-diffusion": the standalone drafter (no target features)
     init_from: str | None = None  # a drafter folder of the same kind to start from (fine-tuning)
+    eval_data: str | None = None  # held-out shards from another data folder (default: `data`'s own)
     # Objective pieces (train/objectives.py); the defaults are positional weighting alone.
     focal_lambda: float = 0.0  # extra weight on each block's first wrong slot
     chain_weight: float = 0.0  # weight of the chain loss (-log expected accepted length)

@@ -260,7 +260,8 @@ def build_dataset(
             jobs.append((out / f"{split}-{i // shard_size:05d}.safetensors", items[i : i + shard_size], i // shard_size))
     todo = [job for job in jobs if not job[0].is_file()]
     bar = tqdm(total=sum(len(j[1]) for j in jobs), initial=sum(len(j[1]) for j in jobs if j not in todo),
-               unit="prompt", disable=not progress, desc="regenerating")
+               unit="prompt", disable=not progress,
+               desc="regenerating" if responses == "regenerate" else "tokenising")
     for path, items, index in todo:
         temperature = temperatures[index % len(temperatures)]
         sequences = []

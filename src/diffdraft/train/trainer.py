@@ -195,7 +195,7 @@ def train(cfg: TrainConfig, target: Target | None = None, log=print) -> dict:
         if cfg.device.startswith("cuda") and cfg.amp_dtype != "float32":
             model.to(AMP_DTYPES[cfg.amp_dtype])
         target = Target(model, tokenizer, name=cfg.model or "smollm2")
-    trainer = DrafterTrainer(cfg, target, read_split(Path(cfg.data), "train"), read_split(Path(cfg.data), "eval"))
+    trainer = DrafterTrainer(cfg, target, read_split(Path(cfg.data), "train"), read_split(Path(cfg.eval_data or cfg.data), "eval"))
     checkpoint = out / "checkpoint"
     if (checkpoint / "trainer.json").is_file():
         trainer.load_checkpoint(checkpoint)
