@@ -45,6 +45,8 @@ case "$1" in
     cat "$W/part_aa" .gpu/b/part_ab > "$GGUF"
     sha256sum "$GGUF" | cut -c1-16
     tar xzf .gpu/c/data.tgz -C "$W"
+    # ShareGPT's own answers (`diffdraft data --responses sharegpt`), for a first training stage
+    if [ -f .gpu/c/sharegpt-answers.tgz ]; then tar xzf .gpu/c/sharegpt-answers.tgz -C "$W"; fi
     cat "$W/data/manifest.json"
     ;;
   train)
