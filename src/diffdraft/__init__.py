@@ -10,9 +10,9 @@ import os
 # Set before torch is imported; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from diffdraft.api import Answer, Pipeline, load
+from diffdraft.api import Answer, DLLMPipeline, Pipeline, load, load_dllm_pipeline
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.errors import DiffdraftError
 
-__all__ = ["Answer", "Pipeline", "load", "DraftConfig", "SamplingConfig", "DiffdraftError"]
+__all__ = ["Answer", "DLLMPipeline", "Pipeline", "load", "load_dllm_pipeline", "DraftConfig", "SamplingConfig", "DiffdraftError"]
 __version__ = "0.1.0"

@@ -5,7 +5,9 @@
     answer = pipe.generate("Name three rivers.", max_new_tokens=64)
     print(answer.text, answer.stats.tau)
 
-Everything here is glue over loading, target, drafters and engine.
+    pipe = diffdraft.load_dllm_pipeline(dllm="b4", drafter="b4")   # SmolLM2 as a block-diffusion LM + SimSD
+
+Everything here is glue over loading, target, drafters, engine and dllm.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.dllm.decode import DLLMResult
+from diffdraft.dllm.loading import BASE, check_choices, dllm_runners
+from diffdraft.dllm.runner import DLLMRunner, to_stats
 from diffdraft.drafters import build_drafter
 from diffdraft.engine import GenerationResult, SpeculativeEngine
 from diffdraft.errors import DiffdraftError
@@ -30,6 +35,7 @@ class Answer:
     tokens: list[int]
     stop_reason: str
     stats: Stats
+    dllm: DLLMResult | None = None  # the dLLM's own record of the run (DLLMPipeline only)
 
 
 class Pipeline:
@@ -45,10 +51,7 @@ class Pipeline:
 
     def chat_ids(self, prompt: str | list[dict]) -> list[int]:
         """Token ids for a user prompt (str) or a list of chat messages, through the chat template."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        if not messages or not any(m.get("content", "").strip() for m in messages):
-            raise DiffdraftError("the prompt is empty")
-        return self.target.encode_chat(messages)
+        return chat_ids(self.target, prompt)
 
     def generate(
         self,
@@ -72,6 +75,31 @@ class Pipeline:
             text=text, tokens=result.tokens, stop_reason=result.stop_reason,
             stats=result.stats,
         )
+
+
+def chat_ids(target: Target, prompt: str | list[dict]) -> list[int]:
+    """Token ids for a user prompt (str) or a list of chat messages, through the chat template."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not messages or not any(m.get("content", "").strip() for m in messages):
+        raise DiffdraftError("the prompt is empty")
+    return target.encode_chat(messages)
+
+
+class DLLMPipeline:
+    """A loaded target converted to a block-diffusion LM, with an optional SimSD drafter."""
+
+    def __init__(self, target: Target, runner: DLLMRunner):
+        self.target = target
+        self.runner = runner
+
+    def generate(
+        self, prompt: str | list[dict], max_new_tokens: int = 128, sampling: SamplingConfig | None = None, seed: int = 0
+    ) -> Answer:
+        """Answer a prompt by the dLLM's own blockwise decoding, or by SimSD when there is a drafter."""
+        result = self.runner.run(chat_ids(self.target, prompt), max_new_tokens, sampling or SamplingConfig(), seed)
+        return Answer(text=self.target.decode(result.tokens), tokens=result.tokens,
+                      stop_reason=self.runner.stop_reason(result),
+                      stats=to_stats(result, self.runner.draft_len), dllm=result)
 
 
 class _TextStreamer:
@@ -109,3 +137,25 @@ def load(
     hf_model, tokenizer = load_model(model, dtype=dtype)
     target = Target(hf_model, tokenizer, tap_layers=tap_layers, name=model or "smollm2")
     return Pipeline(target, drafter, early_exit_layers=early_exit_layers)
+
+
+def load_dllm_pipeline(
+    model: str | None = None,
+    dllm: str = BASE,
+    drafter: str | None = None,
+    drafter_layers: int | None = None,
+    block_size: int | None = None,
+    steps: int | None = None,
+    verify: str = "auto",
+    dtype: str = "float32",
+) -> DLLMPipeline:
+    """Load a target and turn it into a dLLM (see diffdraft.dllm.loading for the choices).
+
+    `steps` per block defaults to the block size (one slot per step); with a drafter
+    (folder or first layers) generation runs SimSD, whose greedy output equals the dLLM's own.
+    """
+    check_choices(dllm, drafter, drafter_layers, block_size)  # before the slow model load
+    hf_model, tokenizer = load_model(model, dtype=dtype)
+    target = Target(hf_model, tokenizer, name=model or "smollm2")
+    own, simsd = dllm_runners(target, dllm, drafter, drafter_layers, block_size, steps, verify)
+    return DLLMPipeline(target, simsd or own)

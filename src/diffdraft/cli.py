@@ -1,4 +1,4 @@
-"""Command line: `diffdraft generate` and `diffdraft chat`.
+"""Command line: `diffdraft generate`, `chat`, `bench`, `data`, `train` and `dllm-train`.
 
 Thin: parses arguments into the config dataclasses and calls the API. A DiffdraftError
 becomes one line on stderr and exit code 2; nothing else is caught.
@@ -22,9 +22,31 @@ def add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> Non
     group.add_argument("--dtype", default="float32", choices=list(DTYPES), help="target dtype (default float32)")
     if drafter:
         group.add_argument(
-            "--drafter", default="ngram", help=f"one of {', '.join(DRAFTER_NAMES)}, or a drafter folder (default ngram)"
+            "--drafter", default=None, help=f"one of {', '.join(DRAFTER_NAMES)}, or a drafter folder (default ngram)"
         )
     group.add_argument("--early-exit-layers", type=int, default=4, help="layers of the early-exit drafter")
+
+
+def add_dllm_args(parser: argparse.ArgumentParser, bench: bool = False) -> None:
+    """Options that turn the target into a block-diffusion LM (DESIGN.md section 6)."""
+    group = parser.add_argument_group(
+        "diffusion-LM target",
+        "decode with the target converted into a block-diffusion LM: its own blockwise decoding, and "
+        "SimSD when a dLLM drafter is given" + (" (both side by side)" if bench else ""),
+    )
+    group.add_argument("--dllm", default=None, metavar="SPEC",
+                       help="a converted dLLM folder (from `diffdraft dllm-train`), b4 or b8 for the shipped SmolLM2 "
+                            "conversion, or 'base': the unconverted model with a fresh mask embedding, UNTRAINED "
+                            "(its text is poor; it only exercises the path)")
+    group.add_argument("--dllm-drafter", default=None, metavar="SPEC",
+                       help="a dLLM drafter folder (from `diffdraft dllm-train --layers N`), or b4 / b8 for the "
+                            "shipped SmolLM2 drafter: decode with SimSD")
+    group.add_argument("--dllm-drafter-layers", type=int, default=None, metavar="N",
+                       help="draft with the dLLM target's own first N layers (untrained as a drafter)")
+    group.add_argument("--dllm-block-size", type=int, default=None, metavar="B",
+                       help="block size of --dllm base (default 4); with a folder it must match the folder's")
+    group.add_argument("--dllm-steps", type=int, default=None, metavar="S",
+                       help="denoising steps per block (default: the block size, one slot per step)")
 
 
 def add_decoding_args(parser: argparse.ArgumentParser) -> None:
@@ -45,9 +67,19 @@ def decoding_configs(args: argparse.Namespace) -> tuple[SamplingConfig, DraftCon
 
 
 def _load(args: argparse.Namespace):
-    from diffdraft.api import load
+    from diffdraft.api import DEFAULT_DRAFTER, load
 
-    return load(args.model, drafter=args.drafter, dtype=args.dtype, early_exit_layers=args.early_exit_layers)
+    return load(args.model, drafter=args.drafter or DEFAULT_DRAFTER, dtype=args.dtype,
+                early_exit_layers=args.early_exit_layers)
+
+
+def _dllm_only_options(args: argparse.Namespace) -> None:
+    """The dLLM options are refused without --dllm (they would be silently ignored)."""
+    given = [flag for flag, value in (("--dllm-drafter", args.dllm_drafter), ("--dllm-drafter-layers",
+             args.dllm_drafter_layers), ("--dllm-block-size", args.dllm_block_size), ("--dllm-steps", args.dllm_steps))
+             if value is not None]
+    if given and args.dllm is None:
+        raise DiffdraftError(f"{', '.join(given)} need --dllm")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -57,6 +89,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling, draft = decoding_configs(args)  # validate before the slow model load
     if args.max_new_tokens <= 0:
         raise DiffdraftError(f"max-new-tokens must be positive, got {args.max_new_tokens}")
+    _dllm_only_options(args)
+    if args.dllm is not None:
+        return _generate_dllm(args, prompt, sampling)
     pipe = _load(args)
     answer = pipe.generate(
         prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, draft=draft, seed=args.seed,
@@ -64,6 +99,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     print()
     print(f"[{pipe.drafter_spec}, g={draft.draft_len}] {answer.stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def _generate_dllm(args: argparse.Namespace, prompt: str, sampling: SamplingConfig) -> int:
+    from diffdraft.api import load_dllm_pipeline
+    from diffdraft.dllm.runner import summary
+
+    if args.drafter is not None:
+        raise DiffdraftError("--drafter drafts for the autoregressive target; with --dllm use --dllm-drafter "
+                             "or --dllm-drafter-layers")
+    pipe = load_dllm_pipeline(args.model, dllm=args.dllm, drafter=args.dllm_drafter,
+                              drafter_layers=args.dllm_drafter_layers, block_size=args.dllm_block_size,
+                              steps=args.dllm_steps, verify=args.verify, dtype=args.dtype)
+    answer = pipe.generate(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    print(answer.text, flush=True)
+    print(f"[{pipe.runner.describe()}] {summary(answer.dllm, answer.stats)}", file=sys.stderr)
     return 0
 
 
@@ -149,18 +200,24 @@ def cmd_dllm_train(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from diffdraft.bench import BenchConfig, report, run_bench
 
+    _dllm_only_options(args)
     if args.report_only:
         results = report(args.out)
     else:
+        dllm = args.dllm is not None  # a dLLM run compares the dLLM's decoders: no AR drafters or peers unless asked
+        drafters = args.drafters if args.drafters is not None else ([] if dllm else ["ngram", "early-exit"])
+        peers = args.peers if args.peers is not None else (["none"] if dllm else None)
         config = BenchConfig(
             suite=args.suite, out=args.out, limit=args.limit,
             categories=tuple(c for c in args.categories.split(",") if c) if args.categories else None,
-            turn=args.turn, model=args.model, dtype=args.dtype, drafters=tuple(args.drafters),
-            peers=None if args.peers is None else tuple(p for p in args.peers if p != "none"),
+            turn=args.turn, model=args.model, dtype=args.dtype, drafters=tuple(drafters),
+            peers=None if peers is None else tuple(p for p in peers if p != "none"),
             draft_len=args.draft_len, verify=args.verify, early_exit_layers=args.early_exit_layers,
             temperatures=tuple(args.temperatures), max_new_tokens=args.max_new_tokens, repeats=args.repeats,
             warmup=not args.no_warmup, seed=args.seed, threads=args.threads, progress=not args.no_progress,
-            command=" ".join(["diffdraft", *sys.argv[1:]]),
+            command=" ".join(["diffdraft", *sys.argv[1:]]), dllm=args.dllm, dllm_drafter=args.dllm_drafter,
+            dllm_drafter_layers=args.dllm_drafter_layers, dllm_block_size=args.dllm_block_size,
+            dllm_steps=args.dllm_steps,
         )
         results = run_bench(config)
     for t, summary in results["temperatures"].items():
@@ -170,11 +227,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if f is None:
                 continue
             eq = summary.get("equality", {}).get(name)
+            ref = summary.get("references", {}).get(name, "plain")
             same = f", equal {eq['equal']}/{eq['total']}" if eq else ""
             print(f"T={t} {name:18s} tau {f['tau']:.2f}  {f['tokens_per_s']['median_time']:.1f} tok/s  "
-                  f"speedup {f['speedup']['median_time']:.2f}x  TTFT {f['ttft_s']['median_time'] * 1000:.0f} ms{same}")
+                  f"speedup {f['speedup']['median_time']:.2f}x{'' if ref == 'plain' else ' vs ' + ref}  "
+                  f"TTFT {f['ttft_s']['median_time'] * 1000:.0f} ms{same}")
     bugs = sum(len(s.get("bugs", [])) for s in results["temperatures"].values())
-    print(f"results in {args.out}/results.json, .md and .png; engine outputs differing from plain: {bugs}")
+    print(f"results in {args.out}/results.json, .md and .png; engine and dLLM outputs differing from their "
+          f"reference (plain, or the dLLM's own decoding): {bugs}")
     return 1 if bugs else 0
 
 
@@ -186,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the user prompt ('-' reads standard input)")
     add_model_args(generate)
     add_decoding_args(generate)
+    add_dllm_args(generate)
     generate.set_defaults(func=cmd_generate)
 
     chat = commands.add_parser("chat", help="a multi-turn session in the terminal")
@@ -200,10 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--categories", default=None, help="comma-separated categories to keep")
     bench.add_argument("--turn", type=int, default=1, choices=(1, 2), help="MT-Bench turn to answer (default 1)")
     add_model_args(bench, drafter=False)
-    bench.add_argument("--drafters", nargs="*", default=["ngram", "early-exit"], metavar="SPEC",
-                       help="drafters beside plain decoding: names or folders, SPEC@G for its own draft length")
+    bench.add_argument("--drafters", nargs="*", default=None, metavar="SPEC",
+                       help="drafters beside plain decoding: names or folders, SPEC@G for its own draft length "
+                            "(default: ngram early-exit; none with --dllm)")
     bench.add_argument("--peers", nargs="*", default=None, metavar="PEER",
-                       help="hf-generate hf-prompt-lookup llama.cpp (default: every one installed; 'none' for none)")
+                       help="hf-generate hf-prompt-lookup llama.cpp (default: every one installed, none with --dllm; "
+                            "'none' for none)")
     bench.add_argument("--draft-len", type=int, default=8, help="tokens drafted per step, g (default 8)")
     bench.add_argument("--verify", default="auto", choices=VERIFY_MODES, help="verification mode (default auto)")
     bench.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="default: 0 1")
@@ -214,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--report-only", action="store_true", help="only rebuild the reports from --out")
+    add_dllm_args(bench, bench=True)
     bench.set_defaults(func=cmd_bench)
 
     data = commands.add_parser("data", help="build a training set: ShareGPT prompts, answers regenerated by the target")

@@ -3,8 +3,11 @@
 A decoder answers one chat-templated prompt (token ids) with up to max_new_tokens tokens
 under a SamplingConfig and a seed, and reports what it did as a diffdraft.stats.Stats
 (tokens, timings, and the verify-step trace when it has one). The engine's decoders live
-here; peers (HF transformers, llama.cpp) live in peers.py behind the same interface.
-Knows nothing of prompt suites, records or reports.
+here, and so do the dLLM's (kind "dllm": the converted target's own blockwise decoding,
+and SimSD with a dLLM drafter, whose reference is that own decoding rather than plain);
+peers (HF transformers, llama.cpp) live in peers.py behind the same interface. Every
+decoder names its reference: the decoder its speedup and its temperature-0 equality are
+measured against. Knows nothing of prompt suites, records or reports.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.dllm.loading import dllm_runners
+from diffdraft.dllm.runner import DLLMRunner, to_stats
 from diffdraft.drafters import build_drafter
 from diffdraft.engine import SpeculativeEngine
 from diffdraft.errors import DiffdraftError
@@ -35,13 +40,14 @@ class Decoder:
     name: str = "decoder"
     kind: str = "engine"
     draft_len: int = 0
+    reference: str = PLAIN  # the decoder this one's speedup and equality are measured against
 
     def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
         raise NotImplementedError
 
     def describe(self) -> dict:
         """What goes into the results file about this decoder."""
-        return {"name": self.name, "kind": self.kind, "draft_len": self.draft_len}
+        return {"name": self.name, "kind": self.kind, "draft_len": self.draft_len, "reference": self.reference}
 
 
 class EngineDecoder(Decoder):
@@ -64,6 +70,37 @@ class EngineDecoder(Decoder):
 
     def describe(self) -> dict:
         return {**super().describe(), "spec": self.spec, "verify": self.draft.verify}
+
+
+class DLLMDecoder(Decoder):
+    """The dLLM target's own decoding (no drafter; its own reference) or SimSD (reference: the former)."""
+
+    kind = "dllm"
+
+    def __init__(self, runner: DLLMRunner):
+        self.runner = runner
+        self.name = runner.name
+        self.draft_len = runner.draft_len
+        self.reference = runner.baseline_name
+
+    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
+        result = self.runner.run(prompt, max_new_tokens, sampling, seed)
+        return DecodeRun(tokens=result.tokens, stop_reason=self.runner.stop_reason(result),
+                         stats=to_stats(result, self.draft_len))
+
+    def describe(self) -> dict:
+        net = self.runner.net
+        drafter = self.runner.drafter
+        return {**super().describe(), "block_size": net.block_size, "steps": self.runner.steps,
+                "verify": self.runner.verify if drafter else None,
+                "drafter_layers": drafter.net.num_layers if drafter else None}
+
+
+def dllm_decoders(target: Target, spec: str, drafter: str | None, drafter_layers: int | None,
+                  block_size: int | None, steps: int | None, verify: str = "auto") -> list[DLLMDecoder]:
+    """The dLLM's own decoding, then SimSD when a drafter is given (both over one converted target)."""
+    own, simsd = dllm_runners(target, spec, drafter, drafter_layers, block_size, steps, verify)
+    return [DLLMDecoder(r) for r in (own, simsd) if r is not None]
 
 
 def parse_drafter_spec(entry: str, default_draft_len: int) -> tuple[str, str, int]:

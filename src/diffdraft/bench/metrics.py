@@ -2,18 +2,21 @@
 
 Pure arithmetic over the records of store.py (plain dicts); knows nothing of models.
 
-Per temperature, each decoder is measured on the prompts that it and the engine's plain
-decoding both answered (all of them in a full run; a subset when a slow decoder ran on
-fewer). For each decoder and group (a category, or all):
+Per temperature, each decoder is measured against its reference: the engine's plain
+decoding, except for the dLLM's decoders, whose reference is the dLLM's own decoding
+(decoders.py). It is measured on the prompts that it, its reference and plain decoding
+all answered (all of them in a full run; a subset when a slow decoder ran on fewer).
+For each decoder and group (a category, or all):
 - tau, acceptance histogram, per-position acceptance: from the merged Stats traces of
   every prompt and repeat (diffdraft.stats.Stats.merge).
 - tokens/s: generated tokens over the summed time, where each prompt's time is its
   minimum over the timed repeats ("min_time") or its median ("median_time"); with one
   repeat both are the same.
-- speedup: that tokens/s over plain decoding's (the engine's, same prompts, same statistic);
-  also the median over prompts of the per-prompt speedup, which shrugs off bursts of load.
+- speedup: that tokens/s over its reference's (same prompts, same statistic); also the
+  median over prompts of the per-prompt speedup, which shrugs off bursts of load.
 - TTFT: mean over prompts of each prompt's min / median time to first token.
-- equality (temperature 0): every run's tokens against plain decoding's first run. Above 0
+- equality (temperature 0): every run's tokens against its reference's first run; a
+  mismatch of a lossless decoder (kinds "engine" and "dllm") is a bug. Above 0
   the same count is kept as information ("same_tokens_as_plain"): with the same seed, a
   decoder that samples exactly as plain decoding does (HF generate) gives the same tokens,
   while speculative decoders draw their randomness differently.
@@ -30,6 +33,7 @@ from diffdraft.bench.store import stats_from_dict
 from diffdraft.stats import Stats
 
 ALL = "all"
+LOSSLESS_KINDS = ("engine", "dllm")  # decoders whose temperature-0 output must equal their reference's
 
 
 def temperature_key(temperature: float) -> str:
@@ -116,11 +120,13 @@ def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
-def summarize_temperature(records: list[dict], decoder_order: list[str]) -> dict:
+def summarize_temperature(records: list[dict], decoder_order: list[str],
+                          references: dict[str, str] | None = None) -> dict:
     """Figures for the records of one temperature: overall, per category, and equality at T=0.
 
-    Each decoder is measured on the prompts that both it and plain decoding answered, so
-    a decoder run on a subset still gets a fair speedup; its figures say how many prompts.
+    references[d] is the decoder d is compared with (default: plain decoding). Each decoder
+    is measured on the prompts that it, its reference and plain decoding answered, so a
+    decoder run on a subset still gets a fair speedup; its figures say how many prompts.
     """
     table: dict[str, dict[str, dict]] = {}  # decoder -> prompt -> record
     categories: dict[str, str] = {}
@@ -132,13 +138,18 @@ def summarize_temperature(records: list[dict], decoder_order: list[str]) -> dict
     if PLAIN not in table:
         raise ValueError("no plain-decoding records: speedup and equality need the engine's plain decoding")
     decoders = [d for d in decoder_order if d in table] + sorted(d for d in table if d not in decoder_order)
+    refs = {d: (references or {}).get(d, PLAIN) for d in decoders}
+    missing = sorted({r for r in refs.values() if r not in table})
+    if missing:
+        raise ValueError(f"no records of {', '.join(missing)}, the reference of another decoder")
     reference = list(table[PLAIN])  # prompts in the order plain decoding answered them
-    answered = {d: [pid for pid in reference if pid in table[d]] for d in decoders}
+    answered = {d: [pid for pid in reference if pid in table[d] and pid in table[refs[d]]] for d in decoders}
     category_order = list(dict.fromkeys(categories[pid] for pid in reference))
 
     result = {
         "decoders": decoders,
         "kinds": {d: kinds[d] for d in decoders},
+        "references": refs,
         "prompts": len(reference),
         "prompts_per_decoder": {d: len(answered[d]) for d in decoders},
         "without_plain": len(set().union(*(table[d].keys() for d in decoders)) - set(reference)),
@@ -151,11 +162,11 @@ def summarize_temperature(records: list[dict], decoder_order: list[str]) -> dict
             pids = [pid for pid in answered[d] if group == ALL or categories[pid] == group]
             if pids:
                 figures[d] = decoder_figures({pid: table[d][pid]["runs"] for pid in pids},
-                                             {pid: table[PLAIN][pid]["runs"] for pid in pids})
+                                             {pid: table[refs[d]][pid]["runs"] for pid in pids})
         result["figures"][group] = figures
     equality = {}
     for d in decoders:
-        ref = {pid: table[PLAIN][pid]["runs"][0]["tokens"] for pid in answered[d]}
+        ref = {pid: table[refs[d]][pid]["runs"][0]["tokens"] for pid in answered[d]}
         outputs = {pid: [run["tokens"] for run in table[d][pid]["runs"]] for pid in answered[d]}
         found = check_equality(ref, outputs, categories)
         unequal = {m.prompt_id for m in found}
@@ -168,16 +179,17 @@ def summarize_temperature(records: list[dict], decoder_order: list[str]) -> dict
     if float(records[0]["temperature"]) == 0:
         result["equality"] = equality
         result["bugs"] = [
-            {"decoder": d, **m} for d in decoders if kinds[d] == "engine" for m in equality[d]["mismatches"]
+            {"decoder": d, "reference": refs[d], **m}
+            for d in decoders if kinds[d] in LOSSLESS_KINDS for m in equality[d]["mismatches"]
         ]
-    else:  # information only: with the same seed, a decoder that samples as plain does gives the same tokens
+    else:  # information only: with the same seed, a decoder that samples as its reference does gives the same tokens
         result["same_tokens_as_plain"] = {d: {"equal": e["equal"], "total": e["total"]} for d, e in equality.items()}
     return result
 
 
-def summarize(records: list[dict], decoder_order: list[str]) -> dict:
+def summarize(records: list[dict], decoder_order: list[str], references: dict[str, str] | None = None) -> dict:
     """{temperature key: summarize_temperature(...)} over every temperature in the records."""
     by_temperature: dict[str, list[dict]] = {}
     for r in sorted(records, key=lambda r: float(r["temperature"])):
         by_temperature.setdefault(temperature_key(r["temperature"]), []).append(r)
-    return {t: summarize_temperature(rs, decoder_order) for t, rs in by_temperature.items()}
+    return {t: summarize_temperature(rs, decoder_order, references) for t, rs in by_temperature.items()}

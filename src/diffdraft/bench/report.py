@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from diffdraft.bench.decoders import PLAIN
-from diffdraft.bench.metrics import ALL
+from diffdraft.bench.metrics import ALL, LOSSLESS_KINDS
 
 JSON_FILE, MD_FILE, PNG_FILE = "results.json", "results.md", "results.png"
 
@@ -29,6 +29,29 @@ def write_reports(results: dict, out: str | Path) -> dict[str, Path]:
 
 def _speculative(figures: dict) -> bool:
     return figures["draft_len"] > 0
+
+
+def _references(summary: dict) -> dict[str, str]:
+    """decoder -> its reference (plain decoding unless the results say otherwise, as older ones do not)."""
+    return {d: summary.get("references", {}).get(d, PLAIN) for d in summary["decoders"]}
+
+
+def _dllm_note(results: dict) -> list[str]:
+    """What the figures mean for the dLLM's decoders, when a run has them."""
+    described = results.get("decoders") or {}
+    dllm = [d for d, info in described.items() if info.get("kind") == "dllm"]
+    if not dllm:
+        return []
+    return ["", "dLLM decoders (kind dllm): the target converted into a block-diffusion LM. "
+            + "; ".join(f"{d}: blocks of {described[d].get('block_size')}, {described[d].get('steps')} steps per block"
+                        + (f", SimSD with a {described[d]['drafter_layers']}-layer drafter"
+                           if described[d].get("drafter_layers") else ", its own decoding")
+                        for d in dllm)
+            + ". For them tau is tokens per target forward after the prefill (the dLLM's own decoding reveals "
+            "block size / steps tokens per forward), g is the most denoising steps SimSD verifies at once, the "
+            "acceptance figures count denoising steps, TTFT is the time to the first finished block, and speedup "
+            "and equality are against the dLLM's own decoding in the same run (column 'reference'): at "
+            "temperature 0 SimSD's tokens must equal it, so a mismatch is a bug."]
 
 
 def _subset(n: int, of: int) -> str:
@@ -65,6 +88,7 @@ def markdown(results: dict) -> str:
         "Equality: prompts whose tokens equal plain decoding's at temperature 0; a mismatch of an engine "
         "decoder is a bug, a peer's is information (other kernels or weights).",
     ]
+    lines += _dllm_note(results)
     skipped = results.get("skipped_peers") or {}
     if skipped:
         lines += ["", "Peers not run: " + "; ".join(f"**{n}**: {why}" for n, why in skipped.items()) + "."]
@@ -74,10 +98,14 @@ def markdown(results: dict) -> str:
                      if summary["without_plain"] else "") + ")", ""]
         overall = summary["figures"][ALL]
         equality = summary.get("equality")
+        refs = _references(summary)
+        only_plain = set(refs.values()) == {PLAIN}
         header = ["decoder", "kind", "g", "prompts", "tau", "tok/s", "speedup", "speedup, median of prompts",
                   "TTFT ms"]
+        if not only_plain:
+            header.insert(2, "reference")
         if equality:
-            header.append("equal to plain")
+            header.append("equal to plain" if only_plain else "equal to reference")
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for d in summary["decoders"]:
             f = overall[d]
@@ -85,9 +113,11 @@ def markdown(results: dict) -> str:
                    _speed(f["tokens_per_s"]),
                    _speed(f["speedup"], 2) + "x", f"{f['speedup_median_over_prompts']:.2f}x",
                    _speed({k: v * 1000 for k, v in f["ttft_s"].items()}, 0)]
+            if not only_plain:
+                row.insert(2, refs[d])
             if equality:
                 e = equality[d]
-                mark = " **BUG**" if e["kind"] == "engine" and e["equal"] < e["total"] else ""
+                mark = " **BUG**" if e["kind"] in LOSSLESS_KINDS and e["equal"] < e["total"] else ""
                 row.append(f"{e['equal']}/{e['total']}{mark}")
             lines.append("| " + " | ".join(row) + " |")
         spec = [d for d in summary["decoders"] if _speculative(overall[d])]
@@ -104,7 +134,8 @@ def markdown(results: dict) -> str:
                 lines.append(f"- {d}: acceptance [{rates}]; histogram {f['histogram']}{cost}")
         same = summary.get("same_tokens_as_plain")
         if same:
-            lines += ["", "Same tokens as plain decoding with the same seed (information: a decoder sampling exactly as "
+            lines += ["", ("Same tokens as plain decoding" if only_plain else "Same tokens as the decoder's reference")
+                      + " with the same seed (information: a decoder sampling exactly as "
                       "plain decoding does repeats its tokens; speculative decoders draw their randomness "
                       "differently): " + ", ".join(f"{d} {e['equal']}/{e['total']}" for d, e in same.items()
                                                   if d != PLAIN) + "."]
@@ -121,12 +152,13 @@ def markdown(results: dict) -> str:
                          if d in figs else "-" for d in summary["decoders"]]
                 lines.append(f"| {c} | {n} | " + " | ".join(cells) + " |")
         if equality:
-            lines += ["", "Mismatches against plain decoding:", ""]
+            lines += ["", "Mismatches against plain decoding:" if only_plain else "Mismatches against each "
+                      "decoder's reference:", ""]
             for d in summary["decoders"]:
                 e = equality[d]
                 if not e["mismatches"]:
                     continue
-                tag = "BUG" if e["kind"] == "engine" else "information"
+                tag = "BUG" if e["kind"] in LOSSLESS_KINDS else "information"
                 shown = ", ".join(f"{m['prompt_id']} (repeat {m['repeat']}, token {m['first_diff']})"
                                   for m in e["mismatches"][:12])
                 more = f", ... {len(e['mismatches']) - 12} more" if len(e["mismatches"]) > 12 else ""
@@ -135,7 +167,8 @@ def markdown(results: dict) -> str:
             if not any(equality[d]["mismatches"] for d in summary["decoders"]):
                 lines.append("- none")
             bugs = summary.get("bugs", [])
-            lines += ["", f"Engine decoders differing from plain decoding: {len(bugs)}"
+            lines += ["", (f"Engine decoders differing from plain decoding: {len(bugs)}" if only_plain else
+                           f"Engine and dLLM decoders differing from their reference: {len(bugs)}")
                       + (" (each one a bug to fix)." if bugs else ".")]
     sessions = results.get("sessions") or []
     if sessions:
@@ -177,7 +210,8 @@ def plot(results: dict, path: str | Path) -> None:
         axes[row][1].axhline(1.0, color="black", lw=1.0)
         _log_ratio_axis(axes[row][1])
         axes[row][1].set_ylabel("speedup vs plain (log)")
-        axes[row][1].set_title(f"speedup over the engine's plain decoding ({title})")
+        axes[row][1].set_title(f"speedup over the engine's plain decoding ({title})" if set(_references(summary)
+                               .values()) == {PLAIN} else f"speedup over each decoder's reference ({title})")
         ax = axes[row][2]
         width = 0.8 / max(1, len(spec))
         for i, d in enumerate(spec):

@@ -4,7 +4,9 @@
     results = run_bench(BenchConfig(suite="mt-bench", limit=8, max_new_tokens=64, out="bench-out"))
 
 One target is loaded; the engine's decoders (plain decoding, then one per drafter spec,
-each built by diffdraft.drafters.build_drafter) and the peers share it. Decoders are
+each built by diffdraft.drafters.build_drafter), the dLLM's decoders (with `dllm` set: the
+target converted into a block-diffusion LM, its own decoding and SimSD with a dLLM drafter;
+speedup and equality of both against that own decoding) and the peers share it. Decoders are
 interleaved per prompt (prompt 1: every decoder, every repeat; then prompt 2; ...) so that
 machine noise falls on all of them alike. Each decoder is warmed up once per temperature
 before timing. Every (temperature, prompt, decoder) record is appended to the output
@@ -27,13 +29,14 @@ from importlib import metadata
 
 import torch
 
-from diffdraft.bench.decoders import PLAIN, Decoder, engine_decoders
+from diffdraft.bench.decoders import PLAIN, Decoder, dllm_decoders, engine_decoders
 from diffdraft.bench.metrics import summarize, temperature_key
 from diffdraft.bench.peers import PEER_NAMES, build_peers
 from diffdraft.bench.report import write_reports
 from diffdraft.bench.store import RecordStore, record_key, stats_to_dict
 from diffdraft.bench.suites import Prompt, interleave_categories, load_suite
 from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.dllm.loading import check_choices
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import DTYPES
 
@@ -61,6 +64,11 @@ class BenchConfig:
     warmup: bool = True
     seed: int = 0
     threads: int | None = None  # torch and llama.cpp threads (None: torch's default)
+    dllm: str | None = None  # a converted dLLM (folder, b4, b8 or base; see diffdraft.dllm.loading)
+    dllm_drafter: str | None = None  # its drafter folder (or b4 / b8): SimSD runs beside its own decoding
+    dllm_drafter_layers: int | None = None  # or: the dLLM's own first N layers as the drafter
+    dllm_block_size: int | None = None  # for dllm="base" (default 4); a folder's must match
+    dllm_steps: int | None = None  # denoising steps per block (default: the block size)
     progress: bool = True
     command: str = ""  # the command line, for the record
 
@@ -84,6 +92,10 @@ class BenchConfig:
             raise DiffdraftError(f"repeats must be a positive integer, got {self.repeats!r}")
         if self.threads is not None and self.threads < 1:
             raise DiffdraftError(f"threads must be positive, got {self.threads}")
+        if self.dllm is None and (self.dllm_drafter is not None or self.dllm_drafter_layers is not None):
+            raise DiffdraftError("a dLLM drafter needs a dLLM target (dllm)")
+        if self.dllm is not None:
+            check_choices(self.dllm, self.dllm_drafter, self.dllm_drafter_layers, self.dllm_block_size)
         if self.peers is not None:
             unknown = [p for p in self.peers if p not in PEER_NAMES]
             if unknown:
@@ -199,6 +211,9 @@ def _run_locked(config: BenchConfig, prompts: list[Prompt], store: RecordStore) 
     decoders: list[Decoder] = engine_decoders(
         list(config.drafters), target, config.draft_len, config.verify, config.early_exit_layers
     )
+    if config.dllm is not None:
+        decoders += dllm_decoders(target, config.dllm, config.dllm_drafter, config.dllm_drafter_layers,
+                                  config.dllm_block_size, config.dllm_steps, config.verify)
     peer_names = list(config.peers) if config.peers is not None else list(PEER_NAMES)
     peers, skipped = build_peers(peer_names, target, config.model, config.draft_len, torch.get_num_threads(),
                                  explicit=config.peers is not None)
@@ -291,8 +306,9 @@ def report(out: str) -> dict:
     if not records:
         raise DiffdraftError(f"{out} holds no benchmark records yet")
     order = [PLAIN, *[d for d in settings["decoders"] if d != PLAIN]]
+    references = {d: info.get("reference", PLAIN) for d, info in settings["decoders"].items()}
     try:
-        figures = summarize(records, order)
+        figures = summarize(records, order, references)
     except ValueError as err:
         raise DiffdraftError(f"{out}: {err}") from err
     sessions = settings["sessions"]

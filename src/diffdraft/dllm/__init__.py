@@ -10,6 +10,8 @@
   simsd.py       SimSD: one verification forward, acceptance in reveal order, its decoder
   checkpoint.py  adapters + mask embedding on disk (safetensors + JSON), refused when damaged
   train.py       the conversion fine-tune (and drafter training) behind `diffdraft dllm-train`
+  loading.py     --dllm / --dllm-drafter choices (folder, b4/b8 shipped, untrained base, first N layers) -> models
+  runner.py      DLLMRunner: own decoding or SimSD, seeded runs, Stats for `generate` and `bench`
 
 At temperature 0, SimSD's output is token-identical to the target's own greedy
 decoding with the same steps per block, for any drafter (see simsd.py for the argument).

@@ -112,6 +112,8 @@ class DLLMResult:
     tokens: list[int]
     forwards: int  # target forwards after the prefill
     seconds: float
+    revealed: list[int] = field(default_factory=list)  # per target forward: slots it revealed (kept or not)
+    first_block_s: float = 0.0  # time to the first finished block (the dLLM's time to first token)
     accepted: list[int] = field(default_factory=list)  # SimSD: drafted steps accepted per verification
     drafted: list[int] = field(default_factory=list)  # SimSD: steps drafted per verification
     draft_forwards: int = 0
@@ -128,9 +130,12 @@ class Output:
         self.blocks: list[tuple[int, ...]] = []
         self.max_new_tokens = max_new_tokens
         self.eos_ids = eos_ids
+        self.first_at: float | None = None  # perf_counter() when the first block was finished
 
     def add(self, ids: tuple[int, ...]) -> bool:
         """Append a finished block; True when generation is done."""
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
         self.blocks.append(tuple(ids))
         return any(t in self.eos_ids for t in ids) or len(self.blocks) * len(ids) >= self.max_new_tokens
 
@@ -160,12 +165,16 @@ def decode(
     session = Session(net)
     block = session.begin(prompt, max_new_tokens)
     output = Output(max_new_tokens, eos_ids)
+    revealed = []
     while True:
         logits = session.block_logits(block)  # [b, V]
-        block = block.advance(choose_step(logits, masked_slots(list(block.ids)), counts[block.step], sampling, generator))
+        step = choose_step(logits, masked_slots(list(block.ids)), counts[block.step], sampling, generator)
+        revealed.append(len(step.slots))
+        block = block.advance(step)
         if block.finished:
             if output.add(block.ids):
                 break
             session.finish(block.ids)
             block = block.next_block()
-    return DLLMResult(tokens=output.tokens(), forwards=session.forwards, seconds=time.perf_counter() - start)
+    return DLLMResult(tokens=output.tokens(), forwards=session.forwards, seconds=time.perf_counter() - start,
+                      revealed=revealed, first_block_s=output.first_at - start)

@@ -141,6 +141,7 @@ def decode_simsd(
         accepted, last = accept(mode, draft, logits, masked, step_counts, sampling, generator)
         result.accepted.append(accepted)
         result.drafted.append(num_steps)
+        result.revealed.append(sum(len(s.slots) for s in draft.steps[:accepted]) + len(last.slots))
         for step in draft.steps[:accepted]:
             block = block.advance(step)
         if accepted == num_steps and fills:  # the drafted block is final and already ran clean: cache it
@@ -158,5 +159,6 @@ def decode_simsd(
     result.forwards = session.forwards
     result.draft_forwards = drafter.forwards
     result.seconds = time.perf_counter() - start
+    result.first_block_s = output.first_at - start
     return result
 
