@@ -142,7 +142,8 @@ class SpeculativeEngine:
         return verdict, drafted
 
     def _verify(self, draft: Draft, target_logits: torch.Tensor, generator: torch.Generator) -> Verdict:
-        """target_logits: [g+1, V]."""
+        """target_logits: [g+1, V]. Verification runs on the CPU, where the drafts and the generator are."""
+        target_logits = target_logits.float().cpu()
         if self.sampling.greedy:
             return verify_greedy(draft.tokens, target_logits)
         target_probs = logits_to_probs(target_logits, self.sampling)  # [g+1, V]

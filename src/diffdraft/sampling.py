@@ -37,7 +37,13 @@ def logits_to_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Ten
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token id per row. probs: [..., V] float32 -> [...] int64."""
+    """Draw one token id per row. probs: [..., V] float32 -> [...] int64 on probs' device.
+
+    The draw happens where the generator lives (the CPU generator of a seeded run, even when
+    the model runs on a GPU), so a seed gives the same tokens on every device.
+    """
     flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
+    if generator is not None and flat.device != generator.device:
+        flat = flat.to(generator.device)
     drawn = torch.multinomial(flat, 1, generator=generator)  # [N, 1]
-    return drawn.reshape(probs.shape[:-1])
+    return drawn.reshape(probs.shape[:-1]).to(probs.device)
