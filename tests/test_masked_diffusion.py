@@ -145,7 +145,7 @@ def candidate(target, net, prompt, steps, sampling, generator=None, order="confi
     drafter = MaskedDiffusionDrafter(target, net, denoise=DenoiseConfig(steps=steps, order=order))
     drafter.begin(prompt, None)
     drafter._sync(prompt[:-1])
-    tokens, _, confidence = drafter._denoise(prompt[-1], len(prompt) - 1, G - 1, steps, sampling, generator)
+    tokens, _, confidence, _ = drafter._denoise(prompt[-1], len(prompt) - 1, G - 1, steps, sampling, generator)
     return tokens, float(log_expected_accepted_length(confidence))
 
 
@@ -248,7 +248,7 @@ class SelectionClaimingExactQ(MaskedDiffusionDrafter):
     def propose(self, tokens, num_tokens, sampling, generator):
         self._sync(tokens[:-1])
         count = min(num_tokens, G - 1)
-        best = max((self._denoise(tokens[-1], len(tokens) - 1, count, 1, sampling, generator) for _ in range(3)),
+        best = max((self._denoise(tokens[-1], len(tokens) - 1, count, 1, sampling, generator)[:3] for _ in range(3)),
                    key=lambda c: float(log_expected_accepted_length(c[2])))
         return Draft(tokens=best[0], probs=best[1])
 

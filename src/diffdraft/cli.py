@@ -53,6 +53,9 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
     group.add_argument("--draft-len", type=int, default=8, help="tokens drafted per step, g (default 8)")
     group.add_argument("--verify", default="auto", choices=VERIFY_MODES, help="verification mode (default auto)")
+    group.add_argument("--min-confidence", type=float, default=0.0,
+                       help="verify only the draft prefix the drafter is this sure of (product of its per-slot "
+                            "confidences); 0 = the whole draft (default). Lossless either way")
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     group.add_argument("--top-k", type=int, default=0, help="0 = off")
     group.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
@@ -62,7 +65,7 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
 
 def decoding_configs(args: argparse.Namespace) -> tuple[SamplingConfig, DraftConfig]:
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    draft = DraftConfig(draft_len=args.draft_len, verify=args.verify)
+    draft = DraftConfig(draft_len=args.draft_len, verify=args.verify, min_confidence=args.min_confidence)
     return sampling, draft
 
 

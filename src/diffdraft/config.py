@@ -69,10 +69,17 @@ class DraftConfig:
 
     draft_len: int = 16
     verify: str = "auto"
+    # > 0: cut each draft after its longest prefix whose confidence product (the drafter's own
+    # probability that the whole prefix is right) stays >= this; a verify forward then carries
+    # only tokens likely to pass. Lossless: the cut depends only on the drafter's distributions.
+    min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or not (0 <= self.draft_len <= 64):
             raise DiffdraftError(f"draft length must be an integer in [0, 64], got {self.draft_len!r}")
+        if isinstance(self.min_confidence, bool) or not isinstance(self.min_confidence, (int, float)) \
+                or not 0.0 <= self.min_confidence < 1.0:
+            raise DiffdraftError(f"min confidence must be in [0, 1), got {self.min_confidence!r}")
         if self.verify not in VERIFY_MODES:
             raise DiffdraftError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
 

@@ -24,6 +24,16 @@ from diffdraft.target import Target
 from diffdraft.verify import Verdict, verify_greedy, verify_point_mass, verify_rejection
 
 
+def confident_length(draft: Draft, limit: int, min_confidence: float) -> int:
+    """How many draft tokens to verify: at most `limit`, and with min_confidence > 0 only the longest
+    prefix whose product of drafter confidences stays >= min_confidence."""
+    n = min(limit, draft.tokens.shape[0])
+    if min_confidence <= 0 or draft.confidence is None or n == 0:
+        return n
+    prefix = draft.confidence[:n].double().cumprod(dim=0)  # [n]
+    return int((prefix >= min_confidence).int().cumprod(dim=0).sum())
+
+
 @dataclass
 class GenerationResult:
     tokens: list[int]  # new tokens, EOS included when it ended the answer
@@ -125,7 +135,7 @@ class SpeculativeEngine:
         tick = time.perf_counter()
         if g > 0:
             draft = self.drafter.propose(sequence, g, self.sampling, generator)
-            draft = Draft(tokens=draft.tokens[:g], probs=None if draft.probs is None else draft.probs[:g])
+            draft = draft.truncated(confident_length(draft, g, self.draft.min_confidence))
         else:
             draft = Draft.empty()
         tock = time.perf_counter()

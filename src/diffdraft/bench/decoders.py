@@ -69,7 +69,8 @@ class EngineDecoder(Decoder):
         return DecodeRun(tokens=result.tokens, stop_reason=result.stop_reason, stats=result.stats)
 
     def describe(self) -> dict:
-        return {**super().describe(), "spec": self.spec, "verify": self.draft.verify}
+        return {**super().describe(), "spec": self.spec, "verify": self.draft.verify,
+                "min_confidence": self.draft.min_confidence}
 
 
 class DLLMDecoder(Decoder):
@@ -122,6 +123,28 @@ def parse_drafter_spec(entry: str, default_draft_len: int) -> tuple[str, str, in
     return name, spec, draft_len
 
 
+def split_cut(spec: str) -> tuple[str, float]:
+    """`SPEC:cut=C` -> (SPEC, C): the engine's min_confidence for this drafter (0 = no cut).
+
+    The cut is an engine setting, not the drafter's, so it is taken off before build_drafter
+    sees the spec; other `:key=value` options stay. An existing path is never split.
+    """
+    if Path(spec).exists() or ":" not in spec:
+        return spec, 0.0
+    parts, cut = spec.split(":"), 0.0
+    kept = [parts[0]]
+    for part in parts[1:]:
+        key, _, value = part.partition("=")
+        if key != "cut":
+            kept.append(part)
+            continue
+        try:
+            cut = float(value)
+        except ValueError:
+            raise DiffdraftError(f"bad cut {value!r} in {spec!r}: write cut=0.3 (a confidence in [0, 1))") from None
+    return ":".join(kept), cut
+
+
 def engine_decoders(
     entries: list[str], target: Target, draft_len: int, verify: str = "auto", early_exit_layers: int = 4
 ) -> list[EngineDecoder]:
@@ -133,6 +156,7 @@ def engine_decoders(
             if spec == "none":
                 continue  # "none" named again: plain is already there
             raise DiffdraftError(f"drafter {entry!r} is listed twice")
-        draft = DraftConfig(draft_len=g, verify=verify)  # validates g
+        spec, cut = split_cut(spec)
+        draft = DraftConfig(draft_len=g, verify=verify, min_confidence=cut)  # validates g and the cut
         decoders[name] = EngineDecoder(name, spec, target, draft, early_exit_layers=early_exit_layers)
     return list(decoders.values())

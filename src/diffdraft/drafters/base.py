@@ -23,6 +23,16 @@ from diffdraft.config import SamplingConfig
 class Draft:
     tokens: torch.Tensor  # [g] int64, g may be smaller than asked (even 0)
     probs: torch.Tensor | None  # [g, V] float32: q_i, the exact law of tokens[i]; None if unknown
+    # [g] float32, if the drafter has it: its own (unsharpened) top probability at slot i, how sure
+    # it is there. A function of slot i's distribution only, never of the token drawn at i, so the
+    # engine may cut the draft where the product falls below DraftConfig.min_confidence and each
+    # kept token still follows its q (the cut is decided before the token is drawn).
+    confidence: torch.Tensor | None = None
+
+    def truncated(self, n: int) -> "Draft":
+        """The first n tokens (with their q and confidence)."""
+        return Draft(tokens=self.tokens[:n], probs=None if self.probs is None else self.probs[:n],
+                     confidence=None if self.confidence is None else self.confidence[:n])
 
     @staticmethod
     def empty() -> "Draft":

@@ -25,7 +25,7 @@ from diffdraft.drafters.checkpoint import read_checkpoint, write_checkpoint
 from diffdraft.drafters.draft_head import DRAFT_VOCAB_KEY, DraftHead, add_draft_vocab
 from diffdraft.errors import DiffdraftError
 from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
-from diffdraft.sampling import sample
+from diffdraft.sampling import logits_to_probs, sample
 
 KIND = "block-diffusion"
 
@@ -134,9 +134,12 @@ class BlockDiffusionDrafter(Drafter):
         block = self.net.block_inputs(known)  # [1, g, D]
         positions = torch.arange(len(tokens) - 1, len(tokens) - 1 + g, device=device)[None]  # [1, g]
         hidden = self.net(block, positions, self._ctx_kv, mask=None)[0, 1 : 1 + count]  # [count, D]
-        probs = self.head.probs(hidden, sampling)  # [count, V], exact q
-        drafted = probs.argmax(dim=-1) if sampling.greedy else sample(probs, generator)  # [count]
-        return Draft(tokens=drafted.cpu(), probs=probs.cpu())
+        logits = self.head.logits(hidden).float()  # [count, N]
+        law = logits_to_probs(logits, sampling)  # [count, N]: each token's exact q
+        picked = law.argmax(dim=-1) if sampling.greedy else sample(law, generator)  # [count]
+        confidence = logits.softmax(dim=-1).max(dim=-1).values  # [count] how sure the drafter is per slot
+        return Draft(tokens=self.head.to_target_ids(picked).cpu(), probs=self.head.to_full(law).cpu(),
+                     confidence=confidence.cpu())
 
     # ----- checkpoints -----
     @classmethod

@@ -142,8 +142,10 @@ class MaskedDiffusionDrafter(Drafter):
         """One block in `steps` steps.
 
         Returns tokens [count] (target ids), q [count, V] (each slot's sampling law when it was
-        revealed) and confidence [count] (log of the drafter's own, unsharpened probability of the
-        revealed token: what ranks slots in confidence order and candidates in self-selection).
+        revealed), token_logp [count] (log of the drafter's own, unsharpened probability of the
+        revealed token: what ranks candidates in self-selection) and sureness [count] (the top
+        probability of the slot's distribution when revealed: what ranks slots in confidence
+        order, and the Draft's confidence).
         """
         g, device = self.block_size, self.target.device
         ids = torch.zeros(g, dtype=torch.long, device=device)
@@ -152,25 +154,28 @@ class MaskedDiffusionDrafter(Drafter):
         masked[0] = False
         positions = torch.arange(start, start + g, device=device)[None]  # [1, g]
         q = torch.zeros(count, self.target.vocab_size, device=device)
-        confidence = torch.zeros(count, device=device)
+        token_logp = torch.zeros(count, device=device)
+        sureness = torch.zeros(count, device=device)
         for share in reveal_counts(count, steps):
             x = self.net.block_inputs(self.target.embed_tokens(ids[None]), masked[None])  # [1, g, D]
             hidden, _ = self.net(x, positions, self._cache, None)
             open_slots = torch.nonzero(masked[1 : 1 + count]).flatten() + 1  # block indices still masked
             logits = self.head.logits(hidden[0, open_slots]).float()  # [n_open, N]
             own = logits.log_softmax(dim=-1)  # the drafter's own belief, whatever the sampling settings
+            top = own.max(dim=-1).values  # [n_open]
             if self.denoise.order == "left-to-right":
                 chosen = torch.arange(share, device=device)
             else:
-                chosen = own.max(dim=-1).values.topk(share).indices
+                chosen = top.topk(share).indices
             law = logits_to_probs(logits[chosen], sampling)  # [share, N]
             picked = law.argmax(dim=-1) if sampling.greedy else sample(law, generator)  # [share]
             slots = open_slots[chosen]
             ids[slots] = self.head.to_target_ids(picked)
             masked[slots] = False
             q[slots - 1] = self.head.to_full(law)
-            confidence[slots - 1] = own[chosen].gather(1, picked[:, None]).squeeze(1)
-        return ids[1 : 1 + count], q, confidence
+            token_logp[slots - 1] = own[chosen].gather(1, picked[:, None]).squeeze(1)
+            sureness[slots - 1] = top[chosen].exp()
+        return ids[1 : 1 + count], q, token_logp, sureness
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], num_tokens: int, sampling: SamplingConfig,
@@ -182,14 +187,15 @@ class MaskedDiffusionDrafter(Drafter):
         best, best_score = None, -math.inf
         for steps in self.denoise.step_counts:
             for _ in range(self.denoise.samples):
-                drafted, q, confidence = self._denoise(tokens[-1], len(tokens) - 1, count, steps, sampling, generator)
+                drafted, q, token_logp, sureness = self._denoise(tokens[-1], len(tokens) - 1, count, steps,
+                                                                 sampling, generator)
                 if not self.denoise.selects:
                     exact = steps == 1 or self.denoise.order == "left-to-right" or sampling.greedy
-                    return Draft(tokens=drafted.cpu(), probs=q.cpu() if exact else None)
-                score = float(log_expected_accepted_length(confidence))
+                    return Draft(tokens=drafted.cpu(), probs=q.cpu() if exact else None, confidence=sureness.cpu())
+                score = float(log_expected_accepted_length(token_logp))
                 if score > best_score:
-                    best, best_score = drafted, score
-        return Draft(tokens=best.cpu(), probs=None)
+                    best, best_score = (drafted, sureness), score
+        return Draft(tokens=best[0].cpu(), probs=None, confidence=best[1].cpu())
 
     # ----- checkpoints -----
     @classmethod
