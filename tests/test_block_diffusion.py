@@ -338,12 +338,9 @@ def test_sampling_law_through_the_engine(draft_vocab):
     """T = 1 with rejection sampling (the drafter's q is exact, with the full or a reduced draft
     vocabulary): the first 3 tokens follow the target's law computed by enumeration
     (chi-square, alpha 1e-4, N = 600 seeded runs)."""
-    from test_engine import L, LAW_PROMPT, VOCAB_SMALL, exact_law
+    from test_engine import L, LAW_PROMPT, exact_law, make_small_target
 
-    model = make_llama(vocab_size=VOCAB_SMALL, layers=3, hidden=32, heads=2, kv_heads=1, max_positions=64,
-                       eos_token_id=None, init_range=0.2, seed=1)
-    target = Target(model, None, name="tiny-vocab")
-    target.tokenizer_fingerprint = lambda: "none"
+    target = make_small_target()
     net = tiny_net(target, num_taps=2)
     with torch.no_grad():  # a confident, often-wrong drafter makes rejections common
         net.norm.weight.mul_(30)

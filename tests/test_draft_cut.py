@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_llama
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.drafters import BlockDiffusionDrafter
 from diffdraft.drafters.base import Draft
@@ -64,12 +63,9 @@ class CutOnDrawnToken(BlockDiffusionDrafter):
 
 
 def law_with_cut(drafter_class, runs: int = 600):
-    from test_engine import L, LAW_PROMPT, VOCAB_SMALL, exact_law
+    from test_engine import L, LAW_PROMPT, exact_law, make_small_target
 
-    model = make_llama(vocab_size=VOCAB_SMALL, layers=3, hidden=32, heads=2, kv_heads=1, max_positions=64,
-                       eos_token_id=None, init_range=0.2, seed=1)
-    target = Target(model, None, name="tiny-vocab")
-    target.tokenizer_fingerprint = lambda: "none"
+    target = make_small_target()
     net = tiny_net(target, num_taps=2)
     with torch.no_grad():
         net.norm.weight.mul_(4)  # a drafter sure of some slots and unsure of others

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_llama
 from diffdraft.config import DraftConfig, SamplingConfig, TrainConfig
 from diffdraft.drafters import HandoffDrafter, MaskedDiffusionDrafter, NgramDrafter, build_drafter
 from diffdraft.drafters.base import Draft, Drafter
@@ -213,12 +212,9 @@ def test_greedy_equals_plain_decoding(tiny_model, tiny_tokenizer, denoise):
 
 def law_of_first_tokens(drafter_for, runs: int = 600):
     """Sample 3 tokens at T = 1 through the engine with drafter_for(target); fit against the exact law."""
-    from test_engine import L, LAW_PROMPT, VOCAB_SMALL, exact_law
+    from test_engine import L, LAW_PROMPT, exact_law, make_small_target
 
-    model = make_llama(vocab_size=VOCAB_SMALL, layers=3, hidden=32, heads=2, kv_heads=1, max_positions=64,
-                       eos_token_id=None, init_range=0.2, seed=1)
-    target = Target(model, None, name="tiny-vocab")
-    target.tokenizer_fingerprint = lambda: "none"
+    target = make_small_target()
     sampling = SamplingConfig(temperature=1.0)
     engine = SpeculativeEngine(target, drafter_for(target), DraftConfig(3), sampling)
     samples, accepted = [], []
