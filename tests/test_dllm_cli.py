@@ -159,11 +159,11 @@ def test_bad_dllm_choices(capsys, folders, args, needle):
     assert out == ""
 
 
-def test_shipped_weights_absent_is_said_clearly(capsys, folders):
-    from diffdraft.dllm.checkpoint import shipped_folder
+def test_shipped_weights_absent_is_said_clearly(capsys, folders, tmp_path, monkeypatch):
+    """Whether or not a conversion is installed, an absent one is named with the script that makes it."""
+    import diffdraft.dllm.checkpoint as checkpoint
 
-    if (shipped_folder(8) / "drafter.json").is_file():
-        pytest.skip("the b=8 conversion is installed")
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path / "no-weights")
     code, _, err = generate(capsys, folders, "--dllm", "b8")
     assert_user_error(code, err, "scripts/gpu_dllm.sh")
 
