@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,14 @@ from diffdraft.errors import DiffdraftError
 from diffdraft.target import Target
 from diffdraft.train.data import Sequence, read_split
 from diffdraft.train.masks import IGNORE, sample_block_masking
-from diffdraft.train.trainer import AMP_DTYPES, DrafterTrainer, learning_rate
+from diffdraft.train.trainer import (
+    AMP_DTYPES,
+    DrafterTrainer,
+    autocast,
+    epoch_order,
+    learning_rate,
+    optimizer_step,
+)
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -170,23 +176,12 @@ class DLLMTrainer:
         self.net.load_state_dict({**own, **{k: v.float() for k, v in picked.items()}})
 
     def batch_indices(self, step: int) -> list[int]:
-        """Sequence indices of a step: the data in seeded per-epoch permutations."""
-        n, size = len(self.train_data), self.cfg.batch_size
-        picks = []
-        for j in range(step * size, (step + 1) * size):
-            epoch, index = divmod(j, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
-            picks.append(int(order[index]))
-        return picks
-
-    def _autocast(self):
-        dtype = self.cfg.amp_dtype
-        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        return epoch_order(len(self.train_data), self.cfg.batch_size, step, self.cfg.seed)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy at the masked slots, and the greedy accuracy there."""
         labels = batch["labels"].to(self.device)  # [B, W]
-        with self._autocast():
+        with autocast(self.device, self.cfg.amp_dtype):
             hidden, _ = self.net(batch["ids"], batch["positions"], batch["mask"])  # [B, W, D]
             picked = labels != IGNORE
             logits = self.net.logits(hidden[picked]).float()  # [M, V]
@@ -195,15 +190,10 @@ class DLLMTrainer:
 
     def train_step(self) -> float:
         self.net.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.cfg, self.step)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 17)
         sequences = [self.train_data[i] for i in self.batch_indices(self.step)]
         loss, _ = self.loss(make_block_batch(sequences, self.cfg.max_len, self.cfg.block_size, self.eos_id, generator))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        optimizer_step(loss, self.net, self.optimizer, learning_rate(self.cfg, self.step), self.cfg.grad_clip)
         self.step += 1
         return float(loss.detach())
 

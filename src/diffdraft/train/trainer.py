@@ -43,6 +43,32 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def epoch_order(num_sequences: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Sequence indices of a step's global batch: the data in seeded per-epoch permutations, so the
+    order is a pure function of (seed, step) and a resumed run sees the same batches."""
+    indices = []
+    for j in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(j, num_sequences)
+        perm = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        indices.append(int(perm[pos]))
+    return indices
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on `device`, or nothing for dtype None (float32)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def optimizer_step(loss: torch.Tensor, net: torch.nn.Module, optimizer, lr: float, grad_clip: float) -> None:
+    """One AdamW update at learning rate lr from `loss`, gradients clipped to norm grad_clip."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    optimizer.step()
+
+
 def make_batch(sequences: list[Sequence], max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tokens [B, L], lengths [B], first anchor [B] (the response's first token)."""
     cut = [s.tokens[:max_len] for s in sequences]
@@ -94,32 +120,19 @@ class DrafterTrainer:
 
     # ----- data order: a pure function of (seed, step) -----
     def batch_indices(self, step: int) -> list[int]:
-        """This rank's sequence indices for a step; epochs are seeded permutations."""
-        n, b = len(self.train_data), self.cfg.batch_size
-        indices = []
-        for j in range(step * b, (step + 1) * b):
-            epoch, pos = divmod(j, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
-            indices.append(int(perm[pos]))
-        return indices[self.rank :: self.world]
+        """This rank's share of the step's sequence indices."""
+        return epoch_order(len(self.train_data), self.cfg.batch_size, step, self.cfg.seed)[self.rank :: self.world]
 
     def _autocast(self):
-        dtype = AMP_DTYPES[self.cfg.amp_dtype]
-        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        return autocast(self.device, AMP_DTYPES[self.cfg.amp_dtype])
 
     def train_step(self) -> float:
         self.model.train()
-        lr = learning_rate(self.cfg, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         batch = make_batch([self.train_data[i] for i in self.batch_indices(self.step)], self.cfg.max_len, self.pad_id)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 17 + self.rank)
         logits, labels = self.task.logits_and_labels(batch, generator, training=True)
         loss = self.objective.loss(logits, labels, self.objective.stage(self.step, self.cfg.steps), generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        optimizer_step(loss, self.net, self.optimizer, learning_rate(self.cfg, self.step), self.cfg.grad_clip)
         self.step += 1
         return float(loss.detach())
 
