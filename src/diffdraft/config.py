@@ -17,6 +17,19 @@ TRAINABLE_KINDS = ("block-diffusion", "masked-diffusion")
 AMP_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
+def check_training_basics(config, positive_ints: tuple[str, ...]) -> None:
+    """The checks every training config shares: counts that must be positive integers, a positive
+    learning rate, a known autocast setting."""
+    for name in positive_ints:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DiffdraftError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+    if not config.lr > 0:
+        raise DiffdraftError(f"learning rate must be positive, got {config.lr}")
+    if config.amp not in AMP_CHOICES:
+        raise DiffdraftError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {config.amp!r}")
+
+
 def resolve_amp(amp: str, device: str) -> str:
     """The autocast dtype a training run uses: "auto" is bfloat16 on CUDA and float32 elsewhere
     (bf16 matmuls on a CPU without bf16 units are emulated: a step took 391 s instead of ~12 s here)."""
@@ -131,14 +144,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.block_size < 2 or self.block_size > 64:
             raise DiffdraftError(f"block size must be in [2, 64], got {self.block_size}")
-        for name in ("num_layers", "blocks_per_sequence", "batch_size", "steps", "eval_every", "save_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DiffdraftError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise DiffdraftError(f"learning rate must be positive, got {self.lr}")
-        if self.amp not in AMP_CHOICES:
-            raise DiffdraftError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        check_training_basics(self, ("num_layers", "blocks_per_sequence", "batch_size", "steps", "eval_every",
+                                     "save_every"))
         if self.gamma is not None and not self.gamma > 0:
             raise DiffdraftError(f"gamma must be positive, got {self.gamma}")
         if self.kind not in TRAINABLE_KINDS:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffdraft.config import resolve_amp
+from diffdraft.config import check_training_basics, resolve_amp
 from diffdraft.dllm.checkpoint import save_dllm
 from diffdraft.dllm.masks import training_mask
 from diffdraft.dllm.model import MASK_ID, BlockDiffusionLM, DLLMConfig
@@ -78,14 +78,7 @@ class DLLMTrainConfig:
 
     def __post_init__(self) -> None:
         DLLMConfig(block_size=self.block_size, num_layers=self.num_layers, rank=self.rank, alpha=self.alpha)
-        for name in ("batch_size", "max_len", "steps", "eval_every", "eval_sequences", "save_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DiffdraftError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise DiffdraftError(f"learning rate must be positive, got {self.lr}")
-        if self.amp != "auto" and self.amp not in AMP_DTYPES:
-            raise DiffdraftError(f"amp must be auto or one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+        check_training_basics(self, ("batch_size", "max_len", "steps", "eval_every", "eval_sequences", "save_every"))
         if self.save_dtype not in SAVE_DTYPES:
             raise DiffdraftError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
 
