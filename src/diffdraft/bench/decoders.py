@@ -18,7 +18,7 @@ from pathlib import Path
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.dllm.loading import dllm_runners
 from diffdraft.dllm.runner import DLLMRunner, to_stats
-from diffdraft.drafters import build_drafter
+from diffdraft.drafters import build_drafter, parse_options
 from diffdraft.engine import SpeculativeEngine
 from diffdraft.errors import DiffdraftError
 from diffdraft.stats import Stats
@@ -129,20 +129,15 @@ def split_cut(spec: str) -> tuple[str, float]:
     The cut is an engine setting, not the drafter's, so it is taken off before build_drafter
     sees the spec; other `:key=value` options stay. An existing path is never split.
     """
-    if Path(spec).exists() or ":" not in spec:
+    base, options = parse_options(spec)
+    if "cut" not in options:
         return spec, 0.0
-    parts, cut = spec.split(":"), 0.0
-    kept = [parts[0]]
-    for part in parts[1:]:
-        key, _, value = part.partition("=")
-        if key != "cut":
-            kept.append(part)
-            continue
-        try:
-            cut = float(value)
-        except ValueError:
-            raise DiffdraftError(f"bad cut {value!r} in {spec!r}: write cut=0.3 (a confidence in [0, 1))") from None
-    return ":".join(kept), cut
+    value = options.pop("cut")
+    try:
+        cut = float(value)
+    except ValueError:
+        raise DiffdraftError(f"bad cut {value!r} in {spec!r}: write cut=0.3 (a confidence in [0, 1))") from None
+    return base + "".join(f":{key}={val}" for key, val in options.items()), cut
 
 
 def engine_decoders(
