@@ -150,7 +150,7 @@ def test_bad_objective_settings_are_refused(field, value):
 
 
 def test_autocast_dtype_follows_the_device():
-    """bf16 autocast only where it is fast: CUDA. On CPU it is emulated (a step took 30x longer)."""
+    """bf16 autocast only where it is fast: CUDA. On CPU it is emulated (a step took about 7x longer)."""
     assert TrainConfig(data="d", out="o").amp_dtype == "float32"
     assert TrainConfig(data="d", out="o", device="cuda").amp_dtype == "bfloat16"
     assert TrainConfig(data="d", out="o", amp="bfloat16").amp_dtype == "bfloat16"

@@ -32,7 +32,8 @@ def check_training_basics(config, positive_ints: tuple[str, ...]) -> None:
 
 def resolve_amp(amp: str, device: str) -> str:
     """The autocast dtype a training run uses: "auto" is bfloat16 on CUDA and float32 elsewhere
-    (bf16 matmuls on a CPU without bf16 units are emulated: a step took 391 s instead of ~12 s here)."""
+    (bf16 matmuls on a CPU without bf16 units are emulated: one drafter training step of 4 sequences x
+    8 blocks x 256 tokens took about 40 s in bf16 and 6 s in float32 here)."""
     if amp != "auto":
         return amp
     return "bfloat16" if device.startswith("cuda") else "float32"
