@@ -237,6 +237,16 @@ def test_sampling_law_through_the_engine(denoise):
     assert 0 in accepted and max(accepted) >= 1
 
 
+def test_sampling_law_through_a_handoff():
+    """T = 1: n-gram drafts (point-mass) for the first token of the response, then left-to-right
+    masked-diffusion drafts (rejection sampling): the first 3 tokens still follow the target's law."""
+    result, accepted = law_of_first_tokens(lambda target: HandoffDrafter(
+        NgramDrafter(), MaskedDiffusionDrafter(target, tiny_net(target, from_target=False),
+                                               denoise=DenoiseConfig(steps=2)), warmup_tokens=1))
+    assert result.ok, str(result)
+    assert 0 in accepted and max(accepted) >= 1
+
+
 class SelectionClaimingExactQ(MaskedDiffusionDrafter):
     """Negative control: picks the best of 3 samples, then hands over that sample's q as if it
     were the law of the selected draft. Selection skews the law, so rejection sampling is lossy."""
