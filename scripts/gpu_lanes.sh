@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# One GPU lease, all training at once: the issue-6 ablation rows, the issue-5 two-stage run and
+# the issue-7 dLLM conversions run side by side as independent lanes (a 135M target leaves an
+# H100 mostly idle, so five small jobs share it better than one after another).
+#
+# The GGUF travels in three pieces because every call also carries the ~20 MB work tree and a
+# call carries 64 MiB in all:
+#   here:    bash scripts/gpu_lanes.sh pack                 # .gpu/p1, .gpu/p2, .gpu/p3 (+ wheel, data)
+#   call 1:  bash scripts/gpu_lanes.sh part 1               carry .gpu/p1
+#   call 2:  bash scripts/gpu_lanes.sh part 2               carry .gpu/p2
+#   call 3:  bash scripts/gpu_lanes.sh launch 500           carry .gpu/p3: set up, start the lanes, watch
+#   call 4+: bash scripts/gpu_lanes.sh watch 540            watch; export the runs that finished
+#   here:    bash scripts/gpu_lanes.sh unpack FILES_AT      # exported runs -> runs/gpu/
+# Each call must come within 30 s of the last (the machine goes back when idle). The lanes run
+# in their own process session (setsid), so they outlive the call that started them.
+# Finished runs come back as a tar split into 15 MiB pieces (a call returns 8 files of 16 MiB).
+set -euo pipefail
+W=/tmp/dd
+export PYTHONPATH="$PWD/src:$W/site" PYTHONUNBUFFERED=1 DIFFDRAFT_CACHE="$W/cache" TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=3 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+GGUF="$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+ABLATION="--steps 600 --batch-size 64 --blocks 32 --draft-vocab 8192 --save-dtype bfloat16 --seed 0"
+
+bd() {  # bd NAME ARGS...: one `diffdraft train` run in $W/runs/NAME (skipped once finished)
+  local name="$1"; shift
+  [ -f "$W/runs/$name/drafter/drafter.json" ] && return 0
+  python3 -m diffdraft.cli train --out "$W/runs/$name" --model "$GGUF" --device cuda "$@" \
+    > "$W/logs/$name.txt" 2>&1 || echo "$name failed" >> "$W/logs/failed"
+}
+
+dllm() {  # dllm NAME ARGS...: one `diffdraft dllm-train` run in $W/runs/NAME
+  local name="$1"; shift
+  [ -f "$W/runs/$name/adapter/drafter.json" ] && return 0
+  python3 -m diffdraft.cli dllm-train --data "$W/data" --out "$W/runs/$name" --model "$GGUF" --device cuda \
+    --amp bfloat16 --save-dtype bfloat16 --batch-size 32 --max-len 512 --lr 3e-4 --rank 8 \
+    --eval-every 200 --save-every 200 "$@" > "$W/logs/$name.txt" 2>&1 || echo "$name failed" >> "$W/logs/failed"
+}
+
+lane() {  # lane N: the runs of lane N, one after another
+  local D="--data $W/data"
+  case "$1" in
+    1) bd abl-uniform $D $ABLATION --gamma 0
+       bd abl-positional $D $ABLATION
+       bd abl-focal $D $ABLATION --gamma 0 --focal-lambda 1
+       bd abl-chain $D $ABLATION --gamma 0 --chain-weight 1 ;;
+    2) bd abl-all3 $D $ABLATION --focal-lambda 1 --chain-weight 1
+       bd abl-twostage $D $ABLATION --gamma 0 --align-fraction 0.3
+       bd abl-masked $D $ABLATION --gamma 0 --kind masked-diffusion ;;
+    3) bd bd16-stage1 --data "$W/sharegpt-answers" --eval-data "$W/data" --init-from "$W/shipped-bd16" \
+         --steps 2000 --batch-size 64 --blocks 32 --draft-vocab 8192 --save-dtype bfloat16 --seed 1 \
+         --lr 6e-4 --eval-every 250 --save-every 250 --chain-weight 1
+       bd bd16-stage2 $D --init-from "$W/runs/bd16-stage1/drafter" --steps 1000 --batch-size 64 --blocks 32 \
+         --draft-vocab 8192 --save-dtype bfloat16 --seed 2 --lr 3e-4 --eval-every 250 --save-every 250 \
+         --chain-weight 1 ;;
+    4|5) local b=$(( $1 == 4 ? 4 : 8 ))
+       dllm "adapter-b$b" --block-size "$b" --steps 1200
+       if [ -f "$W/runs/adapter-b$b/adapter/drafter.json" ]; then
+         dllm "drafter-b$b" --block-size "$b" --layers 4 --init-from "$W/runs/adapter-b$b/adapter" --steps 600
+       fi ;;
+  esac
+  echo "lane $1 done" >> "$W/logs/done"
+}
+
+progress() {  # the last log line of every run, and the lanes that finished
+  for f in "$W"/runs/*/log.jsonl; do
+    [ -f "$f" ] || continue
+    echo "$(basename "$(dirname "$f")"): $(tail -1 "$f" | cut -c1-230)"
+  done
+  cat "$W/logs/done" "$W/logs/failed" 2>/dev/null || true
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+}
+
+export_finished() {  # tar the finished, not yet exported runs (up to ~110 MiB) into $OUT
+  local list=() total=0 size
+  touch "$W/exported"
+  for run in "$W"/runs/*; do
+    local name; name=$(basename "$run")
+    grep -qx "$name" "$W/exported" && continue
+    local result="$run/drafter"; [ -d "$run/adapter" ] && result="$run/adapter"
+    [ -f "$result/drafter.json" ] || continue
+    size=$(du -sm "$result" | cut -f1)
+    [ $(( total + size )) -gt 110 ] && continue
+    total=$(( total + size )); list+=("runs/$name/$(basename "$result")" "runs/$name/log.jsonl")
+    echo "$name" >> "$W/exported"
+  done
+  [ ${#list[@]} -eq 0 ] && { echo "nothing new to export"; return 0; }
+  tar cf - -C "$W" "${list[@]}" | split -b 15M -d - "$OUT/runs-$(date +%s).tar.part-"
+  echo "exported: ${list[*]}"
+}
+
+watch_lanes() {  # watch SECONDS: progress every minute until the time is up or every lane is done
+  local until=$(( $(date +%s) + $1 ))
+  while [ "$(date +%s)" -lt "$until" ]; do
+    [ "$(wc -l < "$W/logs/done" 2>/dev/null || echo 0)" -ge 5 ] && break
+    sleep 60; echo "--- $(date +%T)"; progress
+  done
+  for f in "$W"/logs/*.txt; do grep -l -i "error\|traceback" "$f" >/dev/null && { echo "== $f"; tail -5 "$f"; }; done || true
+  export_finished
+}
+
+case "${1:-}" in
+  pack)
+    rm -rf .gpu/p1 .gpu/p2 .gpu/p3 && mkdir -p .gpu/p1 .gpu/p2 .gpu/p3 "$W/split"
+    cat .gpu/a/part_aa .gpu/b/part_ab | split -b 42M -d - "$W/split/gguf-"
+    mv "$W/split/gguf-00" .gpu/p1/ && mv "$W/split/gguf-01" .gpu/p2/ && mv "$W/split/gguf-02" .gpu/p3/
+    cp .gpu/b/gguf-*.whl .gpu/c/data.tgz .gpu/c/sharegpt-answers.tgz .gpu/p3/
+    mkdir -p "$W/shipped" && tar czf .gpu/p3/shipped-bd16.tgz -C src/diffdraft/weights smollm2-bd16
+    du -sh .gpu/p1 .gpu/p2 .gpu/p3
+    ;;
+  part)
+    mkdir -p "$W" && cp ".gpu/p$2/gguf-0$(( $2 - 1 ))" "$W/"
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    ;;
+  launch)
+    mkdir -p "$W/logs" "$W/runs"
+    python3 -m pip install -q --no-index --no-deps --target "$W/site" .gpu/p3/gguf-*.whl
+    cat "$W/gguf-00" "$W/gguf-01" .gpu/p3/gguf-02 > "$GGUF"
+    sha256sum "$GGUF" | cut -c1-16
+    tar xzf .gpu/p3/data.tgz -C "$W" && tar xzf .gpu/p3/sharegpt-answers.tgz -C "$W"
+    tar xzf .gpu/p3/shipped-bd16.tgz -C "$W" && mv "$W/smollm2-bd16" "$W/shipped-bd16"
+    python3 -c "from diffdraft.loading import load_model; m, _ = load_model('$GGUF'); print(m.config.num_hidden_layers, 'layers')"
+    for n in 1 2 3 4 5; do
+      setsid nohup bash "$0" lane "$n" > "$W/logs/lane$n.out" 2>&1 < /dev/null &
+    done
+    watch_lanes "${2:-480}"
+    ;;
+  lane) lane "$2" ;;
+  watch) watch_lanes "${2:-540}" ;;
+  unpack)
+    mkdir -p runs/gpu
+    for tarball in $(ls "$2"/runs-*.tar.part-00 2>/dev/null); do
+      cat "${tarball%-00}"-* | tar xf - -C runs/gpu --strip-components 1
+    done
+    ls runs/gpu
+    ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
+esac
