@@ -176,3 +176,15 @@ def test_drafter_specs():
     assert parse_drafter_spec("@4", 8)[1] == "@4"  # no name before @: left whole for build_drafter to refuse
     with pytest.raises(DiffdraftError):
         parse_drafter_spec("", 8)
+
+
+def test_drafter_folders_are_named_after_their_run(tmp_path):
+    # A trainer writes RUN/drafter: two runs' drafters must get two names, options kept.
+    for run in ("row-a", "row-b"):
+        (tmp_path / run / "drafter").mkdir(parents=True)
+    first = parse_drafter_spec(str(tmp_path / "row-a" / "drafter") + "@16", 8)
+    second = parse_drafter_spec(str(tmp_path / "row-b" / "drafter") + ":steps=2@16", 8)
+    assert first[0] == "row-a@16" and first[2] == 16
+    assert second[0] == "row-b:steps=2@16" and second[1].endswith("drafter:steps=2")
+    (tmp_path / "mine").mkdir()
+    assert parse_drafter_spec(str(tmp_path / "mine"), 8)[0] == "mine"

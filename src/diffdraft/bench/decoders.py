@@ -118,9 +118,24 @@ def parse_drafter_spec(entry: str, default_draft_len: int) -> tuple[str, str, in
         raise DiffdraftError(f"empty drafter spec in {entry!r}")
     if spec == "none":
         return PLAIN, spec, 0
-    base = Path(spec.rstrip("/")).name if Path(spec).exists() else spec
+    base = decoder_label(spec)
     name = base if draft_len == default_draft_len else f"{base}@{draft_len}"
     return name, spec, draft_len
+
+
+# Folder names the trainers give their result inside a run folder: the run folder names it.
+RUN_RESULT_NAMES = ("drafter", "adapter")
+
+
+def decoder_label(spec: str) -> str:
+    """A drafter spec's short name: a folder by its own name (a trainer's `drafter`/`adapter`
+    by its run folder's), with any `:key=value` options kept; a name stays as it is."""
+    folder, options = parse_options(spec)
+    if not Path(folder).is_dir():
+        return spec
+    path = Path(folder.rstrip("/"))
+    label = path.parent.name if path.name in RUN_RESULT_NAMES and path.parent.name else path.name
+    return label + "".join(f":{key}={value}" for key, value in options.items())
 
 
 def split_cut(spec: str) -> tuple[str, float]:
