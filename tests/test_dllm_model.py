@@ -88,3 +88,15 @@ def test_base_weights_are_not_parameters(peaked_model):
     net = converted(peaked_model, 4)
     names = set(net.state_dict())
     assert "mask_embedding" in names and all(n == "mask_embedding" or n.startswith("adapters.") for n in names)
+
+
+def test_adapter_init_is_drawn_where_the_generator_lives(peaked_model):
+    # On the H100 the adapters live on CUDA while the trainer's generator is a CPU one:
+    # A is drawn from the generator's own stream and copied, the same A on every device.
+    net = BlockDiffusionLM(peaked_model, DLLMConfig(block_size=4, rank=4))
+    net.reset_parameters(torch.Generator().manual_seed(3))
+    stream = torch.Generator().manual_seed(3)
+    for key, a in net.adapters.a.items():
+        expected = torch.randn(a.shape, generator=stream) / a.shape[1] ** 0.5  # [rank, in]
+        assert torch.equal(a, expected), key
+        assert not net.adapters.b[key].any()

@@ -61,10 +61,16 @@ class LoraAdapters(nn.Module):
         return f"{layer}_{name}"
 
     def reset_parameters(self, generator: torch.Generator | None) -> None:
-        """A ~ N(0, 1/in), B = 0: the adapted model starts equal to the base model."""
+        """A ~ N(0, 1/in), B = 0: the adapted model starts equal to the base model.
+
+        A is drawn where the generator lives and then copied, so a CPU generator also
+        initialises adapters on a GPU, and a seed gives the same A on every device.
+        """
         with torch.no_grad():
             for key, a in self.a.items():
-                a.normal_(0.0, 1.0 / math.sqrt(a.shape[1]), generator=generator)
+                device = generator.device if generator is not None else a.device
+                draw = torch.randn(a.shape, generator=generator, device=device)  # [rank, in]
+                a.copy_(draw / math.sqrt(a.shape[1]))
                 self.b[key].zero_()
 
     def apply(self, layer_index: int, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
