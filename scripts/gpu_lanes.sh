@@ -9,6 +9,7 @@
 #   call 1:  bash scripts/gpu_lanes.sh part 1               carry .gpu/p1
 #   call 2:  bash scripts/gpu_lanes.sh part 2               carry .gpu/p2
 #   call 3:  bash scripts/gpu_lanes.sh launch 500           carry .gpu/p3: set up, start the lanes, watch
+#            (LANES="4 5" bash scripts/gpu_lanes.sh launch 500: only those lanes)
 #   call 4+: bash scripts/gpu_lanes.sh watch 540            watch; export the runs that finished
 #   here:    bash scripts/gpu_lanes.sh unpack FILES_AT      # exported runs -> runs/gpu/
 # Each call must come within 30 s of the last (the machine goes back when idle). The lanes run
@@ -43,7 +44,10 @@ lane() {  # lane N: the runs of lane N, one after another
        bd abl-positional $D $ABLATION
        bd abl-focal $D $ABLATION --gamma 0 --focal-lambda 1
        bd abl-chain $D $ABLATION --gamma 0 --chain-weight 1 ;;
-    2) bd abl-all3 $D $ABLATION --focal-lambda 1 --chain-weight 1
+    2) # an ablation row holds 25-30 GB: beside lanes 1 and 3 these three ran out of memory, so
+       # lane 2 starts once lane 1 is done (when lane 1 runs at all)
+       while grep -qw 1 <<< "${LANES:-1}" && ! grep -q "lane 1" "$W/logs/done" 2>/dev/null; do sleep 10; done
+       bd abl-all3 $D $ABLATION --focal-lambda 1 --chain-weight 1
        bd abl-twostage $D $ABLATION --gamma 0 --align-fraction 0.3
        bd abl-masked $D $ABLATION --gamma 0 --kind masked-diffusion ;;
     3) bd bd16-stage1 --data "$W/sharegpt-answers" --eval-data "$W/data" --init-from "$W/shipped-bd16" \
@@ -91,7 +95,7 @@ export_finished() {  # tar the finished, not yet exported runs (up to ~110 MiB) 
 watch_lanes() {  # watch SECONDS: progress every minute until the time is up or every lane is done
   local until=$(( $(date +%s) + $1 ))
   while [ "$(date +%s)" -lt "$until" ]; do
-    [ "$(wc -l < "$W/logs/done" 2>/dev/null || echo 0)" -ge 5 ] && break
+    [ "$(wc -l < "$W/logs/done" 2>/dev/null || echo 0)" -ge "$(cat "$W/logs/lanes")" ] && break
     sleep 60; echo "--- $(date +%T)"; progress
   done
   for f in "$W"/logs/*.txt; do grep -l -i "error\|traceback" "$f" >/dev/null && { echo "== $f"; tail -5 "$f"; }; done || true
@@ -113,13 +117,14 @@ case "${1:-}" in
     ;;
   launch)
     mkdir -p "$W/logs" "$W/runs"
+    echo ${LANES:-1 2 3 4 5} | wc -w > "$W/logs/lanes"
     python3 -m pip install -q --no-index --no-deps --target "$W/site" .gpu/p3/gguf-*.whl
     cat "$W/gguf-00" "$W/gguf-01" .gpu/p3/gguf-02 > "$GGUF"
     sha256sum "$GGUF" | cut -c1-16
     tar xzf .gpu/p3/data.tgz -C "$W" && tar xzf .gpu/p3/sharegpt-answers.tgz -C "$W"
     tar xzf .gpu/p3/shipped-bd16.tgz -C "$W" && mv "$W/smollm2-bd16" "$W/shipped-bd16"
     python3 -c "from diffdraft.loading import load_model; m, _ = load_model('$GGUF'); print(m.config.num_hidden_layers, 'layers')"
-    for n in 1 2 3 4 5; do
+    for n in ${LANES:-1 2 3 4 5}; do
       setsid nohup bash "$0" lane "$n" > "$W/logs/lane$n.out" 2>&1 < /dev/null &
     done
     watch_lanes "${2:-480}"
