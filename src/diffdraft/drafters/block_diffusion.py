@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from diffdraft.config import SamplingConfig
-from diffdraft.drafters.base import Draft, Drafter
+from diffdraft.drafters.base import Draft
 from diffdraft.drafters.checkpoint import read_checkpoint, write_checkpoint
-from diffdraft.drafters.draft_head import DRAFT_VOCAB_KEY, DraftHead, add_draft_vocab
+from diffdraft.drafters.draft_head import DRAFT_VOCAB_KEY, DraftHead, HeadedDrafter, add_draft_vocab
 from diffdraft.errors import DiffdraftError
 from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
 from diffdraft.sampling import logits_to_probs, sample
@@ -55,7 +55,7 @@ def check_signature(signature: dict, target, checks=SIGNATURE_CHECKS) -> None:
         raise DiffdraftError("drafter does not fit the target: it was trained with a different tokenizer")
 
 
-class BlockDiffusionDrafter(Drafter):
+class BlockDiffusionDrafter(HeadedDrafter):
     name = KIND
     wants_taps = True
 
@@ -77,15 +77,6 @@ class BlockDiffusionDrafter(Drafter):
         self.head = DraftHead(target, draft_vocab)
         self._ctx_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._ctx_len = 0
-
-    @property
-    def draft_vocab(self) -> torch.Tensor | None:
-        """The target ids this drafter may propose, or None for the whole vocabulary."""
-        return self.head.draft_vocab
-
-    @property
-    def block_size(self) -> int:
-        return self.net.cfg.block_size
 
     def check_compatible(self, target) -> None:
         check_signature(self.signature, target)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from diffdraft.config import SamplingConfig
+from diffdraft.drafters.base import Drafter
 from diffdraft.errors import DiffdraftError
 from diffdraft.sampling import logits_to_probs
 
@@ -58,3 +59,16 @@ def add_draft_vocab(config: dict, tensors: dict, draft_vocab: torch.Tensor | Non
     if draft_vocab is not None:
         tensors[DRAFT_VOCAB_KEY] = draft_vocab.long()
         config["draft_vocab_size"] = int(draft_vocab.numel())
+
+
+class HeadedDrafter(Drafter):
+    """A drafter with its own network (`net`, whose cfg has block_size) and a DraftHead (`head`)."""
+
+    @property
+    def draft_vocab(self) -> torch.Tensor | None:
+        """The target ids this drafter may propose, or None for the whole vocabulary."""
+        return self.head.draft_vocab
+
+    @property
+    def block_size(self) -> int:
+        return self.net.cfg.block_size

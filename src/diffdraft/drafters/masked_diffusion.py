@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from diffdraft.config import SamplingConfig
-from diffdraft.drafters.base import Draft, Drafter
+from diffdraft.drafters.base import Draft
 from diffdraft.drafters.block_diffusion import SIGNATURE_CHECKS, check_signature, target_signature
 from diffdraft.drafters.checkpoint import read_checkpoint, write_checkpoint
-from diffdraft.drafters.draft_head import DRAFT_VOCAB_KEY, DraftHead, add_draft_vocab
+from diffdraft.drafters.draft_head import DRAFT_VOCAB_KEY, DraftHead, HeadedDrafter, add_draft_vocab
 from diffdraft.errors import DiffdraftError
 from diffdraft.expected_length import log_expected_accepted_length
 from diffdraft.models.masked_diffusion import MaskedDiffusionConfig, MaskedDiffusionNet
@@ -76,7 +76,7 @@ def reveal_counts(num_slots: int, steps: int) -> list[int]:
     return [base + (1 if s < extra else 0) for s in range(steps)]
 
 
-class MaskedDiffusionDrafter(Drafter):
+class MaskedDiffusionDrafter(HeadedDrafter):
     name = KIND
 
     def __init__(self, target, net: MaskedDiffusionNet, signature: dict | None = None,
@@ -89,15 +89,6 @@ class MaskedDiffusionDrafter(Drafter):
         self.head = DraftHead(target, draft_vocab)
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._cached: list[int] = []
-
-    @property
-    def draft_vocab(self) -> torch.Tensor | None:
-        """The target ids this drafter may propose, or None for the whole vocabulary."""
-        return self.head.draft_vocab
-
-    @property
-    def block_size(self) -> int:
-        return self.net.cfg.block_size
 
     def check_compatible(self, target) -> None:
         check_signature(self.signature, target, checks=SIGNATURE_CHECKS[:2])  # any depth: it reads no layers

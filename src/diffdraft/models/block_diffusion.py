@@ -116,6 +116,24 @@ class DrafterLayer(nn.Module):
         return h + self.down(F.silu(gate) * up), (k_blk, v_blk)
 
 
+def reset_drafter_weights(net: nn.Module, generator: torch.Generator | None, small_residuals: bool) -> None:
+    """A drafter network's fresh weights: every linear ~ N(0, 1/D), the MASK embedding ~ N(0, 0.02^2).
+
+    `net` has `cfg` (hidden_size, num_layers), `layers` of DrafterLayer and `mask_embedding`.
+    With small_residuals each layer's output projections start 1/sqrt(2n) smaller, for a stack
+    trained from scratch; a network whose layers are then copied from the target does not need it.
+    """
+    std = 1.0 / math.sqrt(net.cfg.hidden_size)
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std, generator=generator)
+    if small_residuals:
+        for layer in net.layers:
+            for weight in (layer.o_proj.weight, layer.down.weight):
+                nn.init.normal_(weight, std=std / math.sqrt(2 * net.cfg.num_layers), generator=generator)
+    nn.init.normal_(net.mask_embedding, std=0.02, generator=generator)
+
+
 class BlockDiffusionNet(nn.Module):
     """Fuse + layers + final norm. Logits come from the target's LM head, outside."""
 
@@ -131,14 +149,7 @@ class BlockDiffusionNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        std = 1.0 / math.sqrt(self.cfg.hidden_size)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std, generator=generator)
-        for layer in self.layers:  # residual branches start small
-            nn.init.normal_(layer.o_proj.weight, std=std / math.sqrt(2 * self.cfg.num_layers), generator=generator)
-            nn.init.normal_(layer.down.weight, std=std / math.sqrt(2 * self.cfg.num_layers), generator=generator)
-        nn.init.normal_(self.mask_embedding, std=0.02, generator=generator)
+        reset_drafter_weights(self, generator, small_residuals=True)
 
     def fuse_context(self, taps: torch.Tensor) -> torch.Tensor:
         """taps: [B, C, n_taps*D] -> context features [B, C, D]."""

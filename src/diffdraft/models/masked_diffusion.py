@@ -11,13 +11,12 @@ and LM head are the target's (frozen, outside). Pure network: no decoding, no da
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from diffdraft.models.block_diffusion import DrafterLayer, DrafterLayersConfig, rope_tables
+from diffdraft.models.block_diffusion import DrafterLayer, DrafterLayersConfig, reset_drafter_weights, rope_tables
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, Hkv, N, hd]
 
@@ -39,11 +38,7 @@ class MaskedDiffusionNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        std = 1.0 / math.sqrt(self.cfg.hidden_size)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std, generator=generator)
-        nn.init.normal_(self.mask_embedding, std=0.02, generator=generator)
+        reset_drafter_weights(self, generator, small_residuals=False)  # its layers come from the target
 
     @torch.no_grad()
     def init_from_target(self, model) -> None:
