@@ -37,9 +37,9 @@ def table(bench: Path, records: Path) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     decoders = [d for d in results["temperatures"][temperatures[0]]["decoders"] if d.startswith("abl-")]
     for decoder in decoders:
-        row = decoder.removeprefix("abl-").split("@")[0].split(":")[0]
-        trained = json.loads((records / f"{row}.drafter.json").read_text())["training"]
-        cells = [row, f"`{decoder}`", f"`{objective(trained['config'])}`"]
+        label = decoder.removeprefix("abl-").split("@")[0]  # e.g. masked:steps=2:warmup=8
+        trained = json.loads((records / f"{label.split(':')[0]}.drafter.json").read_text())["training"]
+        cells = [label, f"`{decoder}`", f"`{objective(trained['config'])}`"]
         for t in temperatures:
             figures = results["temperatures"][t]["figures"]["all"][decoder]
             cells += [f"{figures['tau']:.2f}", f"{figures['speedup']['median_time']:.2f}x"]

@@ -16,7 +16,7 @@
 #   bash scripts/gpu.sh train $ABLATION --focal-lambda 1 --chain-weight 1   # all three
 #   bash scripts/gpu.sh train $ABLATION --gamma 0 --align-fraction 0.3      # two-stage
 #   bash scripts/gpu.sh train $ABLATION --gamma 0 --kind masked-diffusion   # standalone (bench T = 1, 2, 4)
-# with ABLATION="--steps 600 --batch-size 64 --blocks 32 --draft-vocab 8192 --save-dtype bfloat16 --seed 0"
+# with ABLATION="--steps 600 --batch-size 64 --blocks 32 --draft-vocab 8192 --save-dtype bfloat16 --seed 0 --focal-lambda 0 --chain-weight 0"
 set -euo pipefail
 W=/tmp/dd
 mkdir -p "$W"

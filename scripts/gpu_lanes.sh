@@ -20,7 +20,7 @@ W=/tmp/dd
 export PYTHONPATH="$PWD/src:$W/site" PYTHONUNBUFFERED=1 DIFFDRAFT_CACHE="$W/cache" TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=3 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 GGUF="$W/SmolLM2-135M-Instruct.Q4_1.gguf"
-ABLATION="--steps 600 --batch-size 64 --blocks 32 --draft-vocab 8192 --save-dtype bfloat16 --seed 0"
+ABLATION="--steps 600 --batch-size 64 --blocks 32 --draft-vocab 8192 --save-dtype bfloat16 --seed 0 --focal-lambda 0 --chain-weight 0"
 
 bd() {  # bd NAME ARGS...: one `diffdraft train` run in $W/runs/NAME (skipped once finished)
   local name="$1"; shift

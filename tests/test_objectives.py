@@ -156,3 +156,15 @@ def test_autocast_dtype_follows_the_device():
     assert TrainConfig(data="d", out="o", amp="bfloat16").amp_dtype == "bfloat16"
     with pytest.raises(DiffdraftError, match="amp"):
         TrainConfig(data="d", out="o", amp="int8")
+
+
+def test_default_objective_is_the_ablation_best_row_for_block_diffusion_only():
+    # positional + focal + chain for the conditioned drafter; the standalone drafter's
+    # masked-diffusion objective has no such terms, so it keeps them at 0 unless told.
+    conditioned = TrainConfig(data="d", out="o")
+    assert (conditioned.gamma, conditioned.focal_lambda, conditioned.chain_weight) == (7.0, 1.0, 1.0)
+    standalone = TrainConfig(data="d", out="o", kind="masked-diffusion")
+    assert (standalone.focal_lambda, standalone.chain_weight) == (0.0, 0.0)
+    explicit = TrainConfig(data="d", out="o", focal_lambda=0.0, chain_weight=0.5)
+    assert (explicit.focal_lambda, explicit.chain_weight) == (0.0, 0.5)
+    assert TrainConfig.from_dict(conditioned.to_dict()) == conditioned

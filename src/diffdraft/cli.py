@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffdraft.config import VERIFY_MODES, DraftConfig, SamplingConfig
+from diffdraft.config import BEST_OBJECTIVE, VERIFY_MODES, DraftConfig, SamplingConfig
 from diffdraft.drafters import DRAFTER_NAMES
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import DTYPES
@@ -333,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate on this data folder's held-out shards (e.g. regenerated data while training "
                          "on ShareGPT's own answers)")
     objective = tr.add_argument_group("objective (block-diffusion; composable)")
-    objective.add_argument("--focal-lambda", type=float, default=0.0, help="extra weight on each block's first error")
-    objective.add_argument("--chain-weight", type=float, default=0.0, help="weight of the chain loss")
+    best = BEST_OBJECTIVE  # the objective ablation's best row (results/ablation-mtbench)
+    objective.add_argument("--focal-lambda", type=float, default=None,
+                           help=f"extra weight on each block's first error (default {best['focal_lambda']:g}; 0 for none)")
+    objective.add_argument("--chain-weight", type=float, default=None,
+                           help=f"weight of the chain loss (default {best['chain_weight']:g}; 0 for none)")
     objective.add_argument("--align-fraction", type=float, default=0.0,
                            help="last fraction of the steps run as stage II of the two-stage alignment")
     objective.add_argument("--align-alpha", type=float, default=1.01)

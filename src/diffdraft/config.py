@@ -14,6 +14,9 @@ from diffdraft.errors import DiffdraftError
 
 VERIFY_MODES = ("auto", "rejection", "point-mass")
 TRAINABLE_KINDS = ("block-diffusion", "masked-diffusion")
+# The block-diffusion objective terms a run gets unless told otherwise: with positional
+# weighting (gamma 7) the best row of the objective ablation (results/ablation-mtbench).
+BEST_OBJECTIVE = {"focal_lambda": 1.0, "chain_weight": 1.0}
 AMP_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -135,9 +138,9 @@ class TrainConfig:
     kind: str = "block-diffusion"  # or "masked-diffusion": the standalone drafter (no target features)
     init_from: str | None = None  # a drafter folder of the same kind to start from (fine-tuning)
     eval_data: str | None = None  # held-out shards from another data folder (default: `data`'s own)
-    # Objective pieces (train/objectives.py); the defaults are positional weighting alone.
-    focal_lambda: float = 0.0  # extra weight on each block's first wrong slot
-    chain_weight: float = 0.0  # weight of the chain loss (-log expected accepted length)
+    # Objective pieces (train/objectives.py); None takes the kind's default (BEST_OBJECTIVE).
+    focal_lambda: float | None = None  # extra weight on each block's first wrong slot
+    chain_weight: float | None = None  # weight of the chain loss (-log expected accepted length)
     align_fraction: float = 0.0  # last fraction of the steps run as stage II of the two-stage alignment
     align_alpha: float = 1.01
     align_max_masked: int = 96
@@ -151,6 +154,9 @@ class TrainConfig:
             raise DiffdraftError(f"gamma must be positive, got {self.gamma}")
         if self.kind not in TRAINABLE_KINDS:
             raise DiffdraftError(f"drafter kind must be one of {', '.join(TRAINABLE_KINDS)}, got {self.kind!r}")
+        for name, best in BEST_OBJECTIVE.items():
+            if getattr(self, name) is None:  # the masked-diffusion objective has no such terms
+                object.__setattr__(self, name, best if self.kind == "block-diffusion" else 0.0)
         for name in ("focal_lambda", "chain_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
