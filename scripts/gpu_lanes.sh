@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# One GPU lease, all training at once: the issue-6 ablation rows, the issue-5 two-stage run and
-# the issue-7 dLLM conversions run side by side as independent lanes (a 135M target leaves an
-# H100 mostly idle, so five small jobs share it better than one after another).
+# Everything diffdraft trains on a lent GPU machine (see README "Training a drafter"): the
+# training data, and the trainings themselves as independent lanes run side by side (a 135M
+# target leaves an H100 mostly idle, so small jobs share it better than one after another):
+#   lane 1, 2: the issue-6 objective ablation rows
+#   lane 3: the two-stage bd16 run (ShareGPT answers, then regenerated data) from the shipped
+#           drafter; started from the first drafter, it made the one shipped now
+#   lane 4, 5: the issue-7 dLLM conversions (b = 4, 8), each followed by its dLLM drafter
 #
-# The GGUF travels in three pieces because every call also carries the ~20 MB work tree and a
-# call carries 64 MiB in all:
-#   here:    bash scripts/gpu_lanes.sh pack                 # .gpu/p1, .gpu/p2, .gpu/p3 (+ wheel, data)
+# The machine has torch and transformers but no gguf, no model and no data. The GGUF travels
+# in three pieces because every call also carries the ~20 MB work tree and a call carries
+# 64 MiB in all:
+#   here:    bash scripts/gpu_lanes.sh pack [DATA]          # .gpu/p1, p2, p3 (GGUF pieces, wheel, prompts, data)
 #   call 1:  bash scripts/gpu_lanes.sh part 1               carry .gpu/p1
 #   call 2:  bash scripts/gpu_lanes.sh part 2               carry .gpu/p2
 #   call 3:  bash scripts/gpu_lanes.sh launch 500           carry .gpu/p3: set up, start the lanes, watch
 #            (LANES="4 5" bash scripts/gpu_lanes.sh launch 500: only those lanes)
+#       or:  bash scripts/gpu_lanes.sh data [N]             carry .gpu/p3: regenerate N prompts' answers -> $OUT/data.tgz
 #   call 4+: bash scripts/gpu_lanes.sh watch 540            watch; export the runs that finished
 #   here:    bash scripts/gpu_lanes.sh unpack FILES_AT      # exported runs -> runs/gpu/
+#   here:    bash scripts/gpu_lanes.sh install              # runs/gpu dLLM adapters -> src/diffdraft/weights/
 # Each call must come within 30 s of the last (the machine goes back when idle). The lanes run
 # in their own process session (setsid), so they outlive the call that started them.
 # Finished runs come back as a tar split into 15 MiB pieces (a call returns 8 files of 16 MiB).
@@ -65,6 +72,12 @@ lane() {  # lane N: the runs of lane N, one after another
   echo "lane $1 done" >> "$W/logs/done"
 }
 
+setup() {  # the gguf wheel and the joined GGUF, converted once to safetensors in $DIFFDRAFT_CACHE
+  python3 -m pip install -q --no-index --no-deps --target "$W/site" .gpu/p3/gguf-*.whl
+  cat "$W/gguf-00" "$W/gguf-01" .gpu/p3/gguf-02 > "$GGUF"
+  sha256sum "$GGUF" | cut -c1-16
+}
+
 progress() {  # the last log line of every run, and the lanes that finished
   for f in "$W"/runs/*/log.jsonl; do
     [ -f "$f" ] || continue
@@ -103,25 +116,37 @@ watch_lanes() {  # watch SECONDS: progress every minute until the time is up or 
 }
 
 case "${1:-}" in
-  pack)
-    rm -rf .gpu/p1 .gpu/p2 .gpu/p3 && mkdir -p .gpu/p1 .gpu/p2 .gpu/p3 "$W/split"
-    cat .gpu/a/part_aa .gpu/b/part_ab | split -b 42M -d - "$W/split/gguf-"
+  pack)  # DATA: a `diffdraft data` folder (default /work/data/data); SHAREGPT_ANSWERS: another, optional
+    data="${2:-/work/data/data}" answers="${SHAREGPT_ANSWERS:-/work/data/sharegpt-answers}"
+    rm -rf .gpu/p1 .gpu/p2 .gpu/p3 "$W/split" && mkdir -p .gpu/p1 .gpu/p2 .gpu/p3 "$W/split"
+    gguf=$(python3 -c "from diffdraft.loading import default_gguf_path; print(default_gguf_path())")
+    split -b 42M -d "$gguf" "$W/split/gguf-"
     mv "$W/split/gguf-00" .gpu/p1/ && mv "$W/split/gguf-01" .gpu/p2/ && mv "$W/split/gguf-02" .gpu/p3/
-    cp .gpu/b/gguf-*.whl .gpu/c/data.tgz .gpu/c/sharegpt-answers.tgz .gpu/p3/
-    mkdir -p "$W/shipped" && tar czf .gpu/p3/shipped-bd16.tgz -C src/diffdraft/weights smollm2-bd16
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/p3 gguf==0.19.0
+    python3 -c "from diffdraft.train.data import load_sharegpt_prompts as p; import json; json.dump(p(), open('.gpu/p3/prompts.json', 'w'))"
+    [ -f "$data/manifest.json" ] && tar czf .gpu/p3/data.tgz -C "$(dirname "$data")" "$(basename "$data")"
+    [ -f "$answers/manifest.json" ] && tar czf .gpu/p3/sharegpt-answers.tgz -C "$(dirname "$answers")" "$(basename "$answers")"
+    tar czf .gpu/p3/shipped-bd16.tgz -C src/diffdraft/weights smollm2-bd16
     du -sh .gpu/p1 .gpu/p2 .gpu/p3
     ;;
   part)
     mkdir -p "$W" && cp ".gpu/p$2/gguf-0$(( $2 - 1 ))" "$W/"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     ;;
+  data)
+    setup
+    python3 -m diffdraft.cli data --out "$W/data" --model "$GGUF" --dtype bfloat16 --device cuda \
+      --prompts .gpu/p3/prompts.json --num-prompts "${2:-13983}" --shard-size 512 --batch-size 512 \
+      --max-new-tokens 256 --max-prompt-tokens 256 --temperatures 0,0.8 2>&1 | tr '\r' '\n' | grep -v "^regenerating" || true
+    cat "$W/data/manifest.json"
+    tar czf "$OUT/data.tgz" -C "$W" data
+    ;;
   launch)
     mkdir -p "$W/logs" "$W/runs"
     echo ${LANES:-1 2 3 4 5} | wc -w > "$W/logs/lanes"
-    python3 -m pip install -q --no-index --no-deps --target "$W/site" .gpu/p3/gguf-*.whl
-    cat "$W/gguf-00" "$W/gguf-01" .gpu/p3/gguf-02 > "$GGUF"
-    sha256sum "$GGUF" | cut -c1-16
-    tar xzf .gpu/p3/data.tgz -C "$W" && tar xzf .gpu/p3/sharegpt-answers.tgz -C "$W"
+    setup
+    tar xzf .gpu/p3/data.tgz -C "$W"
+    [ -f .gpu/p3/sharegpt-answers.tgz ] && tar xzf .gpu/p3/sharegpt-answers.tgz -C "$W"
     tar xzf .gpu/p3/shipped-bd16.tgz -C "$W" && mv "$W/smollm2-bd16" "$W/shipped-bd16"
     python3 -c "from diffdraft.loading import load_model; m, _ = load_model('$GGUF'); print(m.config.num_hidden_layers, 'layers')"
     for n in ${LANES:-1 2 3 4 5}; do
@@ -131,6 +156,17 @@ case "${1:-}" in
     ;;
   lane) lane "$2" ;;
   watch) watch_lanes "${2:-540}" ;;
+  install)  # the dLLM conversions and drafters unpacked into runs/gpu -> the package's weights
+    for b in 4 8; do
+      for kind in adapter drafter; do
+        src="runs/gpu/$kind-b$b/adapter"
+        [ -f "$src/drafter.json" ] || continue
+        dest="src/diffdraft/weights/smollm2-dllm-b$b$([ "$kind" = drafter ] && echo -drafter || true)"
+        mkdir -p "$dest" && cp "$src/drafter.json" "$src/drafter.safetensors" "$dest/"
+        echo "installed $dest ($(du -h "$dest/drafter.safetensors" | cut -f1))"
+      done
+    done
+    ;;
   unpack)
     mkdir -p runs/gpu
     for tarball in $(ls "$2"/runs-*.tar.part-00 2>/dev/null); do
@@ -138,5 +174,5 @@ case "${1:-}" in
     done
     ls runs/gpu
     ;;
-  *) sed -n '2,18p' "$0"; exit 2 ;;
+  *) sed -n '2,24p' "$0"; exit 2 ;;
 esac
