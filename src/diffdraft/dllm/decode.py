@@ -149,6 +149,17 @@ class Output:
         return out[: self.max_new_tokens]
 
 
+def settle(block: BlockState, session: Session, output: Output) -> BlockState | None:
+    """After a step: a finished block goes to the output and (by the next forward) to the cache,
+    and the next block begins. None when generation is done."""
+    if not block.finished:
+        return block
+    if output.add(block.ids):
+        return None
+    session.finish(block.ids)
+    return block.next_block()
+
+
 def decode(
     net: BlockDiffusionLM,
     prompt: list[int],
@@ -170,11 +181,8 @@ def decode(
         logits = session.block_logits(block)  # [b, V]
         step = choose_step(logits, masked_slots(list(block.ids)), counts[block.step], sampling, generator)
         revealed.append(len(step.slots))
-        block = block.advance(step)
-        if block.finished:
-            if output.add(block.ids):
-                break
-            session.finish(block.ids)
-            block = block.next_block()
+        block = settle(block.advance(step), session, output)
+        if block is None:
+            break
     return DLLMResult(tokens=output.tokens(), forwards=session.forwards, seconds=time.perf_counter() - start,
                       revealed=revealed, first_block_s=output.first_at - start)

@@ -37,7 +37,7 @@ import time
 import torch
 
 from diffdraft.config import SamplingConfig
-from diffdraft.dllm.decode import DLLMResult, Output, Session
+from diffdraft.dllm.decode import DLLMResult, Output, Session, settle
 from diffdraft.dllm.drafter import DLLMDrafter, StepDraft
 from diffdraft.dllm.masks import reveal_labels, simsd_layout, state_ids
 from diffdraft.dllm.model import BlockDiffusionLM
@@ -149,12 +149,9 @@ def decode_simsd(
             if output.add(block.ids):
                 break
             block = block.next_block()
-        block = block.advance(last)
-        if block.finished:
-            if output.add(block.ids):
-                break
-            session.finish(block.ids)
-            block = block.next_block()
+        block = settle(block.advance(last), session, output)
+        if block is None:
+            break
     result.tokens = output.tokens()
     result.forwards = session.forwards
     result.draft_forwards = drafter.forwards
