@@ -18,7 +18,7 @@ from pathlib import Path
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.dllm.loading import dllm_runners
 from diffdraft.dllm.runner import DLLMRunner, to_stats
-from diffdraft.drafters import build_drafter, parse_options
+from diffdraft.drafters import build_drafter, format_options, parse_options
 from diffdraft.engine import SpeculativeEngine
 from diffdraft.errors import DiffdraftError
 from diffdraft.stats import Stats
@@ -135,7 +135,7 @@ def decoder_label(spec: str) -> str:
         return spec
     path = Path(folder.rstrip("/"))
     label = path.parent.name if path.name in RUN_RESULT_NAMES and path.parent.name else path.name
-    return label + "".join(f":{key}={value}" for key, value in options.items())
+    return format_options(label, options)
 
 
 def split_cut(spec: str) -> tuple[str, float]:
@@ -152,7 +152,7 @@ def split_cut(spec: str) -> tuple[str, float]:
         cut = float(value)
     except ValueError:
         raise DiffdraftError(f"bad cut {value!r} in {spec!r}: write cut=0.3 (a confidence in [0, 1))") from None
-    return base + "".join(f":{key}={val}" for key, val in options.items()), cut
+    return format_options(base, options), cut
 
 
 def engine_decoders(

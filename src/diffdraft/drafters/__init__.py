@@ -37,6 +37,11 @@ def parse_options(spec: str) -> tuple[str, dict[str, str]]:
     return base, options
 
 
+def format_options(base: str, options: dict[str, str]) -> str:
+    """The inverse of parse_options: BASE:key=value:..."""
+    return base + "".join(f":{key}={value}" for key, value in options.items())
+
+
 def build_drafter(spec: str, target, early_exit_layers: int = 4) -> Drafter | None:
     """A drafter by name (none, ngram, early-exit, block-diffusion) or a drafter checkpoint folder.
 
