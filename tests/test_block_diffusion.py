@@ -338,7 +338,7 @@ def test_sampling_law_through_the_engine(draft_vocab):
     """T = 1 with rejection sampling (the drafter's q is exact, with the full or a reduced draft
     vocabulary): the first 3 tokens follow the target's law computed by enumeration
     (chi-square, alpha 1e-4, N = 600 seeded runs)."""
-    from test_engine import L, LAW_PROMPT, exact_law, make_small_target
+    from test_engine import LAW_PROMPT, engine_samples, exact_law, make_small_target
 
     target = make_small_target()
     net = tiny_net(target, num_taps=2)
@@ -348,11 +348,7 @@ def test_sampling_law_through_the_engine(draft_vocab):
     drafter = BlockDiffusionDrafter(target, net, (1, 2), draft_vocab=vocab)
     sampling = SamplingConfig(temperature=1.0)
     engine = SpeculativeEngine(target, drafter, DraftConfig(3), sampling)
-    samples, accepted = [], []
-    for seed in range(600):
-        result = engine.generate(LAW_PROMPT, max_new_tokens=L + 1, seed=seed)
-        samples.append(tuple(result.tokens[:L]))
-        accepted += result.stats.accepted
+    samples, accepted = engine_samples(engine, 600)
     result = fit(samples, exact_law(target, LAW_PROMPT, sampling))
     assert result.ok, str(result)
     assert 0 in accepted and max(accepted) >= 2

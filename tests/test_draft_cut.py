@@ -63,7 +63,7 @@ class CutOnDrawnToken(BlockDiffusionDrafter):
 
 
 def law_with_cut(drafter_class, runs: int = 600):
-    from test_engine import L, LAW_PROMPT, exact_law, make_small_target
+    from test_engine import LAW_PROMPT, engine_samples, exact_law, make_small_target
 
     target = make_small_target()
     net = tiny_net(target, num_taps=2)
@@ -72,11 +72,7 @@ def law_with_cut(drafter_class, runs: int = 600):
     sampling = SamplingConfig(temperature=1.0)
     engine = SpeculativeEngine(target, drafter_class(target, net, (1, 2)),
                                DraftConfig(3, verify="rejection", min_confidence=0.5), sampling)
-    samples, proposed = [], []
-    for seed in range(runs):
-        result = engine.generate(LAW_PROMPT, max_new_tokens=L + 1, seed=seed)
-        samples.append(tuple(result.tokens[:L]))
-        proposed += result.stats.proposed
+    samples, proposed = engine_samples(engine, runs, trace="proposed")
     return fit(samples, exact_law(target, LAW_PROMPT, sampling)), proposed
 
 

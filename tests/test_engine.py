@@ -432,13 +432,15 @@ def exact_law(target: Target, prompt: list[int], sampling: SamplingConfig) -> di
     return law
 
 
-def engine_samples(engine: SpeculativeEngine, n: int, seed0: int = 0):
-    samples, accepted = [], []
+def engine_samples(engine: SpeculativeEngine, n: int, seed0: int = 0, trace: str = "accepted"):
+    """The first L tokens of n seeded runs on LAW_PROMPT, and every verify step's `trace`
+    (a Stats list: accepted or proposed) over all runs."""
+    samples, steps = [], []
     for s in range(n):
         result = engine.generate(LAW_PROMPT, max_new_tokens=L + 1, seed=seed0 + s)
         samples.append(tuple(result.tokens[:L]))
-        accepted.extend(result.stats.accepted)
-    return samples, accepted
+        steps.extend(getattr(result.stats, trace))
+    return samples, steps
 
 
 # verify="auto" picks rejection sampling for the early-exit drafter (it states q).

@@ -212,16 +212,12 @@ def test_greedy_equals_plain_decoding(tiny_model, tiny_tokenizer, denoise):
 
 def law_of_first_tokens(drafter_for, runs: int = 600):
     """Sample 3 tokens at T = 1 through the engine with drafter_for(target); fit against the exact law."""
-    from test_engine import L, LAW_PROMPT, exact_law, make_small_target
+    from test_engine import LAW_PROMPT, engine_samples, exact_law, make_small_target
 
     target = make_small_target()
     sampling = SamplingConfig(temperature=1.0)
     engine = SpeculativeEngine(target, drafter_for(target), DraftConfig(3), sampling)
-    samples, accepted = [], []
-    for seed in range(runs):
-        result = engine.generate(LAW_PROMPT, max_new_tokens=L + 1, seed=seed)
-        samples.append(tuple(result.tokens[:L]))
-        accepted += result.stats.accepted
+    samples, accepted = engine_samples(engine, runs)
     return fit(samples, exact_law(target, LAW_PROMPT, sampling)), accepted
 
 
