@@ -4,7 +4,8 @@
 # target leaves an H100 mostly idle, so small jobs share it better than one after another):
 #   lane 1, 2: the issue-6 objective ablation rows
 #   lane 3: the two-stage bd16 run (ShareGPT answers, then regenerated data) from the shipped
-#           drafter; started from the first drafter, it made the one shipped now
+#           drafter, with the default objective (positional + focal + chain); the shipped one
+#           came from this lane started from the first drafter, when focal was not yet a default
 #   lane 4, 5: the issue-7 dLLM conversions (b = 4, 8), each followed by its dLLM drafter
 #
 # The machine has torch and transformers but no gguf, no model and no data. The GGUF travels
