@@ -50,6 +50,30 @@ def test_forward_equals_hf_with_fresh_adapters(peaked_model):
     assert torch.equal(net.logits(hidden), expected[:, 7:])
 
 
+def test_fresh_conversion_predicts_slot_zero_as_the_ar_model(peaked_model):
+    """The token shift: slot 0 of a block is read from the last context position, so with zero
+    adapter updates the first block's slot 0 is the AR model's next-token prediction after the
+    prompt, whatever the mask embedding. (After a finished block it is not exactly: that block
+    was read bidirectionally.)"""
+    from diffdraft.dllm.decode import BlockState, Session
+
+    net = BlockDiffusionLM(peaked_model, DLLMConfig(block_size=3))
+    net.reset_parameters(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        net.mask_embedding.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    prompt = [5, 9, 33, 100]
+    session = Session(net)
+    first = session.begin(prompt, 6)
+    expected = peaked_model(input_ids=torch.tensor([prompt])).logits[0]  # [4, V]
+    unshifted = net.logits(net(torch.tensor([prompt + [MASK_ID] * 3]), torch.arange(7)[None],
+                               causal_mask(0, 7))[0])[0, 4]  # what the slot's own row would say
+    assert not torch.allclose(unshifted, expected[3], atol=1e-3)
+    assert torch.allclose(session.block_logits(first)[0], expected[3], atol=1e-5)
+    # a slot whose predecessor is revealed and the rest masked is not the AR prediction: the masks are read
+    half = session.block_logits(BlockState(start=4, ids=(3, MASK_ID, MASK_ID)))
+    assert not torch.allclose(half[1], peaked_model(input_ids=torch.tensor([prompt + [3]])).logits[0, -1], atol=1e-3)
+
+
 def test_adapters_and_mask_embedding_change_the_output(peaked_model):
     net = converted(peaked_model, 4)
     ids = torch.tensor([[3, 50, 7, MASK_ID, MASK_ID]])

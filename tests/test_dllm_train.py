@@ -82,6 +82,15 @@ def test_block_batch_layout():
     assert torch.equal(labels[0, clean:][hidden], truth[hidden]) and (labels[0, clean:][~hidden] == IGNORE).all()
     assert torch.equal(noisy[~hidden], truth[~hidden])
     assert (labels[:, :clean] == IGNORE).all() and (labels[1, clean + 2 :] == IGNORE).all()
+    # each slot is predicted from the position before it: slot 0 of a block from the clean token
+    # before the block (prompt end, then the last token of the previous clean block), slot 1 from slot 0
+    assert batch["sources"][0, clean:].tolist() == [2, clean, 4, clean + 2, 6, clean + 4]
+    assert batch["sources"][1, clean : clean + 2].tolist() == [0, clean]
+
+
+def test_a_sequence_without_prompt_is_refused():
+    with pytest.raises(DiffdraftError, match="needs a prompt"):
+        make_block_batch([Sequence(tokens=[10, 11, 12, 13], prompt_len=0)], 64, 2, EOS_ID, None)
 
 
 def test_one_training_step_lowers_the_loss(data_dir, tmp_path, target):

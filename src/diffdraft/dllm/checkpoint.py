@@ -21,6 +21,7 @@ from diffdraft.drafters.checkpoint import read_checkpoint, write_checkpoint
 from diffdraft.errors import DiffdraftError
 
 KIND = "dllm"
+FORMAT = 2  # 2: each slot is predicted from the position before it (model.slot_hidden); 1 read its own position
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
@@ -32,7 +33,7 @@ def shipped_folder(block_size: int, drafter: bool = False) -> Path:
 def save_dllm(folder: str | Path, net: BlockDiffusionLM, signature: dict, extra: dict | None = None,
               dtype: torch.dtype = torch.float32) -> None:
     """Write the adapters and mask embedding of `net`; `signature` is target_signature of its base."""
-    config = {"kind": KIND, "dllm": net.config.to_dict(), "base": signature}
+    config = {"kind": KIND, "format": FORMAT, "dllm": net.config.to_dict(), "base": signature}
     if extra:
         config["training"] = extra
     write_checkpoint(folder, config, dict(net.state_dict()), dtype=dtype)
@@ -43,6 +44,9 @@ def load_dllm(folder: str | Path, target) -> BlockDiffusionLM:
     config, tensors = read_checkpoint(folder)
     if config.get("kind") != KIND:
         raise DiffdraftError(f"{folder} holds a {config.get('kind')!r} checkpoint, not a converted dLLM")
+    if config.get("format", 1) != FORMAT:
+        raise DiffdraftError(f"{folder} holds a dLLM of format {config.get('format', 1)}, this diffdraft reads format "
+                             f"{FORMAT} (each slot predicted from the position before it): convert it again")
     try:
         dllm = DLLMConfig.from_dict(config["dllm"])
         signature = dict(config["base"])

@@ -56,6 +56,7 @@ class Session:
         self.net = net
         self.cache = KVCache()
         self.unsent: list[tuple[int, ...]] = []  # finished blocks not yet in the cache
+        self.before: torch.Tensor | None = None  # [D] hidden state of the last cached position: predicts slot 0
         self.forwards = 0  # forwards after the prefill
 
     @torch.inference_mode()
@@ -71,15 +72,23 @@ class Session:
         if needed > limit:
             raise DiffdraftError(f"prompt plus {max_new_tokens} new tokens in blocks of {b} exceed the context of {limit}")
         ids = torch.tensor([prompt], dtype=torch.long)
-        _, kv = self.net(ids, torch.arange(len(prompt))[None], causal_mask(0, len(prompt)))
+        hidden, kv = self.net(ids, torch.arange(len(prompt))[None], causal_mask(0, len(prompt)))
         self.cache = KVCache()
-        self.cache.append(kv, slice(None))
+        self.keep(kv, hidden[0], slice(0, len(prompt)))
         self.unsent, self.forwards = [], 0
         return BlockState.empty(len(prompt), b)
 
     def finish(self, ids: tuple[int, ...]) -> None:
         """A block is final: it will be cached by the next forward."""
         self.unsent.append(tuple(ids))
+
+    def keep(self, kv, hidden: torch.Tensor, rows: slice) -> None:
+        """Cache the keys/values of `rows` of a forward (clean tokens that extend the context).
+
+        hidden: [T, D] of that forward; its last kept row becomes `before`.
+        """
+        self.cache.append(kv, rows)
+        self.before = hidden[rows.stop - 1]
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
@@ -90,19 +99,19 @@ class Session:
         hidden, kv = self.net(ids, positions, mask, self.cache)
         sent = len(self.unsent) * self.net.block_size
         if sent:
-            self.cache.append(kv, slice(0, sent))
+            self.keep(kv, hidden[0], slice(0, sent))
             self.unsent = []
         self.forwards += 1
         return hidden[0], kv
 
     def block_logits(self, block: BlockState) -> torch.Tensor:
-        """Logits at every slot of the block in its current state, [b, V] (one forward)."""
+        """Logits for every slot of the block in its current state, [b, V] (one forward)."""
         b = self.net.block_size
         n = len(self.unsent)
         ids = [t for blk in self.unsent for t in blk] + list(block.ids)
         positions = torch.arange(block.start - n * b, block.start + b)[None]
         hidden, _ = self.run(torch.tensor([ids]), positions, finished_then(self.cache.length, n, b, [b]))
-        return self.net.logits(hidden[n * b :]).float()
+        return self.net.logits(self.net.slot_hidden(self.before, hidden[n * b :])).float()
 
 
 @dataclass

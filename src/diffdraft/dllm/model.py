@@ -4,7 +4,12 @@ The forward is written here over the HF modules' weights (norms, projections, ro
 tables, LM head), so that every call takes its own boolean attention mask over
 [cached tokens | new tokens] and its own position ids: causal for a prompt, bidirectional
 inside a block, per-state groups for SimSD verification. The vocabulary has no mask
-token, so MASK_ID (-1) in an id tensor means "the learned mask embedding". With
+token, so MASK_ID (-1) in an id tensor means "the learned mask embedding".
+Slot i of a block is predicted from the position before it (the token shift of Dream and
+Fast-dLLM v2, see `slot_hidden`): slot 0 from the last context token, slot i from slot
+i-1 of the same copy of the block. The LM head therefore keeps its AR meaning, "the next
+token", and a fresh conversion already predicts slot 0 exactly as the AR model does; the
+fine-tune only has to teach the model to read mask slots. With
 `num_layers` < the base depth it is the cheap drafter: the first layers, then the final
 norm and the LM head. The base model is referenced, never copied, modified or saved; only
 the adapters and the mask embedding are parameters of this module.
@@ -145,6 +150,12 @@ class BlockDiffusionLM(nn.Module):
             gated = mlp.act_fn(self._proj(index, layer, "gate", x)) * self._proj(index, layer, "up", x)
             h = h + self._proj(index, layer, "down", gated)
         return body.norm(h), new_kv
+
+    @staticmethod
+    def slot_hidden(before: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The hidden states whose logits predict a block's slots: slot 0 from `before`, the last
+        context position, and slot i from row i-1. before [D], rows [b, D] -> [b, D]."""
+        return torch.cat([before[None], rows[:-1]], dim=0)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., D] -> logits [..., V] through the base LM head."""

@@ -132,9 +132,11 @@ def decode_simsd(
         layout = simsd_layout(session.cache.length, session.unsent, block.start, list(block.ids), tokens, labels,
                               num_steps)
         hidden, kv = session.run(layout.ids, layout.positions, layout.mask)  # [T, D]
-        rows = layout.states + [layout.final]
-        logits = [target.logits(hidden[r]).float() for r in rows]  # S+1 x [b, V]
         fills = layout.final_clean is not None
+        next_before = hidden[layout.final_clean.stop - 1] if fills else session.before  # [D] predicts final slot 0
+        predictors = [target.slot_hidden(session.before, hidden[r]) for r in layout.states]
+        predictors.append(target.slot_hidden(next_before, hidden[layout.final]))
+        logits = [target.logits(h).float() for h in predictors]  # S+1 x [b, V]
         masked = [masked_slots(state_ids(list(block.ids), tokens, labels, j)) for j in range(num_steps)]
         masked.append(torch.ones(b, dtype=torch.bool) if fills else masked_slots(tokens))
         step_counts = counts[block.step : block.step + num_steps] + [counts[0] if fills else counts[block.step + num_steps]]
@@ -145,7 +147,7 @@ def decode_simsd(
         for step in draft.steps[:accepted]:
             block = block.advance(step)
         if accepted == num_steps and fills:  # the drafted block is final and already ran clean: cache it
-            session.cache.append(kv, layout.final_clean)
+            session.keep(kv, hidden, layout.final_clean)
             if output.add(block.ids):
                 break
             block = block.next_block()

@@ -7,7 +7,9 @@ token when the response ended, dropped when it was cut off), clean blocks see th
 the earlier clean blocks and themselves, and each noisy block sees the prompt, the clean
 blocks before it and itself. Every noisy block draws a masking ratio r ~ U(0, 1) and masks
 each slot with probability r (at least one); the loss is the cross-entropy of the true
-token at the masked slots, averaged over them. Only the LoRA adapters and the mask
+token at the masked slots, averaged over them, each slot predicted from the position
+before it (model.slot_hidden): slot 0 of a noisy block from the clean token before the
+block, slot i from noisy slot i-1. A sequence needs a prompt of at least one token. Only the LoRA adapters and the mask
 embedding learn; the base model is frozen. AdamW with warm-up and cosine decay, gradient
 clipping, bf16 autocast, and everything random derived from (seed, step), so a run
 resumed from its checkpoint (adapters + optimizer + step) continues as an uninterrupted
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from diffdraft.config import check_training_basics, resolve_amp
-from diffdraft.dllm.checkpoint import save_dllm
+from diffdraft.dllm.checkpoint import FORMAT, KIND, save_dllm
 from diffdraft.dllm.masks import training_mask
 from diffdraft.dllm.model import MASK_ID, BlockDiffusionLM, DLLMConfig
 from diffdraft.drafters.block_diffusion import target_signature
@@ -108,7 +110,11 @@ def response_blocks(seq: Sequence, max_len: int, block_size: int, eos_id: int) -
 def make_block_batch(
     sequences: list[Sequence], max_len: int, block_size: int, eos_id: int, generator: torch.Generator | None
 ) -> dict[str, torch.Tensor]:
-    """Inputs of one training pass. ids/positions [B, W], mask [B, 1, W, W], labels [B, W] (IGNORE but at masked slots)."""
+    """Inputs of one training pass.
+
+    ids/positions [B, W], mask [B, 1, W, W], labels [B, W] (IGNORE but at masked slots), and
+    sources [B, W]: the row whose hidden state predicts each labelled slot (see slot_hidden).
+    """
     b = block_size
     parts = [response_blocks(s, max_len, b, eos_id) for s in sequences]
     clean_width = max(len(p) + len(r) for p, r in parts)
@@ -117,6 +123,7 @@ def make_block_batch(
     ids = torch.full((len(parts), width), eos_id, dtype=torch.long)
     positions = torch.zeros(len(parts), width, dtype=torch.long)
     labels = torch.full((len(parts), width), IGNORE, dtype=torch.long)
+    sources = torch.zeros(len(parts), width, dtype=torch.long)
     masks = []
     masked = sample_block_masking((len(parts), noisy_width // b, b), generator).reshape(len(parts), noisy_width)
     for row, (prompt, response) in enumerate(parts):
@@ -128,8 +135,14 @@ def make_block_batch(
         ids[row, clean_width : clean_width + r] = torch.where(hidden, MASK_ID, noisy)
         positions[row, clean_width : clean_width + r] = torch.arange(p, p + r)
         labels[row, clean_width : clean_width + r] = torch.where(hidden, noisy, IGNORE)
+        if p < 1:
+            raise DiffdraftError("a training sequence needs a prompt: slot 0 is predicted from the token before it")
+        slot = torch.arange(r)
+        before_block = p + slot - 1  # the clean row of the token just before the slot's block (slot 0's source)
+        sources[row, clean_width : clean_width + r] = torch.where(slot % b == 0, before_block, clean_width + slot - 1)
         masks.append(training_mask(p, r // b, b, clean_width, noisy_width))
-    return {"ids": ids, "positions": positions, "mask": torch.stack(masks)[:, None], "labels": labels}
+    return {"ids": ids, "positions": positions, "mask": torch.stack(masks)[:, None], "labels": labels,
+            "sources": sources}
 
 
 class DLLMTrainer:
@@ -144,11 +157,12 @@ class DLLMTrainer:
         self.target = target
         self.device = torch.device(cfg.device)
         self.eos_id = min(target.eos_token_ids) if target.eos_token_ids else 0
-        usable = [s for s in train_data if response_blocks(s, cfg.max_len, cfg.block_size, self.eos_id)[1]]
+        usable = [s for s in train_data if s.prompt_len and response_blocks(s, cfg.max_len, cfg.block_size, self.eos_id)[1]]
         if not usable:
             raise DiffdraftError(f"no training sequence has a whole block of {cfg.block_size} response tokens")
         self.train_data = usable
-        self.eval_data = [s for s in eval_data if response_blocks(s, cfg.max_len, cfg.block_size, self.eos_id)[1]]
+        self.eval_data = [s for s in eval_data if s.prompt_len and response_blocks(s, cfg.max_len, cfg.block_size,
+                                                                                  self.eos_id)[1]]
         self.eval_data = self.eval_data[: cfg.eval_sequences]
         self.net = BlockDiffusionLM(target.model, cfg.dllm())
         self.net.reset_parameters(torch.Generator().manual_seed(cfg.seed))
@@ -161,7 +175,9 @@ class DLLMTrainer:
 
     def _init_from(self, folder: Path) -> None:
         """Start from another conversion's tensors wherever names and shapes agree (its first layers)."""
-        _, tensors = read_checkpoint(folder)
+        config, tensors = read_checkpoint(folder)
+        if config.get("kind") != KIND or config.get("format", 1) != FORMAT:
+            raise DiffdraftError(f"{folder} is not a converted dLLM of format {FORMAT}: cannot start from it")
         own = self.net.state_dict()
         picked = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
         if "mask_embedding" not in picked:
@@ -176,8 +192,10 @@ class DLLMTrainer:
         labels = batch["labels"].to(self.device)  # [B, W]
         with autocast(self.device, self.cfg.amp_dtype):
             hidden, _ = self.net(batch["ids"], batch["positions"], batch["mask"])  # [B, W, D]
-            picked = labels != IGNORE
-            logits = self.net.logits(hidden[picked]).float()  # [M, V]
+            picked = labels != IGNORE  # [B, W]
+            rows = picked.nonzero()[:, 0]  # [M] batch row of each labelled slot
+            predictors = hidden[rows, batch["sources"].to(self.device)[picked]]  # [M, D]
+            logits = self.net.logits(predictors).float()  # [M, V]
         target = labels[picked]
         return F.cross_entropy(logits, target), (logits.argmax(dim=-1) == target).float().mean()
 
