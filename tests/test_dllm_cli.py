@@ -225,6 +225,10 @@ def test_bench_runs_the_dllm_and_simsd_side_by_side(capsys, folders, two_prompts
     assert "| simsd-b4 | dllm | dllm-b4 | 4 | 2 |" in md and "| 2/2 |" in md and "SimSD with a 4-layer drafter" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "simsd-b4" in printed and "vs dllm-b4" in printed and "equal 2/2" in printed
+    quality = results["dllm_quality"]
+    assert set(quality) == {"0", "1"} and set(quality["0"]) == {PLAIN, "dllm-b4"}  # SimSD's tokens are the dLLM's
+    assert quality["0"]["dllm-b4"]["prompts"] == 2 and "equal_to_ar" in quality["0"]["dllm-b4"]
+    assert "## dLLM quality against the AR model" in md
 
     # a planted difference in SimSD's answer is a bug against the dLLM's own decoding: exit code 1
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from diffdraft.bench.decoders import PLAIN
 from diffdraft.bench.metrics import ALL, LOSSLESS_KINDS
+from diffdraft.bench.quality import quality_markdown
 
 JSON_FILE, MD_FILE, PNG_FILE = "results.json", "results.md", "results.png"
 
@@ -170,6 +171,7 @@ def markdown(results: dict) -> str:
             lines += ["", (f"Engine decoders differing from plain decoding: {len(bugs)}" if only_plain else
                            f"Engine and dLLM decoders differing from their reference: {len(bugs)}")
                       + (" (each one a bug to fix)." if bugs else ".")]
+    lines += quality_markdown(results.get("dllm_quality") or {})
     sessions = results.get("sessions") or []
     if sessions:
         lines += ["", "## Commands", ""]

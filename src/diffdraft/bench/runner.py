@@ -241,6 +241,12 @@ def _run_locked(config: BenchConfig, prompts: list[Prompt], store: RecordStore) 
 
     if todo:
         _measure(config, pipe, decoders, todo, store)
+    if config.dllm is not None:
+        from diffdraft.bench.quality import dllm_quality
+
+        ids = {p.id: p for p in prompts}
+        store.write_quality(dllm_quality(target.model, store.load(), settings["decoders"],
+                                         lambda prompt_id: _prompt_ids(pipe, ids[prompt_id], config)))
     session["ended"] = _now()
     store.write_settings(settings)
 
@@ -322,6 +328,7 @@ def report(out: str) -> dict:
         "skipped_peers": sessions[-1].get("skipped_peers", {}) if sessions else {},
         "loadavg_median": statistics.median(run["loadavg"] for r in records for run in r["runs"]),
         "temperatures": figures,
+        "dllm_quality": store.read_quality(),
     }
     write_reports(results, out)
     return results

@@ -5,6 +5,8 @@
                     decoders seen, and one entry per session (command, start, end)
     records.jsonl   one line per (temperature, prompt, decoder): the tokens, stop reason and
                     Stats trace of each timed repeat
+    quality.json    with a dLLM: its answers' quality against the AR model (bench/quality.py),
+                    recomputed from the records by every run
 
 A record is appended as soon as it is measured, so an interrupted run loses at most the
 prompt in flight; a restart skips what is done. A folder refuses a run whose settings
@@ -26,6 +28,7 @@ from diffdraft.stats import Stats
 
 SETTINGS_FILE = "settings.json"
 RECORDS_FILE = "records.jsonl"
+QUALITY_FILE = "quality.json"
 LOCK_FILE = ".lock"
 # Settings that must match for records to be pooled; decoders, temperatures, prompts and
 # repeats may differ between sessions (each record says which it is).
@@ -85,10 +88,27 @@ class RecordStore:
         return data
 
     def write_settings(self, settings: dict) -> None:
+        self._write_json(self.settings_path, settings)
+
+    def _write_json(self, path: Path, data: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.settings_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings, indent=2) + "\n")
-        os.replace(tmp, self.settings_path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    # ----- the dLLM's quality figures (bench/quality.py), recomputed from the records by each run -----
+    def write_quality(self, quality: dict) -> None:
+        self._write_json(self.folder / QUALITY_FILE, quality)
+
+    def read_quality(self) -> dict:
+        path = self.folder / QUALITY_FILE
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DiffdraftError(f"corrupt {path}: {err}") from err
+        return data if isinstance(data, dict) else {}
 
     def check_settings(self, fixed: dict) -> dict:
         """The folder's settings, created from `fixed` if new; an error if they differ."""
