@@ -19,7 +19,7 @@
 #       or:  bash scripts/gpu_lanes.sh data [N]             carry .gpu/p3: regenerate N prompts' answers -> $OUT/data.tgz
 #   call 4+: bash scripts/gpu_lanes.sh watch 540            watch; export the runs that finished
 #   here:    bash scripts/gpu_lanes.sh unpack FILES_AT      # exported runs -> runs/gpu/
-#   here:    bash scripts/gpu_lanes.sh install              # runs/gpu dLLM adapters -> src/diffdraft/weights/
+#   here:    bash scripts/gpu_lanes.sh install [RUNS]       # RUNS (runs/gpu) dLLM adapters -> src/diffdraft/weights/
 # Each call must come within 30 s of the last (the machine goes back when idle). The lanes run
 # in their own process session (setsid), so they outlive the call that started them.
 # Finished runs come back as a tar split into 15 MiB pieces (a call returns 8 files of 16 MiB).
@@ -157,10 +157,10 @@ case "${1:-}" in
     ;;
   lane) lane "$2" ;;
   watch) watch_lanes "${2:-540}" ;;
-  install)  # the dLLM conversions and drafters unpacked into runs/gpu -> the package's weights
+  install)  # install [RUNS]: the dLLM conversions and drafters in RUNS (default runs/gpu) -> the package's weights
     for b in 4 8; do
       for kind in adapter drafter; do
-        src="runs/gpu/$kind-b$b/adapter"
+        src="${2:-runs/gpu}/$kind-b$b/adapter"
         [ -f "$src/drafter.json" ] || continue
         dest="src/diffdraft/weights/smollm2-dllm-b$b$([ "$kind" = drafter ] && echo -drafter || true)"
         mkdir -p "$dest" && cp "$src/drafter.json" "$src/drafter.safetensors" "$dest/"

@@ -128,6 +128,14 @@ def test_resumed_run_equals_uninterrupted(data_dir, tmp_path, target):
         train_dllm(config(data_dir, tmp_path / "b", steps=4, block_size=8), target, log=lambda _: None)
 
 
+def test_a_finished_run_resumed_exports_with_its_evaluation(data_dir, tmp_path, target):
+    first = train_dllm(config(data_dir, tmp_path / "a", steps=1), target, log=lambda _: None)
+    again = train_dllm(config(data_dir, tmp_path / "a", steps=1), target, log=lambda _: None)  # no step left
+    assert again["step"] == 1 and again["eval_loss"] == first["eval_loss"]
+    saved = json.loads((tmp_path / "a" / "adapter" / "drafter.json").read_text())
+    assert saved["training"]["final"]["eval_loss"] == first["eval_loss"]
+
+
 def test_drafter_starts_from_the_converted_target(data_dir, tmp_path, target, tiny_model):
     folder = tmp_path / "target-adapter"
     net = converted(tiny_model, 4, rank=4)

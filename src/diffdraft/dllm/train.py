@@ -271,5 +271,7 @@ def train_dllm(cfg: DLLMTrainConfig, target: Target | None = None, log=print) ->
                 f.write(json.dumps(result) + "\n")
         if trainer.step % cfg.save_every == 0 or last:
             trainer.save_checkpoint(checkpoint)
+    if not result:  # resumed after its last step: nothing ran, so evaluate what is exported
+        result = {"step": trainer.step, **trainer.evaluate()}
     trainer.export(out / "adapter", extra={"config": cfg.to_dict(), "final": result})
     return result
