@@ -3,7 +3,8 @@
 # of 4 and its 4-layer dLLM drafter (starting from the converted target's first layers), then
 # for blocks of 8 starting from the b = 4 adapters, and its drafter. Runs go to runs/cpu/NAME (log: runs/cpu/NAME.log,
 # figures: runs/cpu/NAME/log.jsonl). A finished run is skipped, an interrupted one resumes from its
-# last checkpoint (every 25 steps). About 22 s per conversion step on 2 cores, 2 hours in all.
+# last checkpoint (every 25 steps). On 2 cores: 22-25 s per conversion step, 4-5 s per drafter
+# step, 71 min in all (results/training/README.md).
 #   bash scripts/cpu_dllm.sh [DATA]            DATA: a `diffdraft data` folder (default data/data)
 #   bash scripts/gpu_lanes.sh install runs/cpu  the results -> src/diffdraft/weights/smollm2-dllm-b*
 # A GPU does the same at a larger budget: scripts/gpu_lanes.sh, lanes 4 and 5.
