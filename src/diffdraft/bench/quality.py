@@ -63,7 +63,7 @@ def dllm_quality(model, records: list[dict], decoders: dict[str, dict],
         complete = {p: a for p, a in by_prompt.items() if PLAIN in a and any(d in a for d in own)}
         figures = {}
         for d in [PLAIN, *own]:
-            scored = {p: a for p, a in complete.items() if d in a and PLAIN in a}
+            scored = {p: a for p, a in complete.items() if d in a}
             if not scored:
                 continue
             nll = sum(answer_nll(model, prompt_ids(p), a[d]) for p, a in scored.items())

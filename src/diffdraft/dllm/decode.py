@@ -1,8 +1,9 @@
 """Blockwise decoding with a block-diffusion model: the session state and the plain decoder.
 
 A Session holds one sequence: the KV cache of the prompt and of every finished block
-that has been run through the model, plus the finished blocks not yet run (they ride
-along, as a prefix, with the next forward and are cached there). A BlockState is the
+that has been run through the model, the hidden state of the last cached position (it
+predicts the next block's slot 0, see model.slot_hidden), plus the finished blocks not yet
+run (they ride along, as a prefix, with the next forward and are cached there). A BlockState is the
 block being denoised. `decode` is the model's own decoding, the baseline: prefill the
 prompt causally, then for each block of b slots run `steps` forwards, each revealing
 schedule(b, steps)[j] slots by the rule of unmask.py; a block is finished when no slot
