@@ -165,7 +165,7 @@ def test_shipped_weights_absent_is_said_clearly(capsys, folders, tmp_path, monke
 
     monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path / "no-weights")
     code, _, err = generate(capsys, folders, "--dllm", "b8")
-    assert_user_error(code, err, "scripts/gpu_lanes.sh")
+    assert_user_error(code, err, "scripts/cpu_dllm.sh")
 
 
 # -------------------------------------------------------------------------------- stats

@@ -40,7 +40,8 @@ def _folder(spec: str, drafter: bool) -> Path:
         folder = shipped_folder(SHIPPED[spec], drafter)
         if not (folder / "drafter.json").is_file():
             raise DiffdraftError(f"no shipped {what} for blocks of {SHIPPED[spec]} at {folder}: its weights are "
-                                 f"trained on a GPU with scripts/gpu_lanes.sh, lanes 4 and 5 (or pass a folder, or '--dllm base')")
+                                 f"made by scripts/cpu_dllm.sh (or on a GPU, scripts/gpu_lanes.sh lanes 4 and 5) and "
+                                 f"installed by scripts/gpu_lanes.sh install (or pass a folder, or '--dllm base')")
         return folder
     folder = Path(spec)
     if not folder.is_dir():
