@@ -108,6 +108,10 @@ def corrupt(folder: Path, damage: str) -> None:
     elif damage == "kind":
         config = json.loads((folder / "drafter.json").read_text())
         (folder / "drafter.json").write_text(json.dumps({**config, "kind": "early-exit"}))
+    elif damage == "format":  # written before the token shift: slots read their own position
+        config = json.loads((folder / "drafter.json").read_text())
+        del config["format"]
+        (folder / "drafter.json").write_text(json.dumps(config))
     elif damage == "shape":
         config = json.loads((folder / "drafter.json").read_text())
         config["dllm"]["rank"] = 2
@@ -116,6 +120,7 @@ def corrupt(folder: Path, damage: str) -> None:
 
 @pytest.mark.parametrize("damage, needle", [("json", "corrupt drafter config"), ("weights", "corrupt drafter weights"),
                                             ("no-weights", "not a drafter folder"), ("kind", "not a converted dLLM"),
+                                            ("format", "format 1, this diffdraft reads format 2"),
                                             ("shape", "do not fit")])
 @pytest.mark.parametrize("which", ["target", "drafter"])
 def test_corrupt_adapter_folders(capsys, folders, tmp_path, damage, needle, which):

@@ -136,6 +136,20 @@ def test_a_finished_run_resumed_exports_with_its_evaluation(data_dir, tmp_path, 
     assert saved["training"]["final"]["eval_loss"] == first["eval_loss"]
 
 
+def test_start_from_an_old_format_conversion_is_refused(data_dir, tmp_path, target, tiny_model):
+    folder = tmp_path / "old"
+    save_dllm(folder, converted(tiny_model, 4, rank=4), target_signature(target))
+    config_path = folder / "drafter.json"
+    saved = json.loads(config_path.read_text())
+    del saved["format"]  # written before the token shift
+    config_path.write_text(json.dumps(saved))
+    from diffdraft.train.data import read_split
+
+    with pytest.raises(DiffdraftError, match="format 1"):
+        DLLMTrainer(config(data_dir, tmp_path / "d", num_layers=2, init_from=str(folder)), target,
+                    read_split(data_dir, "train"), [])
+
+
 def test_drafter_starts_from_the_converted_target(data_dir, tmp_path, target, tiny_model):
     folder = tmp_path / "target-adapter"
     net = converted(tiny_model, 4, rank=4)

@@ -39,14 +39,19 @@ def save_dllm(folder: str | Path, net: BlockDiffusionLM, signature: dict, extra:
     write_checkpoint(folder, config, dict(net.state_dict()), dtype=dtype)
 
 
-def load_dllm(folder: str | Path, target) -> BlockDiffusionLM:
-    """A BlockDiffusionLM over target.model (a diffdraft Target) from a folder written by save_dllm."""
-    config, tensors = read_checkpoint(folder)
+def check_kind_and_format(config: dict, folder: str | Path) -> None:
+    """Refuse a checkpoint config that is not a converted dLLM this diffdraft reads."""
     if config.get("kind") != KIND:
         raise DiffdraftError(f"{folder} holds a {config.get('kind')!r} checkpoint, not a converted dLLM")
     if config.get("format", 1) != FORMAT:
         raise DiffdraftError(f"{folder} holds a dLLM of format {config.get('format', 1)}, this diffdraft reads format "
                              f"{FORMAT} (each slot predicted from the position before it): convert it again")
+
+
+def load_dllm(folder: str | Path, target) -> BlockDiffusionLM:
+    """A BlockDiffusionLM over target.model (a diffdraft Target) from a folder written by save_dllm."""
+    config, tensors = read_checkpoint(folder)
+    check_kind_and_format(config, folder)
     try:
         dllm = DLLMConfig.from_dict(config["dllm"])
         signature = dict(config["base"])

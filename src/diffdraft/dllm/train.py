@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from diffdraft.config import check_training_basics, resolve_amp
-from diffdraft.dllm.checkpoint import FORMAT, KIND, save_dllm
+from diffdraft.dllm.checkpoint import check_kind_and_format, save_dllm
 from diffdraft.dllm.masks import training_mask
 from diffdraft.dllm.model import MASK_ID, BlockDiffusionLM, DLLMConfig
 from diffdraft.drafters.block_diffusion import target_signature
@@ -176,8 +176,7 @@ class DLLMTrainer:
     def _init_from(self, folder: Path) -> None:
         """Start from another conversion's tensors wherever names and shapes agree (its first layers)."""
         config, tensors = read_checkpoint(folder)
-        if config.get("kind") != KIND or config.get("format", 1) != FORMAT:
-            raise DiffdraftError(f"{folder} is not a converted dLLM of format {FORMAT}: cannot start from it")
+        check_kind_and_format(config, folder)
         own = self.net.state_dict()
         picked = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
         if "mask_embedding" not in picked:
