@@ -9,8 +9,8 @@ blocks before it and itself. Every noisy block draws a masking ratio r ~ U(0, 1)
 each slot with probability r (at least one); the loss is the cross-entropy of the true
 token at the masked slots, averaged over them, each slot predicted from the position
 before it (model.slot_hidden): slot 0 of a noisy block from the clean token before the
-block, slot i from noisy slot i-1. A sequence needs a prompt of at least one token. Only the LoRA adapters and the mask
-embedding learn; the base model is frozen. AdamW with warm-up and cosine decay, gradient
+block, slot i from noisy slot i-1. A sequence needs a prompt of at least one token. Only
+the LoRA adapters and the mask embedding learn; the base model is frozen. AdamW with warm-up and cosine decay, gradient
 clipping, bf16 autocast, and everything random derived from (seed, step), so a run
 resumed from its checkpoint (adapters + optimizer + step) continues as an uninterrupted
 one. With `num_layers` set, the same recipe trains the cheap dLLM drafter (the base's first
@@ -157,13 +157,11 @@ class DLLMTrainer:
         self.target = target
         self.device = torch.device(cfg.device)
         self.eos_id = min(target.eos_token_ids) if target.eos_token_ids else 0
-        usable = [s for s in train_data if s.prompt_len and response_blocks(s, cfg.max_len, cfg.block_size, self.eos_id)[1]]
+        usable = [s for s in train_data if self._trainable(s)]
         if not usable:
             raise DiffdraftError(f"no training sequence has a whole block of {cfg.block_size} response tokens")
         self.train_data = usable
-        self.eval_data = [s for s in eval_data if s.prompt_len and response_blocks(s, cfg.max_len, cfg.block_size,
-                                                                                  self.eos_id)[1]]
-        self.eval_data = self.eval_data[: cfg.eval_sequences]
+        self.eval_data = [s for s in eval_data if self._trainable(s)][: cfg.eval_sequences]
         self.net = BlockDiffusionLM(target.model, cfg.dllm())
         self.net.reset_parameters(torch.Generator().manual_seed(cfg.seed))
         if cfg.init_from:
@@ -172,6 +170,11 @@ class DLLMTrainer:
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                            weight_decay=cfg.weight_decay)
         self.step = 0
+
+    def _trainable(self, seq: Sequence) -> bool:
+        """A prompt (slot 0 is predicted from its last token) and at least one whole response block."""
+        return bool(seq.prompt_len) and bool(response_blocks(seq, self.cfg.max_len, self.cfg.block_size,
+                                                             self.eos_id)[1])
 
     def _init_from(self, folder: Path) -> None:
         """Start from another conversion's tensors wherever names and shapes agree (its first layers)."""
