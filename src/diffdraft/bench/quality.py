@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from diffdraft.bench.decoders import PLAIN
-from diffdraft.bench.metrics import temperature_key
+from diffdraft.bench.metrics import first_difference, temperature_key
 
 
 def answer_nll(model, prompt: list[int], answer: list[int]) -> float:
@@ -35,12 +35,8 @@ def answer_nll(model, prompt: list[int], answer: list[int]) -> float:
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens two answers share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    differs_at = first_difference(a, b)
+    return len(a) if differs_at is None else differs_at
 
 
 def dllm_quality(model, records: list[dict], decoders: dict[str, dict],
