@@ -246,6 +246,19 @@ def test_bench_runs_the_dllm_and_simsd_side_by_side(capsys, folders, two_prompts
     assert "**BUG**" in (out / "results.md").read_text()
 
 
+def test_bench_rerun_on_fewer_prompts_scores_the_quality_of_those(capsys, folders, two_prompts, tmp_path):
+    """Records of prompts outside this run stay in the folder; the quality figures cover this run's prompts."""
+    out = tmp_path / "bench"
+    args = ["bench", "--suite", two_prompts, "--out", str(out), "--model", folders["model"], "--dllm",
+            folders["target"], "--temperatures", "0", "--max-new-tokens", "8", "--no-progress"]
+    assert main(args) == 0
+    assert json.loads((out / "quality.json").read_text())["0"]["dllm-b4"]["prompts"] == 2
+    code = main(args + ["--limit", "1"])
+    _, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err
+    assert json.loads((out / "quality.json").read_text())["0"]["dllm-b4"]["prompts"] == 1
+
+
 def test_bench_refuses_a_bad_dllm_before_writing(capsys, folders, two_prompts, tmp_path):
     out = tmp_path / "bench"
     code = main(["bench", "--suite", two_prompts, "--out", str(out), "--model", folders["model"], "--dllm",

@@ -24,6 +24,7 @@ import sys
 import subprocess
 import zlib
 from dataclasses import asdict, dataclass
+from typing import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -239,30 +240,32 @@ def _run_locked(config: BenchConfig, prompts: list[Prompt], store: RecordStore) 
           f"{len(decoders)} decoders ({', '.join(d.name for d in decoders)}); "
           f"{len(todo)} prompt runs to do, the rest already in {config.out}", file=sys.stderr)
 
+    by_id = {p.id: p for p in prompts}
+    ids_cache: dict[str, list[int]] = {}
+
+    def prompt_ids(prompt_id: str) -> list[int]:
+        """A prompt's token ids, built once per run (for turn 2 that decodes turn 1 first)."""
+        if prompt_id not in ids_cache:
+            ids_cache[prompt_id] = _prompt_ids(pipe, by_id[prompt_id], config)
+        return ids_cache[prompt_id]
+
     if todo:
-        _measure(config, pipe, decoders, todo, store)
-    if config.dllm is not None:
+        _measure(config, decoders, todo, store, prompt_ids)
+    if config.dllm is not None:  # over this run's prompts: their ids are known here
         from diffdraft.bench.quality import dllm_quality
 
-        ids = {p.id: p for p in prompts}
-        store.write_quality(dllm_quality(target.model, store.load(), settings["decoders"],
-                                         lambda prompt_id: _prompt_ids(pipe, ids[prompt_id], config)))
+        records = [r for r in store.load() if r["prompt_id"] in by_id]
+        store.write_quality(dllm_quality(target.model, records, settings["decoders"], prompt_ids))
     session["ended"] = _now()
     store.write_settings(settings)
 
 
-def _measure(config: BenchConfig, pipe, decoders: list[Decoder], todo: list, store: RecordStore) -> None:
-    ids_cache: dict[str, list[int]] = {}
-
-    def prompt_ids(p: Prompt) -> list[int]:
-        if p.id not in ids_cache:
-            ids_cache[p.id] = _prompt_ids(pipe, p, config)
-        return ids_cache[p.id]
-
+def _measure(config: BenchConfig, decoders: list[Decoder], todo: list, store: RecordStore,
+             prompt_ids: Callable[[str], list[int]]) -> None:
     if config.warmup:
         for t in dict.fromkeys(t for t, _, _ in todo):
             sampling = SamplingConfig(temperature=t)
-            ids = prompt_ids(todo[0][1])
+            ids = prompt_ids(todo[0][1].id)
             for d in dict.fromkeys(d for tt, _, ds in todo if tt == t for d in ds):
                 d.run(ids, min(WARMUP_TOKENS, config.max_new_tokens), sampling, seed=0)
 
@@ -270,7 +273,7 @@ def _measure(config: BenchConfig, pipe, decoders: list[Decoder], todo: list, sto
     try:
         for t, p, missing in todo:
             sampling = SamplingConfig(temperature=t)
-            ids = prompt_ids(p)
+            ids = prompt_ids(p.id)
             seed = prompt_seed(config.seed, p.id)
             runs: dict[str, list[dict]] = {d.name: [] for d in missing}
             for _ in range(config.repeats):
