@@ -17,7 +17,8 @@ torch.set_num_threads(1)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from diffdraft.target import Target  # noqa: E402
+from diffdraft.backends import build_target  # noqa: E402
+from diffdraft.target import TargetBackend  # noqa: E402
 
 TINY_VOCAB = 300
 EOS_TEXT = "<eos>"
@@ -94,9 +95,9 @@ def tiny_model() -> LlamaForCausalLM:
 
 
 @pytest.fixture
-def tiny_target(tiny_model, tiny_tokenizer) -> Target:
+def tiny_target(tiny_model, tiny_tokenizer) -> TargetBackend:
     """A fresh Target over the shared tiny model (Target holds the cache; the model is read-only)."""
-    return Target(tiny_model, tiny_tokenizer, name="tiny")
+    return build_target(tiny_model, tiny_tokenizer, name="tiny")
 
 
 @pytest.fixture(scope="session")

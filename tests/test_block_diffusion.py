@@ -20,7 +20,8 @@ from diffdraft.drafters.block_diffusion import save_drafter, target_signature
 from diffdraft.engine import SpeculativeEngine
 from diffdraft.errors import DiffdraftError
 from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
-from diffdraft.target import Target
+from diffdraft.backends import build_target
+from diffdraft.target import TargetBackend
 from diffdraft.train.losses import (
     acceptance_counts,
     per_position_acceptance,
@@ -32,10 +33,11 @@ from diffdraft.train.masks import IGNORE, block_attention_mask, block_labels, bl
 from lawcheck import fit
 
 G = 4  # block size in these tests: known token + 3 masked slots
+TAPS = (1, 2, 3)  # the layers the targets here tap: drafters read (1, 3) or (1, 2) of them
 
 
-def tiny_net(target: Target, num_taps: int, layers: int = 1, seed: int = 0) -> BlockDiffusionNet:
-    hf = target.model.config
+def tiny_net(target: TargetBackend, num_taps: int, layers: int = 1, seed: int = 0) -> BlockDiffusionNet:
+    hf = target.module.config
     cfg = BlockDiffusionConfig(
         hidden_size=target.hidden_size, num_taps=num_taps, num_layers=layers, num_heads=hf.num_attention_heads,
         num_kv_heads=hf.num_key_value_heads, head_dim=target.hidden_size // hf.num_attention_heads,
@@ -116,7 +118,7 @@ def test_acceptance_metrics_by_hand():
 
 
 # ------------------------------------------------------------------ train / decode consistency
-def trainer_for(target: Target, tmp_path, steps: int = 4, **overrides):
+def trainer_for(target: TargetBackend, tmp_path, steps: int = 4, **overrides):
     from diffdraft.train.trainer import DrafterTrainer
 
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), num_layers=1, block_size=G,
@@ -125,7 +127,7 @@ def trainer_for(target: Target, tmp_path, steps: int = 4, **overrides):
     return DrafterTrainer(cfg, target, toy_sequences(target), toy_sequences(target)[:2])
 
 
-def toy_sequences(target: Target):
+def toy_sequences(target: TargetBackend):
     from diffdraft.train.data import Sequence
 
     gen = torch.Generator().manual_seed(3)
@@ -138,7 +140,7 @@ def toy_sequences(target: Target):
 
 
 def test_training_forward_equals_decode_time_drafter(tiny_model, tiny_tokenizer, tmp_path):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     trainer = trainer_for(target, tmp_path)
     with torch.no_grad():
         trainer.net.mask_embedding.normal_(generator=torch.Generator().manual_seed(9))
@@ -162,7 +164,7 @@ def test_training_forward_equals_decode_time_drafter(tiny_model, tiny_tokenizer,
 
 def test_context_cache_grows_through_observe(tiny_model, tiny_tokenizer):
     """Filling the context cache in pieces (begin + observe) equals filling it at once."""
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     net = tiny_net(target, num_taps=2)
     tokens = list(range(40, 60))
     one = BlockDiffusionDrafter(target, net, (1, 3))
@@ -178,7 +180,7 @@ def test_context_cache_grows_through_observe(tiny_model, tiny_tokenizer):
 
 # ------------------------------------------------------------------ training
 def test_training_lowers_the_loss(tiny_model, tiny_tokenizer, tmp_path):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     trainer = trainer_for(target, tmp_path, steps=30)
     before = trainer.evaluate()["eval_loss"]
     for _ in range(30):
@@ -188,7 +190,7 @@ def test_training_lowers_the_loss(tiny_model, tiny_tokenizer, tmp_path):
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tiny_model, tiny_tokenizer, tmp_path):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     straight = trainer_for(target, tmp_path / "a", steps=6)
     for _ in range(6):
         straight.train_step()
@@ -218,7 +220,7 @@ def test_train_command_end_to_end(tiny_model_dir, tmp_path):
     from diffdraft.train.data import write_shard
 
     model, tokenizer = load_model(tiny_model_dir)
-    target = Target(model, tokenizer)
+    target = build_target(model, tokenizer)
     seqs = toy_sequences(target)
     write_shard(tmp_path / "train-00000.safetensors", seqs[:4])
     write_shard(tmp_path / "eval-00000.safetensors", seqs[4:])
@@ -233,18 +235,18 @@ def test_train_command_end_to_end(tiny_model_dir, tmp_path):
 
 # ------------------------------------------------------------------ checkpoints and fit
 def test_mismatched_drafter_is_refused(tiny_model, tiny_tokenizer, tmp_path):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     net = tiny_net(target, num_taps=2)
     save_drafter(tmp_path / "ok", net, (1, 2), target_signature(target))
     assert isinstance(build_drafter(str(tmp_path / "ok"), target), BlockDiffusionDrafter)
 
-    wider = Target(make_llama(hidden=96, heads=4, kv_heads=2), tiny_tokenizer)
+    wider = build_target(make_llama(hidden=96, heads=4, kv_heads=2), tiny_tokenizer)
     with pytest.raises(DiffdraftError, match="width"):
         build_drafter(str(tmp_path / "ok"), wider)
-    deeper = Target(make_llama(layers=6), tiny_tokenizer)
+    deeper = build_target(make_llama(layers=6), tiny_tokenizer)
     with pytest.raises(DiffdraftError, match="layer count"):
         build_drafter(str(tmp_path / "ok"), deeper)
-    other_vocab = Target(make_llama(vocab_size=320), make_tokenizer(320))
+    other_vocab = build_target(make_llama(vocab_size=320), make_tokenizer(320))
     with pytest.raises(DiffdraftError, match="vocabulary"):
         build_drafter(str(tmp_path / "ok"), other_vocab)
     bad_signature = dict(target_signature(target), tokenizer="0" * 16)
@@ -257,7 +259,7 @@ def test_mismatched_drafter_is_refused(tiny_model, tiny_tokenizer, tmp_path):
 
 
 def test_damaged_drafter_is_refused(tiny_model, tiny_tokenizer, tmp_path):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     net = tiny_net(target, num_taps=2)
     save_drafter(tmp_path / "d", net, (1, 2), target_signature(target))
     weights = tmp_path / "d" / "drafter.safetensors"
@@ -270,7 +272,7 @@ def test_damaged_drafter_is_refused(tiny_model, tiny_tokenizer, tmp_path):
 
 
 def test_bf16_checkpoint_round_trip(tiny_model, tiny_tokenizer, tmp_path):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     net = tiny_net(target, num_taps=2)
     save_drafter(tmp_path / "d", net, (1, 2), target_signature(target), dtype=torch.bfloat16)
     loaded = build_drafter(str(tmp_path / "d"), target).net
@@ -281,7 +283,7 @@ def test_bf16_checkpoint_round_trip(tiny_model, tiny_tokenizer, tmp_path):
 # ------------------------------------------------------------------ losslessness
 @pytest.mark.parametrize("draft_len", [1, 3, 8])
 def test_greedy_equals_plain_decoding(tiny_model, tiny_tokenizer, draft_len):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     drafter = BlockDiffusionDrafter(target, tiny_net(target, num_taps=2, layers=2), (1, 3))
     prompt = tiny_tokenizer("The quick brown fox")["input_ids"]
     plain = SpeculativeEngine(target, None).generate(prompt, 40)
@@ -294,7 +296,7 @@ def test_greedy_with_a_drafter_that_is_often_right(tiny_model, tiny_tokenizer, t
     from diffdraft.train.data import Sequence
     from diffdraft.train.trainer import DrafterTrainer
 
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     prompts = [tiny_tokenizer(t)["input_ids"] for t in ["abc", "hello", "xyz 1", "Once"]]
     seqs = [Sequence(p + SpeculativeEngine(target, None).generate(p, 30).tokens, len(p)) for p in prompts]
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), num_layers=1, block_size=G, tap_layers=(1, 3),
@@ -312,7 +314,7 @@ def test_greedy_with_a_drafter_that_is_often_right(tiny_model, tiny_tokenizer, t
 def test_reduced_draft_vocabulary(tiny_model, tiny_tokenizer, tmp_path):
     """A drafter limited to a few ids proposes only those, states q with zeros elsewhere, stays exact,
     and keeps its vocabulary through a checkpoint."""
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     vocab = torch.tensor([5, 40, 41, 97, 98, 99])
     net = tiny_net(target, num_taps=2)
     drafter = BlockDiffusionDrafter(target, net, (1, 3), draft_vocab=vocab)

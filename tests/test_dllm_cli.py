@@ -27,7 +27,8 @@ from diffdraft.config import SamplingConfig
 from diffdraft.dllm.checkpoint import save_dllm
 from diffdraft.dllm.runner import DLLMRunner, cut_to, to_stats
 from diffdraft.drafters.block_diffusion import target_signature
-from diffdraft.target import Target
+from diffdraft.backends import build_target
+from diffdraft.target import TargetBackend
 from test_dllm_model import converted
 from test_errors import assert_user_error, no_temp_leftovers
 
@@ -36,20 +37,20 @@ NEW = "12"
 
 @pytest.fixture(scope="module")
 def peaked_target():
-    return Target(make_llama(init_range=0.2), make_tokenizer(), name="peaked")
+    return build_target(make_llama(init_range=0.2), make_tokenizer(), name="peaked")
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, peaked_target) -> dict[str, str]:
     """model: the HF folder; target: a b=4 conversion; drafter: a 2-layer drafter; oracle; b8: a b=8 drafter."""
     root = tmp_path_factory.mktemp("dllm-cli")
-    peaked_target.model.save_pretrained(root / "model")
+    peaked_target.module.save_pretrained(root / "model")
     peaked_target.tokenizer.save_pretrained(root / "model")
     signature = target_signature(peaked_target)
-    save_dllm(root / "target", converted(peaked_target.model, 4, seed=1), signature)
-    save_dllm(root / "drafter", converted(peaked_target.model, 4, num_layers=2, seed=2), signature)
-    save_dllm(root / "b8", converted(peaked_target.model, 8, num_layers=2, seed=2), signature)
-    save_dllm(root / "oracle", converted(peaked_target.model, 4, num_layers=4, seed=1), signature)  # = the target
+    save_dllm(root / "target", converted(peaked_target.module, 4, seed=1), signature)
+    save_dllm(root / "drafter", converted(peaked_target.module, 4, num_layers=2, seed=2), signature)
+    save_dllm(root / "b8", converted(peaked_target.module, 8, num_layers=2, seed=2), signature)
+    save_dllm(root / "oracle", converted(peaked_target.module, 4, num_layers=4, seed=1), signature)  # = the target
     return {name: str(root / name) for name in ("model", "target", "drafter", "b8", "oracle")}
 
 
@@ -136,8 +137,8 @@ def test_corrupt_adapter_folders(capsys, folders, tmp_path, damage, needle, whic
 
 
 def test_drafter_from_another_model(capsys, folders, tmp_path):
-    other = Target(make_llama(hidden=32, heads=2, kv_heads=1, init_range=0.2), make_tokenizer())
-    save_dllm(tmp_path / "other", converted(other.model, 4, num_layers=2), target_signature(other))
+    other = build_target(make_llama(hidden=32, heads=2, kv_heads=1, init_range=0.2), make_tokenizer())
+    save_dllm(tmp_path / "other", converted(other.module, 4, num_layers=2), target_signature(other))
     code, _, err = generate(capsys, folders, "--dllm", folders["target"], "--dllm-drafter", str(tmp_path / "other"))
     assert_user_error(code, err, "converted from another model")
 
@@ -175,8 +176,8 @@ def test_shipped_weights_absent_is_said_clearly(capsys, folders, tmp_path, monke
 
 # -------------------------------------------------------------------------------- stats
 def test_stats_count_tokens_per_target_forward(peaked_target):
-    target = converted(peaked_target.model, 4, seed=1)
-    drafter = converted(peaked_target.model, 4, num_layers=2, seed=2)
+    target = converted(peaked_target.module, 4, seed=1)
+    drafter = converted(peaked_target.module, 4, num_layers=2, seed=2)
     from diffdraft.dllm.drafter import DLLMDrafter
 
     prompt = [5, 9, 33, 100, 7]

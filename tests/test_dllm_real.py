@@ -19,7 +19,8 @@ from diffdraft.dllm.decode import decode
 from diffdraft.dllm.drafter import DLLMDrafter
 from diffdraft.dllm.model import BlockDiffusionLM, DLLMConfig
 from diffdraft.dllm.simsd import decode_simsd
-from diffdraft.target import Target
+from diffdraft.backends import build_target
+from diffdraft.target import TargetBackend
 from test_real_smollm2 import real_target  # noqa: F401  (the shared module-scoped real target)
 
 pytestmark = pytest.mark.real
@@ -32,11 +33,11 @@ def prompts(real_target) -> list[list[int]]:
     return [real_target.encode_chat([{"role": "user", "content": p.turns[0]}]) for p in load_suite("mt-bench", limit=2)]
 
 
-def dllm(real_target: Target, block_size: int, drafter: bool = False, layers: int | None = None) -> BlockDiffusionLM:
+def dllm(real_target: TargetBackend, block_size: int, drafter: bool = False, layers: int | None = None) -> BlockDiffusionLM:
     folder = shipped_folder(block_size, drafter)
     if (folder / "drafter.json").is_file():
         return load_dllm(folder, real_target)
-    net = BlockDiffusionLM(real_target.model, DLLMConfig(block_size=block_size, num_layers=layers))
+    net = BlockDiffusionLM(real_target.module, DLLMConfig(block_size=block_size, num_layers=layers))
     net.reset_parameters(torch.Generator().manual_seed(0))  # B = 0: the base model's own weights
     with torch.no_grad():
         net.mask_embedding.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))

@@ -20,7 +20,8 @@ from diffdraft.dllm.model import MASK_ID
 from diffdraft.dllm.train import DLLMTrainConfig, DLLMTrainer, make_block_batch, response_blocks, train_dllm
 from diffdraft.drafters.block_diffusion import target_signature
 from diffdraft.errors import DiffdraftError
-from diffdraft.target import Target
+from diffdraft.backends import build_target
+from diffdraft.target import TargetBackend
 from diffdraft.train.data import Sequence, write_shard
 from diffdraft.train.masks import IGNORE
 from test_dllm_model import converted
@@ -51,7 +52,7 @@ def data_dir(tmp_path):
 
 @pytest.fixture
 def target(tiny_model, tiny_tokenizer):
-    return Target(tiny_model, tiny_tokenizer, name="tiny")
+    return build_target(tiny_model, tiny_tokenizer, name="tiny")
 
 
 def config(data_dir, out, **changes) -> DLLMTrainConfig:
@@ -106,7 +107,7 @@ def test_one_training_step_lowers_the_loss(data_dir, tmp_path, target):
     with torch.no_grad():
         after, _ = trainer.loss(batch)
     assert float(after) < float(before) - 1e-3, (float(before), float(after))
-    assert all(not p.requires_grad for p in target.model.parameters())  # the base stayed frozen
+    assert all(not p.requires_grad for p in target.module.parameters())  # the base stayed frozen
 
 
 def test_bf16_autocast_step_runs(data_dir, tmp_path, target):
@@ -212,7 +213,7 @@ def test_corrupt_or_mismatched_checkpoint_refused(tmp_path, target, tiny_model):
         with pytest.raises(DiffdraftError) as err:
             load_dllm(folder, target)
         assert "\n" not in str(err.value), name
-    other = Target(make_llama(hidden=32, heads=2, kv_heads=1), make_tokenizer(), name="other")
+    other = build_target(make_llama(hidden=32, heads=2, kv_heads=1), make_tokenizer(), name="other")
     with pytest.raises(DiffdraftError, match="width"):
         load_dllm(good, other)
 

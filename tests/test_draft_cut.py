@@ -16,9 +16,10 @@ from diffdraft.drafters import BlockDiffusionDrafter
 from diffdraft.drafters.base import Draft
 from diffdraft.engine import SpeculativeEngine, confident_length
 from diffdraft.errors import DiffdraftError
-from diffdraft.target import Target
+from diffdraft.backends import build_target
+from diffdraft.target import TargetBackend
 from lawcheck import fit
-from test_block_diffusion import tiny_net
+from test_block_diffusion import TAPS, tiny_net
 
 
 def draft_with(confidence, n: int = 4):
@@ -42,7 +43,7 @@ def test_bad_min_confidence_is_refused(value):
 
 
 def test_greedy_output_is_unchanged_and_drafts_get_shorter(tiny_model, tiny_tokenizer):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     drafter = BlockDiffusionDrafter(target, tiny_net(target, num_taps=2, layers=2), (1, 3))
     prompt = tiny_tokenizer("The quick brown fox")["input_ids"]
     plain = SpeculativeEngine(target, None).generate(prompt, 40)

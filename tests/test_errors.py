@@ -26,7 +26,8 @@ from diffdraft.config import DraftConfig
 from diffdraft.drafters import EarlyExitDrafter, build_drafter
 from diffdraft.engine import SpeculativeEngine
 from diffdraft.errors import DiffdraftError
-from diffdraft.target import Target
+from diffdraft.backends import build_target
+from diffdraft.target import TargetBackend
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
@@ -210,7 +211,7 @@ def test_interrupted_gguf_conversion_leaves_nothing_half_written(tmp_path, isola
 def test_interrupted_drafter_save_keeps_the_old_folder(tmp_path, monkeypatch, drafter_dir, tiny_model, tiny_tokenizer):
     import diffdraft.drafters.checkpoint as checkpoint
 
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     before = EarlyExitDrafter.load(drafter_dir, target).head.weight.clone()
 
     def broken_save_file(tensors, path, *args, **kwargs):
@@ -287,7 +288,7 @@ def test_rejection_mode_without_drafter_is_plain_sampling(capsys, tiny_model_dir
 @pytest.fixture
 def drafter_dir(tmp_path, tiny_model, tiny_tokenizer) -> Path:
     """A valid early-exit drafter folder for the tiny model (2 layers, perturbed head)."""
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     drafter = EarlyExitDrafter(target, num_layers=2)
     with torch.no_grad():
         drafter.head.weight.add_(0.01 * torch.randn(drafter.head.weight.shape, generator=torch.Generator().manual_seed(0)))
@@ -351,7 +352,7 @@ def test_drafter_for_a_wider_target(capsys, tiny_model_dir, tmp_path):
     """A drafter saved from a genuinely different target (hidden 96): config and weights agree, the target does not."""
     from conftest import make_llama, make_tokenizer
 
-    other = Target(make_llama(hidden=96, heads=4, kv_heads=2), make_tokenizer())
+    other = build_target(make_llama(hidden=96, heads=4, kv_heads=2), make_tokenizer())
     EarlyExitDrafter(other, num_layers=1).save(tmp_path / "wide")
     code, _, err = run_main(capsys, "hi", "--model", tiny_model_dir, "--drafter", str(tmp_path / "wide"))
     assert_user_error(code, err, "width")
@@ -359,7 +360,7 @@ def test_drafter_for_a_wider_target(capsys, tiny_model_dir, tmp_path):
 
 # ---------------------------------------------------------------------- checkpoint round trip
 def test_early_exit_save_load_round_trip(tmp_path, tiny_model, tiny_tokenizer, drafter_dir):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     loaded = EarlyExitDrafter.load(drafter_dir, target)
     assert loaded.num_layers == 2
     config = json.loads((drafter_dir / "drafter.json").read_text())
@@ -385,7 +386,7 @@ def test_early_exit_save_load_round_trip(tmp_path, tiny_model, tiny_tokenizer, d
 
 
 def test_save_replaces_an_existing_folder(tmp_path, tiny_model, tiny_tokenizer):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     folder = tmp_path / "d"
     EarlyExitDrafter(target, num_layers=1).save(folder)
     (folder / "stale.txt").write_text("old")
@@ -396,7 +397,7 @@ def test_save_replaces_an_existing_folder(tmp_path, tiny_model, tiny_tokenizer):
 
 
 def test_build_drafter_errors(tmp_path, tiny_model, tiny_tokenizer):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     with pytest.raises(DiffdraftError):
         build_drafter("bogus", target)
     with pytest.raises(DiffdraftError):

@@ -19,7 +19,8 @@ from diffdraft.engine import SpeculativeEngine
 from diffdraft.errors import DiffdraftError
 from diffdraft.expected_length import log_expected_accepted_length
 from diffdraft.models.masked_diffusion import MaskedDiffusionConfig, MaskedDiffusionNet
-from diffdraft.target import Target
+from diffdraft.backends import build_target
+from diffdraft.target import TargetBackend
 from diffdraft.train.masks import prefix_and_blocks_mask, sample_block_masking
 from diffdraft.train.tasks import layer_shape
 from lawcheck import fit
@@ -27,11 +28,11 @@ from lawcheck import fit
 G = 4
 
 
-def tiny_net(target: Target, layers: int = 1, seed: int = 0, from_target: bool = True) -> MaskedDiffusionNet:
+def tiny_net(target: TargetBackend, layers: int = 1, seed: int = 0, from_target: bool = True) -> MaskedDiffusionNet:
     net = MaskedDiffusionNet(MaskedDiffusionConfig(num_layers=layers, block_size=G, **layer_shape(target)))
     net.reset_parameters(torch.Generator().manual_seed(seed))
     if from_target:
-        net.init_from_target(target.model)
+        net.init_from_target(target.module)
     with torch.no_grad():  # a visible mask embedding, so a broken mask path changes the output
         net.mask_embedding.normal_(generator=torch.Generator().manual_seed(seed + 1))
     return net
@@ -66,7 +67,7 @@ def test_reveal_counts():
 # ------------------------------------------------------------------ network
 def test_copied_layers_reproduce_the_target(tiny_model, tiny_tokenizer):
     """All target layers copied, run causally: the target's own logits (checks weights, rope, norms)."""
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     net = tiny_net(target, layers=target.num_layers)
     ids = torch.tensor([tiny_tokenizer("copy me exactly")["input_ids"]])
     n = ids.shape[1]
@@ -83,7 +84,7 @@ def test_training_forward_equals_decode_time_drafter(tiny_model, tiny_tokenizer,
     from test_block_diffusion import toy_sequences
     from diffdraft.train.trainer import DrafterTrainer, make_batch
 
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), kind="masked-diffusion", num_layers=2,
                       block_size=G, blocks_per_sequence=3, batch_size=2, steps=2, warmup_steps=1, amp="float32")
     trainer = DrafterTrainer(cfg, target, toy_sequences(target), toy_sequences(target))
@@ -106,7 +107,7 @@ def test_training_forward_equals_decode_time_drafter(tiny_model, tiny_tokenizer,
 
 def test_cache_follows_the_token_list(tiny_model, tiny_tokenizer):
     """After a rejected draft the token list shrinks or changes: the cache follows it exactly."""
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     net = tiny_net(target, layers=2)
     greedy = SamplingConfig()
     long = tiny_tokenizer("abcdefghij")["input_ids"]
@@ -130,7 +131,7 @@ def draft_once(target, net, denoise, sampling, prompt, seed=0) -> Draft:
 @pytest.mark.parametrize("steps, order, exact", [(1, "confidence", True), (3, "left-to-right", True),
                                                  (3, "confidence", False)])
 def test_which_drafts_state_an_exact_q(tiny_model, tiny_tokenizer, steps, order, exact):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     prompt = tiny_tokenizer("state q")["input_ids"]
     draft = draft_once(target, tiny_net(target), DenoiseConfig(steps=steps, order=order),
                        SamplingConfig(temperature=1.0), prompt)
@@ -152,7 +153,7 @@ def candidate(target, net, prompt, steps, sampling, generator=None, order="confi
 def test_self_selection_picks_the_longest_expected_acceptance(tiny_model, tiny_tokenizer, prompt_text):
     """Greedy, candidates T in {1, 2, 3}: the draft is the candidate with the highest
     sum_k prod_{j<=k} p_j (p = the drafter's own probability of its token), and it carries no q."""
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     net = tiny_net(target, layers=2)
     prompt = tiny_tokenizer(prompt_text)["input_ids"]
     greedy = SamplingConfig()
@@ -164,7 +165,7 @@ def test_self_selection_picks_the_longest_expected_acceptance(tiny_model, tiny_t
 
 def test_self_selection_among_samples(tiny_model, tiny_tokenizer):
     """T = 1 sampling, 4 samples: the chosen draft is the best-scoring of the same four samples."""
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     net = tiny_net(target, layers=2)
     prompt = tiny_tokenizer("sample and select")["input_ids"]
     sampling = SamplingConfig(temperature=1.0)
@@ -189,7 +190,7 @@ class RecordingDrafter(Drafter):
 
 
 def test_handoff_uses_the_warmup_drafter_first(tiny_model, tiny_tokenizer):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     warm, main = RecordingDrafter(), MaskedDiffusionDrafter(target, tiny_net(target))
     handoff = HandoffDrafter(warm, main, warmup_tokens=5)
     prompt = tiny_tokenizer("hand off")["input_ids"]
@@ -203,7 +204,7 @@ def test_handoff_uses_the_warmup_drafter_first(tiny_model, tiny_tokenizer):
 @pytest.mark.parametrize("denoise", [DenoiseConfig(steps=1), DenoiseConfig(steps=2), DenoiseConfig(steps=3, order="confidence"),
                                      DenoiseConfig(order="confidence", candidates=(1, 2, 3))])
 def test_greedy_equals_plain_decoding(tiny_model, tiny_tokenizer, denoise):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     drafter = MaskedDiffusionDrafter(target, tiny_net(target, layers=2), denoise=denoise)
     prompt = tiny_tokenizer("The quick brown fox")["input_ids"]
     plain = SpeculativeEngine(target, None).generate(prompt, 40)
@@ -265,7 +266,7 @@ def test_training_lowers_the_loss(tiny_model, tiny_tokenizer, tmp_path):
     from test_block_diffusion import toy_sequences
     from diffdraft.train.trainer import DrafterTrainer
 
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), kind="masked-diffusion", num_layers=1,
                       block_size=G, blocks_per_sequence=3, batch_size=2, steps=30, lr=3e-3, warmup_steps=1,
                       amp="float32")
@@ -284,7 +285,7 @@ def test_train_command_and_folder_options(tiny_model_dir, tmp_path):
     from diffdraft.train.data import write_shard
 
     model, tokenizer = load_model(tiny_model_dir)
-    target = Target(model, tokenizer)
+    target = build_target(model, tokenizer)
     seqs = toy_sequences(target)
     write_shard(tmp_path / "train-00000.safetensors", seqs[:4])
     (tmp_path / "held").mkdir()
@@ -311,7 +312,7 @@ def test_train_command_and_folder_options(tiny_model_dir, tmp_path):
 
 
 def test_mismatched_or_damaged_drafter_is_refused(tiny_model, tiny_tokenizer, tmp_path):
-    target = Target(tiny_model, tiny_tokenizer)
+    target = build_target(tiny_model, tiny_tokenizer)
     net = tiny_net(target)
     signature = target_signature(target)
     save_masked_drafter(tmp_path / "wide", net, {**signature, "hidden_size": 999})

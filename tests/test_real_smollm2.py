@@ -21,7 +21,8 @@ from diffdraft.config import DraftConfig
 from diffdraft.drafters import EarlyExitDrafter, NgramDrafter, build_drafter
 from diffdraft.engine import SpeculativeEngine
 from diffdraft.loading import load_model
-from diffdraft.target import Target
+from diffdraft.backends import build_target
+from diffdraft.target import TargetBackend
 
 pytestmark = pytest.mark.real
 
@@ -31,9 +32,9 @@ NUM_PROMPTS_EARLY_EXIT = 2
 
 
 @pytest.fixture(scope="module")
-def real_target() -> Target:
+def real_target() -> TargetBackend:
     model, tokenizer = load_model(dtype="float32")
-    return Target(model, tokenizer, name="smollm2")
+    return build_target(model, tokenizer, name="smollm2")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_masked_diffusion_drafter_greedy_equals_plain(real_target, prompts, plai
 
     net = MaskedDiffusionNet(MaskedDiffusionConfig(num_layers=2, block_size=8, **layer_shape(real_target)))
     net.reset_parameters(torch.Generator().manual_seed(0))
-    net.init_from_target(real_target.model)
+    net.init_from_target(real_target.module)
     save_masked_drafter(tmp_path / "md", net, target_signature(real_target))
     drafter = build_drafter(f"{tmp_path / 'md'}:order=confidence:select=1,2:warmup=8", real_target)
     assert isinstance(drafter, HandoffDrafter)

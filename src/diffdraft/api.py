@@ -12,19 +12,23 @@ Everything here is glue over loading, target, drafters, engine and dllm.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
+from diffdraft.backends import build_target
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.dllm.decode import DLLMResult
 from diffdraft.dllm.loading import BASE, check_choices, dllm_runners
 from diffdraft.dllm.runner import DLLMRunner, to_stats
-from diffdraft.drafters import build_drafter
+from diffdraft.drafters import build_drafter, required_tap_layers
 from diffdraft.engine import GenerationResult, SpeculativeEngine
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import load_model
 from diffdraft.stats import Stats
-from diffdraft.target import Target
+from diffdraft.target import TargetBackend
 
 DEFAULT_DRAFTER = "ngram"
 
@@ -41,7 +45,7 @@ class Answer:
 class Pipeline:
     """A loaded target and drafter, ready to answer prompts."""
 
-    def __init__(self, target: Target, drafter_spec: str = DEFAULT_DRAFTER, early_exit_layers: int = 4):
+    def __init__(self, target: TargetBackend, drafter_spec: str = DEFAULT_DRAFTER, early_exit_layers: int = 4):
         self.target = target
         self.drafter_spec = drafter_spec
         self.drafter = build_drafter(drafter_spec, target, early_exit_layers=early_exit_layers)
@@ -77,7 +81,7 @@ class Pipeline:
         )
 
 
-def chat_ids(target: Target, prompt: str | list[dict]) -> list[int]:
+def chat_ids(target: TargetBackend, prompt: str | list[dict]) -> list[int]:
     """Token ids for a user prompt (str) or a list of chat messages, through the chat template."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if not messages or not any(m.get("content", "").strip() for m in messages):
@@ -88,7 +92,7 @@ def chat_ids(target: Target, prompt: str | list[dict]) -> list[int]:
 class DLLMPipeline:
     """A loaded target converted to a block-diffusion LM, with an optional SimSD drafter."""
 
-    def __init__(self, target: Target, runner: DLLMRunner):
+    def __init__(self, target: TargetBackend, runner: DLLMRunner):
         self.target = target
         self.runner = runner
 
@@ -105,7 +109,7 @@ class DLLMPipeline:
 class _TextStreamer:
     """Turns streamed token chunks into text deltas (decoding the whole answer keeps UTF-8 whole)."""
 
-    def __init__(self, target: Target, on_text: Callable[[str], None]):
+    def __init__(self, target: TargetBackend, on_text: Callable[[str], None]):
         self.target, self.on_text = target, on_text
         self.tokens: list[int] = []
         self.shown = ""
@@ -130,13 +134,31 @@ def load(
     model: str | None = None,
     drafter: str = DEFAULT_DRAFTER,
     dtype: str = "float32",
+    backend: str = "auto",
     tap_layers: tuple[int, ...] | None = None,
     early_exit_layers: int = 4,
+    threads: int | None = None,
 ) -> Pipeline:
-    """Load a target (default SmolLM2-135M-Instruct) and a drafter (name or folder)."""
+    """Load a target (default SmolLM2-135M-Instruct) and a drafter (name or folder).
+
+    backend: auto (the lean runtime for the Llama family, HF otherwise), lean or hf. The
+    target taps the layers its drafter reads unless `tap_layers` says otherwise. threads:
+    torch threads for this process, all cores by default.
+    """
+    use_threads(threads)
     hf_model, tokenizer = load_model(model, dtype=dtype)
-    target = Target(hf_model, tokenizer, tap_layers=tap_layers, name=model or "smollm2")
+    taps = tap_layers or required_tap_layers([drafter])
+    target = build_target(hf_model, tokenizer, backend=backend, tap_layers=taps, name=model or "smollm2")
     return Pipeline(target, drafter, early_exit_layers=early_exit_layers)
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's thread count (None: every core of this machine) and return it."""
+    count = (os.cpu_count() or 1) if threads is None else threads
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise DiffdraftError(f"threads must be a positive integer, got {threads!r}")
+    torch.set_num_threads(count)
+    return count
 
 
 def load_dllm_pipeline(
@@ -156,6 +178,6 @@ def load_dllm_pipeline(
     """
     check_choices(dllm, drafter, drafter_layers, block_size)  # before the slow model load
     hf_model, tokenizer = load_model(model, dtype=dtype)
-    target = Target(hf_model, tokenizer, name=model or "smollm2")
+    target = build_target(hf_model, tokenizer, backend="hf", name=model or "smollm2")  # the dLLM runs the module
     own, simsd = dllm_runners(target, dllm, drafter, drafter_layers, block_size, steps, verify)
     return DLLMPipeline(target, simsd or own)

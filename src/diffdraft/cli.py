@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffdraft.backends import BACKENDS
 from diffdraft.config import BEST_OBJECTIVE, VERIFY_MODES, DraftConfig, SamplingConfig
 from diffdraft.drafters import DRAFTER_NAMES
 from diffdraft.errors import DiffdraftError
@@ -20,11 +21,16 @@ def add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> Non
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="smollm2 (default), a .gguf file or an HF model folder")
     group.add_argument("--dtype", default="float32", choices=list(DTYPES), help="target dtype (default float32)")
+    group.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                       help="target runtime: lean (Llama family: static cache, row-invariant kernels), hf (any "
+                            "model), or auto (lean where it can run the model; default)")
     if drafter:
         group.add_argument(
             "--drafter", default=None, help=f"one of {', '.join(DRAFTER_NAMES)}, or a drafter folder (default ngram)"
         )
     group.add_argument("--early-exit-layers", type=int, default=4, help="layers of the early-exit drafter")
+    if drafter:
+        group.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
 
 
 def add_dllm_args(parser: argparse.ArgumentParser, bench: bool = False) -> None:
@@ -72,8 +78,8 @@ def decoding_configs(args: argparse.Namespace) -> tuple[SamplingConfig, DraftCon
 def _load(args: argparse.Namespace):
     from diffdraft.api import DEFAULT_DRAFTER, load
 
-    return load(args.model, drafter=args.drafter or DEFAULT_DRAFTER, dtype=args.dtype,
-                early_exit_layers=args.early_exit_layers)
+    return load(args.model, drafter=args.drafter or DEFAULT_DRAFTER, dtype=args.dtype, backend=args.backend,
+                early_exit_layers=args.early_exit_layers, threads=getattr(args, "threads", None))
 
 
 def _dllm_only_options(args: argparse.Namespace) -> None:
@@ -213,7 +219,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config = BenchConfig(
             suite=args.suite, out=args.out, limit=args.limit,
             categories=tuple(c for c in args.categories.split(",") if c) if args.categories else None,
-            turn=args.turn, model=args.model, dtype=args.dtype, drafters=tuple(drafters),
+            turn=args.turn, model=args.model, dtype=args.dtype, backend=args.backend, drafters=tuple(drafters),
             peers=None if peers is None else tuple(p for p in peers if p != "none"),
             draft_len=args.draft_len, verify=args.verify, early_exit_layers=args.early_exit_layers,
             temperatures=tuple(args.temperatures), max_new_tokens=args.max_new_tokens, repeats=args.repeats,

@@ -20,7 +20,7 @@ from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
 from diffdraft.sampling import logits_to_probs, sample
 from diffdraft.stats import Stats
-from diffdraft.target import Target
+from diffdraft.target import TargetBackend
 from diffdraft.verify import Verdict, verify_greedy, verify_point_mass, verify_rejection
 
 
@@ -46,7 +46,7 @@ class SpeculativeEngine:
 
     def __init__(
         self,
-        target: Target,
+        target: TargetBackend,
         drafter: Drafter | None = None,
         draft: DraftConfig | None = None,
         sampling: SamplingConfig | None = None,

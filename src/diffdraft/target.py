@@ -1,27 +1,34 @@
-"""The target: a Hugging Face causal LM behind a small incremental-decoding interface.
+"""The target backend interface: what the engine, the drafters, the trainer and the bench ask of a target.
 
-prefill(ids) starts a sequence, forward(ids) appends k tokens and returns their logits
-(and, on request, hidden states tapped from chosen layers), crop(n) rolls the KV cache back
-to the first n tokens. It also hands out the embedding and LM head for drafters to share,
-and the tokenizer with its chat template. It knows nothing of drafting or verification.
+A backend decodes incrementally over one sequence: prefill(ids) starts it, forward(ids)
+appends k tokens and returns their logits (and, on request, the hidden states tapped from
+the layers fixed when the backend was built), crop(n) rolls the KV cache back to the first
+n tokens. It hands out the embedding and LM head for drafters to share, the EOS ids, the
+context length, and the tokenizer with the model's own rules for turning text into ids.
+`module` is the Hugging Face causal LM the backend was built from, for the components that
+build on the module itself (the dLLM conversion, the early-exit drafter, training batches,
+the HF peers in the bench); decoding goes through the backend, never through the module.
+
+Implementations live in diffdraft.backends: `hf` (any HF causal LM) and `lean` (the Llama
+family, static cache, row-invariant kernels). Nothing here knows of drafting or verification.
 Batch size is 1 for now; tensors keep their batch dimension.
 """
 
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from diffdraft.errors import DiffdraftError
 
 
 @dataclass
 class TargetOutput:
-    logits: torch.Tensor  # [B, k, V]
+    logits: torch.Tensor  # [B, k, V]; after prefill only the last position's, [B, 1, V]
     taps: torch.Tensor | None  # [B, k, n_taps * D], when asked for
 
 
@@ -30,34 +37,36 @@ def default_tap_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({1, num_layers // 2, max(1, num_layers - 3)}))
 
 
-class Target:
-    """Incremental decoding over one HF causal LM with a crop-able KV cache."""
+class TargetBackend(ABC):
+    """Incremental decoding over one causal LM with a crop-able KV cache (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, tokenizer, tap_layers: tuple[int, ...] | None = None, name: str = "model"):
-        self.model = model
+    kind: str = "backend"  # "hf" or "lean"
+
+    def __init__(self, module: nn.Module, tokenizer, tap_layers: tuple[int, ...] | None, name: str):
+        self.module = module
         self.tokenizer = tokenizer
         self.name = name
-        config = model.config
+        config = module.config
         self.num_layers: int = config.num_hidden_layers
         self.hidden_size: int = config.hidden_size
-        self.vocab_size: int = model.get_output_embeddings().weight.shape[0]
+        self.vocab_size: int = module.get_output_embeddings().weight.shape[0]
         self.max_context: int = getattr(config, "max_position_embeddings", None) or 2048
-        self.tap_layers = tuple(tap_layers) if tap_layers is not None else default_tap_layers(self.num_layers)
+        self.tap_layers: tuple[int, ...] = tuple(tap_layers) if tap_layers is not None \
+            else default_tap_layers(self.num_layers)
         bad = [i for i in self.tap_layers if not 0 <= i <= self.num_layers]
         if bad:
             raise DiffdraftError(f"tap layers {bad} are outside 0..{self.num_layers} for this target")
-        self.eos_token_ids = _eos_ids(model, tokenizer)
-        self._cache: DynamicCache | None = None
+        self.eos_token_ids = _eos_ids(module, tokenizer)
         self._length = 0
 
     # ----- shared parts for drafters -----
     @property
     def embed_tokens(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
+        return self.module.get_input_embeddings()
 
     @property
     def lm_head(self) -> nn.Linear:
-        return self.model.get_output_embeddings()
+        return self.module.get_output_embeddings()
 
     @property
     def device(self) -> torch.device:
@@ -67,52 +76,62 @@ class Target:
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def tap_index(self, layers: tuple[int, ...]) -> list[int]:
+        """Where each of `layers` sits among this backend's taps; refuses layers it does not tap."""
+        missing = [i for i in layers if i not in self.tap_layers]
+        if missing:
+            raise DiffdraftError(
+                f"the target taps layers {list(self.tap_layers)}, not {missing}: build it with the drafter's tap layers"
+            )
+        return [self.tap_layers.index(i) for i in layers]
+
+    @torch.no_grad()
+    def batch_taps(self, tokens: torch.Tensor, attention_mask: torch.Tensor, layers: tuple[int, ...]) -> torch.Tensor:
+        """Hidden states after `layers` for a padded batch, for training: tokens [B, L] -> [B, L, n*D].
+        Runs the module's own forward: no cache, no decoding state touched."""
+        out = self.module(input_ids=tokens, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+        return torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+
     # ----- incremental decoding -----
     @property
     def length(self) -> int:
         """Tokens held in the KV cache."""
         return self._length
 
-    @torch.inference_mode()
+    @abstractmethod
     def prefill(self, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
-        """Start a new sequence. ids: [B, T] int64."""
-        self._cache = DynamicCache(config=self.model.config)
-        self._length = 0
-        return self.forward(ids, want_taps=want_taps)
+        """Start a new sequence. ids: [B, T] int64 -> the last position's logits [B, 1, V] (+ taps [B, T, ...])."""
 
-    @torch.inference_mode()
+    @abstractmethod
     def forward(self, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
         """Append k tokens. ids: [B, k] int64 -> logits [B, k, V] (+ taps [B, k, n_taps*D])."""
-        if self._cache is None:
-            raise RuntimeError("call prefill() before forward()")
-        if self._length + ids.shape[1] > self.max_context:
-            raise DiffdraftError(f"sequence would exceed the model context of {self.max_context} tokens")
-        out = self.model(
-            input_ids=ids.to(self.device),
-            past_key_values=self._cache,
-            use_cache=True,
-            output_hidden_states=want_taps,
-        )
-        self._length += ids.shape[1]
-        taps = torch.cat([out.hidden_states[i] for i in self.tap_layers], dim=-1) if want_taps else None
-        return TargetOutput(logits=out.logits, taps=taps)
 
+    @abstractmethod
     def crop(self, n: int) -> None:
         """Keep only the first n tokens in the KV cache."""
+
+    def _check_room(self, k: int) -> None:
+        if self._length + k > self.max_context:
+            raise DiffdraftError(f"sequence would exceed the model context of {self.max_context} tokens")
+
+    def _check_crop(self, n: int) -> None:
         if not 0 <= n <= self._length:
             raise ValueError(f"cannot crop a cache of {self._length} tokens to {n}")
-        if n < self._length:
-            self._cache.crop(n - self._length)  # negative: drop that many from the end
-            self._length = n
 
     # ----- text -----
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation through the chat template, ready for the assistant's turn."""
+        """Token ids of a conversation, ready for the assistant's turn, by the model's own rules.
+
+        With a chat template the template writes every special token (BOS included where the
+        model wants one), so nothing more is added. Without one each message's text ends with a
+        line break, and the tokenizer adds what it always adds (a base model's BOS, say), as
+        `tokenizer(text)` does for HF `generate`.
+        """
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "\n".join(m["content"] for m in messages) + "\n"
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        text = "\n".join(m["content"] for m in messages) + "\n"
+        return self.tokenizer(text)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -22,7 +22,7 @@ from diffdraft.drafters import build_drafter, format_options, parse_options
 from diffdraft.engine import SpeculativeEngine
 from diffdraft.errors import DiffdraftError
 from diffdraft.stats import Stats
-from diffdraft.target import Target
+from diffdraft.target import TargetBackend
 
 PLAIN = "plain"  # the name of the engine's plain decoding, the reference of every speedup and equality
 
@@ -55,7 +55,7 @@ class EngineDecoder(Decoder):
 
     kind = "engine"
 
-    def __init__(self, name: str, spec: str, target: Target, draft: DraftConfig, early_exit_layers: int = 4):
+    def __init__(self, name: str, spec: str, target: TargetBackend, draft: DraftConfig, early_exit_layers: int = 4):
         self.name = name
         self.spec = spec
         self.target = target
@@ -97,7 +97,7 @@ class DLLMDecoder(Decoder):
                 "drafter_layers": drafter.net.num_layers if drafter else None}
 
 
-def dllm_decoders(target: Target, spec: str, drafter: str | None, drafter_layers: int | None,
+def dllm_decoders(target: TargetBackend, spec: str, drafter: str | None, drafter_layers: int | None,
                   block_size: int | None, steps: int | None, verify: str = "auto") -> list[DLLMDecoder]:
     """The dLLM's own decoding, then SimSD when a drafter is given (both over one converted target)."""
     own, simsd = dllm_runners(target, spec, drafter, drafter_layers, block_size, steps, verify)
@@ -156,7 +156,7 @@ def split_cut(spec: str) -> tuple[str, float]:
 
 
 def engine_decoders(
-    entries: list[str], target: Target, draft_len: int, verify: str = "auto", early_exit_layers: int = 4
+    entries: list[str], target: TargetBackend, draft_len: int, verify: str = "auto", early_exit_layers: int = 4
 ) -> list[EngineDecoder]:
     """Plain decoding first (always: it is the reference), then one decoder per drafter entry."""
     decoders: dict[str, EngineDecoder] = {}

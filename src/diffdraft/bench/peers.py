@@ -27,7 +27,7 @@ from diffdraft.config import SamplingConfig
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import DEFAULT_MODEL, default_gguf_path
 from diffdraft.stats import Stats
-from diffdraft.target import Target
+from diffdraft.target import TargetBackend
 
 HF_GENERATE = "hf-generate"
 HF_PROMPT_LOOKUP = "hf-prompt-lookup"
@@ -84,9 +84,9 @@ class HFGenerate(Decoder):
 
     kind = "peer"
 
-    def __init__(self, target: Target, prompt_lookup: int = 0):
+    def __init__(self, target: TargetBackend, prompt_lookup: int = 0):
         self.target = target
-        self.model = target.model
+        self.model = target.module
         self.draft_len = prompt_lookup
         self.name = HF_PROMPT_LOOKUP if prompt_lookup else HF_GENERATE
 
@@ -204,7 +204,7 @@ def gguf_for(model_spec: str | None) -> Path | None:
 
 
 def build_peers(
-    names: list[str], target: Target, model_spec: str | None, draft_len: int, threads: int, explicit: bool
+    names: list[str], target: TargetBackend, model_spec: str | None, draft_len: int, threads: int, explicit: bool
 ) -> tuple[list[Decoder], dict[str, str]]:
     """The named peers that can run here, and {name: why not} for the others.
 

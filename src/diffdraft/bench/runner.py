@@ -30,7 +30,8 @@ from importlib import metadata
 
 import torch
 
-from diffdraft.bench.decoders import PLAIN, Decoder, dllm_decoders, engine_decoders
+from diffdraft.backends import BACKENDS
+from diffdraft.bench.decoders import PLAIN, Decoder, dllm_decoders, engine_decoders, parse_drafter_spec
 from diffdraft.bench.metrics import summarize, temperature_key
 from diffdraft.bench.peers import PEER_NAMES, build_peers
 from diffdraft.bench.report import write_reports
@@ -38,6 +39,7 @@ from diffdraft.bench.store import RecordStore, record_key, stats_to_dict
 from diffdraft.bench.suites import Prompt, interleave_categories, load_suite
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.dllm.loading import check_choices
+from diffdraft.drafters import required_tap_layers
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import DTYPES
 
@@ -58,6 +60,7 @@ class BenchConfig:
     peers: tuple[str, ...] | None = None  # None: every peer that can run here
     draft_len: int = 8
     verify: str = "auto"
+    backend: str = "auto"  # the target runtime (diffdraft.backends)
     early_exit_layers: int = 4
     temperatures: tuple[float, ...] = (0.0, 1.0)
     max_new_tokens: int = 128
@@ -78,6 +81,8 @@ class BenchConfig:
             raise DiffdraftError(f"limit must be a positive integer, got {self.limit!r}")
         if self.turn not in (1, 2):
             raise DiffdraftError(f"turn must be 1 or 2, got {self.turn!r}")
+        if self.backend not in BACKENDS:
+            raise DiffdraftError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.dtype not in DTYPES:
             raise DiffdraftError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         DraftConfig(draft_len=self.draft_len, verify=self.verify)  # raises on a bad g or verify mode
@@ -104,7 +109,8 @@ class BenchConfig:
 
     def fixed_settings(self) -> dict:
         return {"suite": self.suite, "turn": self.turn, "model": self.model or "smollm2", "dtype": self.dtype,
-                "draft_len": self.draft_len, "verify": self.verify, "early_exit_layers": self.early_exit_layers,
+                "backend": self.backend, "draft_len": self.draft_len, "verify": self.verify,
+                "early_exit_layers": self.early_exit_layers,
                 "max_new_tokens": self.max_new_tokens, "seed": self.seed}
 
 
@@ -207,7 +213,9 @@ def _run_locked(config: BenchConfig, prompts: list[Prompt], store: RecordStore) 
 
     from diffdraft.api import load
 
-    pipe = load(config.model, drafter="none", dtype=config.dtype, early_exit_layers=config.early_exit_layers)
+    taps = required_tap_layers([parse_drafter_spec(entry, config.draft_len)[1] for entry in config.drafters])
+    pipe = load(config.model, drafter="none", dtype=config.dtype, backend=config.backend, tap_layers=taps,
+                early_exit_layers=config.early_exit_layers, threads=torch.get_num_threads())
     target = pipe.target
     decoders: list[Decoder] = engine_decoders(
         list(config.drafters), target, config.draft_len, config.verify, config.early_exit_layers
@@ -255,7 +263,7 @@ def _run_locked(config: BenchConfig, prompts: list[Prompt], store: RecordStore) 
         from diffdraft.bench.quality import dllm_quality
 
         records = [r for r in store.load() if r["prompt_id"] in by_id]
-        store.write_quality(dllm_quality(target.model, records, settings["decoders"], prompt_ids))
+        store.write_quality(dllm_quality(target.module, records, settings["decoders"], prompt_ids))
     session["ended"] = _now()
     store.write_settings(settings)
 

@@ -49,7 +49,7 @@ def check_kind_and_format(config: dict, folder: str | Path) -> None:
 
 
 def load_dllm(folder: str | Path, target) -> BlockDiffusionLM:
-    """A BlockDiffusionLM over target.model (a diffdraft Target) from a folder written by save_dllm."""
+    """A BlockDiffusionLM over target.module (a diffdraft target backend) from a folder written by save_dllm."""
     config, tensors = read_checkpoint(folder)
     check_kind_and_format(config, folder)
     try:
@@ -63,7 +63,7 @@ def load_dllm(folder: str | Path, target) -> BlockDiffusionLM:
         if signature.get(key) != theirs[key]:
             raise DiffdraftError(f"dLLM in {folder} was converted from another model: its {what} "
                                  f"{signature.get(key)} differs from this model's {theirs[key]}")
-    net = BlockDiffusionLM(target.model, dllm)
+    net = BlockDiffusionLM(target.module, dllm)
     try:
         net.load_state_dict(tensors)
     except RuntimeError as err:

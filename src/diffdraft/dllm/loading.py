@@ -63,11 +63,11 @@ def check_choices(spec: str, drafter: str | None, layers: int | None, block_size
 
 
 def dllm_target(spec: str, target, block_size: int | None = None, seed: int = 0) -> BlockDiffusionLM:
-    """The block-diffusion target over target.model (a diffdraft Target); see the module docstring."""
+    """The block-diffusion target over target.module (a diffdraft target backend); see the module docstring."""
     check_choices(spec, None, None, block_size)
     depth = target.num_layers
     if spec == BASE:
-        net = BlockDiffusionLM(target.model, DLLMConfig(block_size=block_size or DEFAULT_BLOCK_SIZE))
+        net = BlockDiffusionLM(target.module, DLLMConfig(block_size=block_size or DEFAULT_BLOCK_SIZE))
         net.reset_parameters(torch.Generator().manual_seed(seed))
         return net.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)
     folder = _folder(spec, drafter=False)
@@ -88,7 +88,7 @@ def dllm_drafter(spec: str | None, layers: int | None, target, net: BlockDiffusi
     if layers is not None:
         if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= target.num_layers:
             raise DiffdraftError(f"dLLM drafter layers must be in 1..{target.num_layers}, got {layers!r}")
-        small = BlockDiffusionLM(target.model, dataclasses.replace(net.config, num_layers=layers))
+        small = BlockDiffusionLM(target.module, dataclasses.replace(net.config, num_layers=layers))
         own = net.state_dict()
         small.load_state_dict({name: own[name] for name in small.state_dict()})  # the target's first layers
         small = small.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)

@@ -36,7 +36,8 @@ from diffdraft.dllm.model import MASK_ID, BlockDiffusionLM, DLLMConfig
 from diffdraft.drafters.block_diffusion import target_signature
 from diffdraft.drafters.checkpoint import read_checkpoint
 from diffdraft.errors import DiffdraftError
-from diffdraft.target import Target
+from diffdraft.backends.hf import HFTarget
+from diffdraft.target import TargetBackend
 from diffdraft.train.data import Sequence, read_split
 from diffdraft.train.masks import IGNORE, sample_block_masking
 from diffdraft.train.trainer import (
@@ -152,7 +153,7 @@ class DLLMTrainer:
     save_checkpoint = DrafterTrainer.save_checkpoint
     load_checkpoint = DrafterTrainer.load_checkpoint
 
-    def __init__(self, cfg: DLLMTrainConfig, target: Target, train_data: list[Sequence], eval_data: list[Sequence]):
+    def __init__(self, cfg: DLLMTrainConfig, target: TargetBackend, train_data: list[Sequence], eval_data: list[Sequence]):
         self.cfg = cfg
         self.target = target
         self.device = torch.device(cfg.device)
@@ -162,7 +163,7 @@ class DLLMTrainer:
             raise DiffdraftError(f"no training sequence has a whole block of {cfg.block_size} response tokens")
         self.train_data = usable
         self.eval_data = [s for s in eval_data if self._trainable(s)][: cfg.eval_sequences]
-        self.net = BlockDiffusionLM(target.model, cfg.dllm())
+        self.net = BlockDiffusionLM(target.module, cfg.dllm())
         self.net.reset_parameters(torch.Generator().manual_seed(cfg.seed))
         if cfg.init_from:
             self._init_from(Path(cfg.init_from))
@@ -241,7 +242,7 @@ def _check_resumable(folder: Path, cfg: DLLMTrainConfig) -> None:
                                  f"{getattr(cfg, key)}: use another --out")
 
 
-def train_dllm(cfg: DLLMTrainConfig, target: Target | None = None, log=print) -> dict:
+def train_dllm(cfg: DLLMTrainConfig, target: TargetBackend | None = None, log=print) -> dict:
     """Run (or resume) a conversion run in cfg.out; the adapters end up in cfg.out/adapter."""
     from diffdraft.loading import load_model
 
@@ -252,7 +253,7 @@ def train_dllm(cfg: DLLMTrainConfig, target: Target | None = None, log=print) ->
         model.to(cfg.device)
         if cfg.device.startswith("cuda") and cfg.amp_dtype is not None:
             model.to(cfg.amp_dtype)
-        target = Target(model, tokenizer, name=cfg.model or "smollm2")
+        target = HFTarget(model, tokenizer, name=cfg.model or "smollm2")  # training runs the module, no decoding
     trainer = DLLMTrainer(cfg, target, train_data, eval_data)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"

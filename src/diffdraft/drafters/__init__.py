@@ -20,7 +20,7 @@ SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "weights" / "smollm2-
 MASKED_OPTIONS = {"steps": int, "order": str, "select": str, "samples": int, "warmup": int, "warmup-drafter": str}
 
 __all__ = ["Draft", "Drafter", "BlockDiffusionDrafter", "EarlyExitDrafter", "HandoffDrafter", "MaskedDiffusionDrafter",
-           "NgramDrafter", "DRAFTER_NAMES", "build_drafter"]
+           "NgramDrafter", "DRAFTER_NAMES", "build_drafter", "required_tap_layers"]
 
 
 def parse_options(spec: str) -> tuple[str, dict[str, str]]:
@@ -40,6 +40,26 @@ def parse_options(spec: str) -> tuple[str, dict[str, str]]:
 def format_options(base: str, options: dict[str, str]) -> str:
     """The inverse of parse_options: BASE:key=value:..."""
     return base + "".join(f":{key}={value}" for key, value in options.items())
+
+
+def required_tap_layers(specs) -> tuple[int, ...] | None:
+    """The target layers that the block-diffusion drafters among `specs` read (their sorted union),
+    or None when none of them reads any. Read from the folders' configs, before any model is loaded,
+    so that the target can be built with those taps. A spec that is not a drafter is left for
+    build_drafter to refuse."""
+    layers: set[int] = set()
+    for spec in specs:
+        try:
+            base, _ = parse_options(spec)
+            folder = SHIPPED_DRAFTER if base == "block-diffusion" else Path(base)
+            if not (folder.is_dir() and is_checkpoint(folder)):
+                continue
+            config = read_config(folder)
+            if config.get("kind") == BlockDiffusionDrafter.name:
+                layers.update(int(i) for i in config["tap_layers"])
+        except (DiffdraftError, KeyError, TypeError, ValueError):
+            continue
+    return tuple(sorted(layers)) or None
 
 
 def build_drafter(spec: str, target, early_exit_layers: int = 4) -> Drafter | None:

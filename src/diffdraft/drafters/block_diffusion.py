@@ -72,8 +72,11 @@ class BlockDiffusionDrafter(HeadedDrafter):
         self.tap_layers = tuple(tap_layers)
         self.signature = signature or target_signature(target)
         self.check_compatible(target)
-        # The target must hand us exactly the taps we were trained on.
-        target.tap_layers = self.tap_layers
+        # The columns of the target's taps that hold our layers, in our order (the target may tap more).
+        index = target.tap_index(self.tap_layers)
+        width = target.hidden_size
+        self._tap_columns = None if index == list(range(len(target.tap_layers))) else torch.tensor(
+            [i * width + j for i in index for j in range(width)], device=target.device)
         self.head = DraftHead(target, draft_vocab)
         self._ctx_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._ctx_len = 0
@@ -96,6 +99,8 @@ class BlockDiffusionDrafter(HeadedDrafter):
         """taps: [1, n, n_taps*D] of newly committed tokens."""
         if taps is None or taps.shape[1] == 0:
             return
+        if self._tap_columns is not None:
+            taps = taps.index_select(-1, self._tap_columns)  # [1, n, n_our_taps*D]
         n = taps.shape[1]
         positions = torch.arange(self._ctx_len, self._ctx_len + n, device=taps.device)[None]  # [1, n]
         new_kv = self.net.context_kv(self.net.fuse_context(taps.to(self.target.dtype)), positions)

@@ -27,7 +27,7 @@ class EarlyExitDrafter(Drafter):
     name = "early-exit"
 
     def __init__(self, target, num_layers: int = 4, head: nn.Linear | None = None):
-        body = getattr(target.model, "model", None)
+        body = getattr(target.module, "model", None)
         if body is None or not hasattr(body, "layers") or not hasattr(body, "norm"):
             raise DiffdraftError("the early-exit drafter needs a decoder-only model with model.layers and model.norm")
         if not 1 <= num_layers < target.num_layers:

@@ -38,7 +38,7 @@ from diffdraft.train.masks import (
 
 def layer_shape(target) -> dict:
     """Attention/MLP sizes of a drafter layer of the target's width (the target's own)."""
-    hf = target.model.config
+    hf = target.module.config  # the target's own layer sizes
     rope = getattr(hf, "rope_theta", None) or (getattr(hf, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
     return {
         "hidden_size": target.hidden_size,
@@ -63,7 +63,6 @@ class BlockDiffusionTask:
     def __init__(self, cfg, target, autocast):
         self.cfg, self.target, self.autocast = cfg, target, autocast
         self.tap_layers = tuple(cfg.tap_layers) if cfg.tap_layers else default_tap_layers(target.num_layers)
-        target.tap_layers = self.tap_layers
         net_cfg = BlockDiffusionConfig(num_taps=len(self.tap_layers), num_layers=cfg.num_layers,
                                        block_size=cfg.block_size, **layer_shape(target))
         self.net = BlockDiffusionNet(net_cfg)
@@ -85,8 +84,7 @@ class BlockDiffusionTask:
         batch_size, length = tokens.shape
         with torch.no_grad():
             mask = (torch.arange(length)[None] < lengths[:, None]).long().to(device)
-            out = self.target.model(input_ids=tokens, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-            taps = torch.cat([out.hidden_states[i] for i in self.tap_layers], dim=-1)  # [B, L, n_taps*D]
+            taps = self.target.batch_taps(tokens, mask, self.tap_layers)  # [B, L, n_taps*D]
         anchors, valid = sample_anchors(lengths, starts, nb, generator)  # [B, nb]
         anchors, valid = anchors.to(device), valid.to(device)
         labels = block_labels(tokens, lengths.to(device), anchors, valid, g)  # [B, nb, g-1]
@@ -120,7 +118,7 @@ class MaskedDiffusionTask:
             _check_init(cfg, net_cfg, loaded.cfg, cfg.init_from)
             self.net.load_state_dict(loaded.state_dict())
         else:
-            self.net.init_from_target(target.model)  # start as the target's first layers
+            self.net.init_from_target(target.module)  # start as the target's first layers
         self.module = self.net
 
     def logits_and_labels(self, batch: dict[str, torch.Tensor], generator: torch.Generator, training: bool):

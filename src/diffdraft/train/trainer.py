@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from diffdraft.config import TrainConfig
 from diffdraft.errors import DiffdraftError
 from diffdraft.files import atomic_folder
-from diffdraft.target import Target
+from diffdraft.backends.hf import HFTarget
+from diffdraft.target import TargetBackend
 from diffdraft.train.data import Sequence, read_split
 from diffdraft.train.losses import acceptance_counts, per_position_acceptance, positional_weights, simulated_tau, \
     weighted_block_loss
@@ -86,7 +87,7 @@ def make_batch(sequences: list[Sequence], max_len: int, pad_id: int) -> dict[str
 class DrafterTrainer:
     """Owns the frozen target, the drafter net, the optimizer and the data order."""
 
-    def __init__(self, cfg: TrainConfig, target: Target, train_data: list[Sequence], eval_data: list[Sequence]):
+    def __init__(self, cfg: TrainConfig, target: TargetBackend, train_data: list[Sequence], eval_data: list[Sequence]):
         self.cfg = cfg
         self.target = target
         self.device = torch.device(cfg.device)
@@ -193,7 +194,7 @@ class DrafterTrainer:
         self.task.export(folder, self.train_data, extra, dtype)
 
 
-def train(cfg: TrainConfig, target: Target | None = None, log=print) -> dict:
+def train(cfg: TrainConfig, target: TargetBackend | None = None, log=print) -> dict:
     """Run (or resume) a training run in cfg.out; returns the final evaluation."""
     from diffdraft.loading import load_model
 
@@ -207,7 +208,7 @@ def train(cfg: TrainConfig, target: Target | None = None, log=print) -> dict:
         model.to(cfg.device)
         if cfg.device.startswith("cuda") and cfg.amp_dtype != "float32":
             model.to(AMP_DTYPES[cfg.amp_dtype])
-        target = Target(model, tokenizer, name=cfg.model or "smollm2")
+        target = HFTarget(model, tokenizer, name=cfg.model or "smollm2")  # training runs the module, no decoding
     trainer = DrafterTrainer(cfg, target, read_split(Path(cfg.data), "train"), read_split(Path(cfg.eval_data or cfg.data), "eval"))
     checkpoint = out / "checkpoint"
     if (checkpoint / "trainer.json").is_file():
