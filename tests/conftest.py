@@ -20,6 +20,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 from diffdraft.backends import build_target  # noqa: E402
 from diffdraft.target import TargetBackend  # noqa: E402
 
+# The fixed-length drafting the engine tests were written for: every drafted token is verified and
+# each slot is drawn from q (DraftConfig's defaults choose the length by cost and propose argmaxes).
+FIXED = {"length": "fixed", "proposals": "sample"}
 TINY_VOCAB = 300
 EOS_TEXT = "<eos>"
 EOS_ID = 256  # the byte tokens take ids 0..255

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from conftest import EOS_ID, make_llama, make_tokenizer
+from conftest import FIXED, EOS_ID, make_llama, make_tokenizer
 from diffdraft.config import DraftConfig, SamplingConfig, TrainConfig
 from diffdraft.drafters import BlockDiffusionDrafter, build_drafter
 from diffdraft.drafters.block_diffusion import save_drafter, target_signature
@@ -287,7 +287,7 @@ def test_greedy_equals_plain_decoding(tiny_model, tiny_tokenizer, draft_len):
     drafter = BlockDiffusionDrafter(target, tiny_net(target, num_taps=2, layers=2), (1, 3))
     prompt = tiny_tokenizer("The quick brown fox")["input_ids"]
     plain = SpeculativeEngine(target, None).generate(prompt, 40)
-    spec = SpeculativeEngine(target, drafter, DraftConfig(draft_len)).generate(prompt, 40)
+    spec = SpeculativeEngine(target, drafter, DraftConfig(draft_len, **FIXED)).generate(prompt, 40)
     assert spec.tokens == plain.tokens
 
 
@@ -306,7 +306,7 @@ def test_greedy_with_a_drafter_that_is_often_right(tiny_model, tiny_tokenizer, t
         trainer.train_step()
     drafter = BlockDiffusionDrafter(target, trainer.net, trainer.task.tap_layers)
     for prompt, seq in zip(prompts, seqs):
-        result = SpeculativeEngine(target, drafter, DraftConfig(G - 1)).generate(prompt, 30)
+        result = SpeculativeEngine(target, drafter, DraftConfig(G - 1, **FIXED)).generate(prompt, 30)
         assert result.tokens == seq.tokens[len(prompt):]
     assert result.stats.tau > 1.0
 
@@ -327,7 +327,7 @@ def test_reduced_draft_vocabulary(tiny_model, tiny_tokenizer, tmp_path):
     outside[vocab] = False
     assert torch.allclose(draft.probs.sum(-1), torch.ones(G - 1)) and float(draft.probs[:, outside].abs().max()) == 0
     plain = SpeculativeEngine(target, None).generate(prompt, 30)
-    assert SpeculativeEngine(target, drafter, DraftConfig(G - 1)).generate(prompt, 30).tokens == plain.tokens
+    assert SpeculativeEngine(target, drafter, DraftConfig(G - 1, **FIXED)).generate(prompt, 30).tokens == plain.tokens
     save_drafter(tmp_path / "d", net, (1, 3), target_signature(target), draft_vocab=vocab)
     assert torch.equal(build_drafter(str(tmp_path / "d"), target).draft_vocab, vocab)
     bad = torch.tensor([5, 10_000])
@@ -349,7 +349,7 @@ def test_sampling_law_through_the_engine(draft_vocab):
     vocab = torch.tensor(draft_vocab) if draft_vocab else None
     drafter = BlockDiffusionDrafter(target, net, (1, 2), draft_vocab=vocab)
     sampling = SamplingConfig(temperature=1.0)
-    engine = SpeculativeEngine(target, drafter, DraftConfig(3), sampling)
+    engine = SpeculativeEngine(target, drafter, DraftConfig(3, **FIXED), sampling)
     samples, accepted = engine_samples(engine, 600)
     result = fit(samples, exact_law(target, LAW_PROMPT, sampling))
     assert result.ok, str(result)

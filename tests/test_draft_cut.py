@@ -20,6 +20,7 @@ from diffdraft.backends import build_target
 from diffdraft.target import TargetBackend
 from lawcheck import fit
 from test_block_diffusion import TAPS, tiny_net
+from conftest import FIXED
 
 
 def draft_with(confidence, n: int = 4):
@@ -47,8 +48,8 @@ def test_greedy_output_is_unchanged_and_drafts_get_shorter(tiny_model, tiny_toke
     drafter = BlockDiffusionDrafter(target, tiny_net(target, num_taps=2, layers=2), (1, 3))
     prompt = tiny_tokenizer("The quick brown fox")["input_ids"]
     plain = SpeculativeEngine(target, None).generate(prompt, 40)
-    full = SpeculativeEngine(target, drafter, DraftConfig(3)).generate(prompt, 40)
-    cut = SpeculativeEngine(target, drafter, DraftConfig(3, min_confidence=0.05)).generate(prompt, 40)
+    full = SpeculativeEngine(target, drafter, DraftConfig(3, **FIXED)).generate(prompt, 40)
+    cut = SpeculativeEngine(target, drafter, DraftConfig(3, min_confidence=0.05, **FIXED)).generate(prompt, 40)
     assert cut.tokens == plain.tokens == full.tokens
     assert sum(cut.stats.proposed) < sum(full.stats.proposed)
 
@@ -72,7 +73,7 @@ def law_with_cut(drafter_class, runs: int = 600):
         net.norm.weight.mul_(4)  # a drafter sure of some slots and unsure of others
     sampling = SamplingConfig(temperature=1.0)
     engine = SpeculativeEngine(target, drafter_class(target, net, (1, 2)),
-                               DraftConfig(3, verify="rejection", min_confidence=0.5), sampling)
+                               DraftConfig(3, verify="rejection", min_confidence=0.5, **FIXED), sampling)
     samples, proposed = engine_samples(engine, runs, trace="proposed")
     return fit(samples, exact_law(target, LAW_PROMPT, sampling)), proposed
 

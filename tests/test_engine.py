@@ -17,7 +17,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import make_llama
+from conftest import FIXED, make_llama
 from diffdraft import engine as engine_module
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.drafters import Draft, Drafter, EarlyExitDrafter, NgramDrafter
@@ -133,7 +133,7 @@ def test_greedy_matches_plain_decoding(tiny_target, kind, draft_len):
         expected = plain(tiny_target, prompt)
         drafter = drafter_for(kind, tiny_target, reference=prompt + expected.tokens)
         forwards.clear()
-        result = SpeculativeEngine(tiny_target, drafter, DraftConfig(draft_len=draft_len)).generate(
+        result = SpeculativeEngine(tiny_target, drafter, DraftConfig(draft_len=draft_len, **FIXED)).generate(
             prompt, max_new_tokens=MAX_NEW
         )
         assert result.tokens == expected.tokens, f"{kind}, g={draft_len}, prompt {text!r}"
@@ -168,7 +168,7 @@ def test_plain_decoding_bookkeeping(tiny_target):
 def test_draft_len_zero_is_plain_decoding(tiny_target, kind):
     prompt = encode(tiny_target, PROMPTS[1])
     expected = plain(tiny_target, prompt)
-    result = SpeculativeEngine(tiny_target, drafter_for(kind, tiny_target), DraftConfig(draft_len=0)).generate(
+    result = SpeculativeEngine(tiny_target, drafter_for(kind, tiny_target), DraftConfig(draft_len=0, **FIXED)).generate(
         prompt, max_new_tokens=MAX_NEW
     )
     assert result.tokens == expected.tokens
@@ -178,7 +178,7 @@ def test_draft_len_zero_is_plain_decoding(tiny_target, kind):
 def test_streamed_chunks_add_up(tiny_target):
     prompt = encode(tiny_target, PROMPTS[1])
     chunks = []
-    result = SpeculativeEngine(tiny_target, NgramDrafter(), DraftConfig(draft_len=6)).generate(
+    result = SpeculativeEngine(tiny_target, NgramDrafter(), DraftConfig(draft_len=6, **FIXED)).generate(
         prompt, max_new_tokens=MAX_NEW, on_tokens=chunks.append
     )
     assert [t for chunk in chunks for t in chunk] == result.tokens
@@ -211,7 +211,7 @@ def test_stops_at_eos(tiny_target, kind):
     eos = reference[index]
     tiny_target.eos_token_ids = frozenset({eos})
     drafter = drafter_for(kind, tiny_target, reference=prompt + reference)
-    result = SpeculativeEngine(tiny_target, drafter, DraftConfig(draft_len=8)).generate(prompt, max_new_tokens=MAX_NEW)
+    result = SpeculativeEngine(tiny_target, drafter, DraftConfig(draft_len=8, **FIXED)).generate(prompt, max_new_tokens=MAX_NEW)
     assert result.tokens == reference[: index + 1]
     assert result.stop_reason == "eos"
     check_stats(result, 8)
@@ -223,7 +223,7 @@ def test_natural_eos_of_the_model(tiny_target):
     expected = plain(tiny_target, prompt)
     assert expected.stop_reason == "eos" and expected.tokens[-1] in tiny_target.eos_token_ids
     for kind in ["ngram", "early-exit-2"]:
-        result = SpeculativeEngine(tiny_target, drafter_for(kind, tiny_target), DraftConfig(8)).generate(prompt, 64)
+        result = SpeculativeEngine(tiny_target, drafter_for(kind, tiny_target), DraftConfig(8, **FIXED)).generate(prompt, 64)
         assert result.tokens == expected.tokens and result.stop_reason == "eos"
 
 
@@ -231,7 +231,7 @@ def test_eos_as_first_token(tiny_target):
     prompt = encode(tiny_target, PROMPTS[2])
     first = plain(tiny_target, prompt, 1).tokens[0]
     tiny_target.eos_token_ids = frozenset({first})
-    result = SpeculativeEngine(tiny_target, NgramDrafter(), DraftConfig(4)).generate(prompt, max_new_tokens=10)
+    result = SpeculativeEngine(tiny_target, NgramDrafter(), DraftConfig(4, **FIXED)).generate(prompt, max_new_tokens=10)
     assert result.tokens == [first] and result.stop_reason == "eos"
     assert result.stats.steps == 0 and result.stats.new_tokens == 1
 
@@ -242,7 +242,7 @@ def test_stops_at_max_new_tokens_exactly(tiny_target, kind, max_new):
     prompt = encode(tiny_target, PROMPTS[1])
     reference = plain(tiny_target, prompt, 32).tokens
     drafter = drafter_for(kind, tiny_target, reference=prompt + reference)
-    result = SpeculativeEngine(tiny_target, drafter, DraftConfig(draft_len=5)).generate(prompt, max_new_tokens=max_new)
+    result = SpeculativeEngine(tiny_target, drafter, DraftConfig(draft_len=5, **FIXED)).generate(prompt, max_new_tokens=max_new)
     assert result.tokens == reference[:max_new]
     assert result.stop_reason == "length"
     check_stats(result, 5)
@@ -258,7 +258,7 @@ def test_stops_at_end_of_context(tiny_target, kind):
     assert reference.stop_reason == "context"
     assert len(prompt) + len(reference.tokens) == context
     drafter = drafter_for(kind, tiny_target, reference=prompt + reference.tokens)
-    result = SpeculativeEngine(tiny_target, drafter, DraftConfig(draft_len=8)).generate(prompt, max_new_tokens=100)
+    result = SpeculativeEngine(tiny_target, drafter, DraftConfig(draft_len=8, **FIXED)).generate(prompt, max_new_tokens=100)
     assert result.tokens == reference.tokens and result.stop_reason == "context"
 
 
@@ -285,7 +285,7 @@ class FixedDrafter(Drafter):
 
 def test_rejection_mode_needs_a_drafter_with_q(tiny_target):
     engine = SpeculativeEngine(
-        tiny_target, FixedDrafter(), DraftConfig(draft_len=4, verify="rejection"), SamplingConfig(temperature=1.0)
+        tiny_target, FixedDrafter(), DraftConfig(draft_len=4, verify="rejection", **FIXED), SamplingConfig(temperature=1.0)
     )
     with pytest.raises(DiffdraftError, match="rejection"):
         engine.generate(encode(tiny_target, PROMPTS[1]), max_new_tokens=20)
@@ -297,7 +297,7 @@ def test_rejection_mode_with_empty_draft(tiny_target, drafter_kind):
     (g = min(1, 2 - 1 - 1) = 0); the engine must just sample the last token from p."""
     drafter = drafter_for(drafter_kind, tiny_target)
     engine = SpeculativeEngine(
-        tiny_target, drafter, DraftConfig(draft_len=1, verify="rejection"), SamplingConfig(temperature=1.0)
+        tiny_target, drafter, DraftConfig(draft_len=1, verify="rejection", **FIXED), SamplingConfig(temperature=1.0)
     )
     result = engine.generate(encode(tiny_target, PROMPTS[1]), max_new_tokens=2, seed=0)
     assert len(result.tokens) == 2
@@ -471,7 +471,7 @@ def test_engine_sampling_law_equals_target_law(small_target, case, monkeypatch):
             return _real(*args)
 
         monkeypatch.setattr(engine_module, attr, counted)
-    engine = SpeculativeEngine(small_target, drafter_for(kind, small_target), DraftConfig(2, mode), sampling)
+    engine = SpeculativeEngine(small_target, drafter_for(kind, small_target), DraftConfig(2, mode, **FIXED), sampling)
     samples, accepted = engine_samples(engine, N_ENGINE)
     result = fit(samples, exact_law(small_target, LAW_PROMPT, sampling))
     print(case, result, calls)
@@ -496,7 +496,7 @@ def test_engine_law_check_catches_a_lossy_verifier(small_target, monkeypatch):
     monkeypatch.setattr(engine_module, "verify_rejection", lossy)
     sampling = SamplingConfig(temperature=1.0)
     engine = SpeculativeEngine(
-        small_target, drafter_for("early-exit-1", small_target), DraftConfig(2, "rejection"), sampling
+        small_target, drafter_for("early-exit-1", small_target), DraftConfig(2, "rejection", **FIXED), sampling
     )
     samples, _ = engine_samples(engine, N_ENGINE)
     result = fit(samples, exact_law(small_target, LAW_PROMPT, sampling))

@@ -28,6 +28,7 @@ from diffdraft.engine import SpeculativeEngine
 from diffdraft.errors import DiffdraftError
 from diffdraft.backends import build_target
 from diffdraft.target import TargetBackend
+from conftest import FIXED
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
@@ -380,8 +381,8 @@ def test_early_exit_save_load_round_trip(tmp_path, tiny_model, tiny_tokenizer, d
     built = build_drafter(str(drafter_dir), target)
     assert isinstance(built, EarlyExitDrafter)
     prompt = list(b"hello hello hello")
-    first = SpeculativeEngine(target, built, DraftConfig(4)).generate(prompt, 24)
-    second = SpeculativeEngine(target, loaded, DraftConfig(4)).generate(prompt, 24)
+    first = SpeculativeEngine(target, built, DraftConfig(4, **FIXED)).generate(prompt, 24)
+    second = SpeculativeEngine(target, loaded, DraftConfig(4, **FIXED)).generate(prompt, 24)
     assert first.tokens == second.tokens and first.stats.accepted == second.stats.accepted
 
 

@@ -24,6 +24,7 @@ from diffdraft.target import TargetBackend
 from diffdraft.train.masks import prefix_and_blocks_mask, sample_block_masking
 from diffdraft.train.tasks import layer_shape
 from lawcheck import fit
+from conftest import FIXED
 
 G = 4
 
@@ -194,7 +195,7 @@ def test_handoff_uses_the_warmup_drafter_first(tiny_model, tiny_tokenizer):
     warm, main = RecordingDrafter(), MaskedDiffusionDrafter(target, tiny_net(target))
     handoff = HandoffDrafter(warm, main, warmup_tokens=5)
     prompt = tiny_tokenizer("hand off")["input_ids"]
-    result = SpeculativeEngine(target, handoff, DraftConfig(G - 1)).generate(prompt, 20)
+    result = SpeculativeEngine(target, handoff, DraftConfig(G - 1, **FIXED)).generate(prompt, 20)
     plain = SpeculativeEngine(target, None).generate(prompt, 20)
     assert result.tokens == plain.tokens
     assert warm.calls == 4  # responses of 1..4 tokens: one plain step each (its drafts are empty)
@@ -208,7 +209,7 @@ def test_greedy_equals_plain_decoding(tiny_model, tiny_tokenizer, denoise):
     drafter = MaskedDiffusionDrafter(target, tiny_net(target, layers=2), denoise=denoise)
     prompt = tiny_tokenizer("The quick brown fox")["input_ids"]
     plain = SpeculativeEngine(target, None).generate(prompt, 40)
-    assert SpeculativeEngine(target, drafter, DraftConfig(G - 1)).generate(prompt, 40).tokens == plain.tokens
+    assert SpeculativeEngine(target, drafter, DraftConfig(G - 1, **FIXED)).generate(prompt, 40).tokens == plain.tokens
 
 
 def law_of_first_tokens(drafter_for, runs: int = 600):
@@ -217,7 +218,7 @@ def law_of_first_tokens(drafter_for, runs: int = 600):
 
     target = make_small_target()
     sampling = SamplingConfig(temperature=1.0)
-    engine = SpeculativeEngine(target, drafter_for(target), DraftConfig(3), sampling)
+    engine = SpeculativeEngine(target, drafter_for(target), DraftConfig(3, **FIXED), sampling)
     samples, accepted = engine_samples(engine, runs)
     return fit(samples, exact_law(target, LAW_PROMPT, sampling)), accepted
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from diffdraft.errors import DiffdraftError
 
 VERIFY_MODES = ("auto", "rejection", "point-mass")
+LENGTH_MODES = ("auto", "fixed")
+PROPOSAL_MODES = ("argmax", "sample")
 TRAINABLE_KINDS = ("block-diffusion", "masked-diffusion")
 # The block-diffusion objective terms a run gets unless told otherwise: with positional
 # weighting (gamma 7) the best row of the objective ablation (results/ablation-mtbench).
@@ -84,12 +86,18 @@ class DraftConfig:
     drafter states its exact q, and point-mass matching otherwise.
     """
 
-    draft_len: int = 16
+    draft_len: int = 16  # the most tokens drafted per step
     verify: str = "auto"
-    # > 0: cut each draft after its longest prefix whose confidence product (the drafter's own
+    # "auto": verify the number of drafted tokens that maximizes expected tokens per second on this
+    # machine (draft_length.py); "fixed": verify all draft_len of them.
+    length: str = "auto"
+    # > 0: instead, cut each draft after its longest prefix whose confidence product (the drafter's own
     # probability that the whole prefix is right) stays >= this; a verify forward then carries
     # only tokens likely to pass. Lossless: the cut depends only on the drafter's distributions.
     min_confidence: float = 0.0
+    # Above temperature 0: "argmax" proposes each slot's most likely token (q is then a point mass,
+    # and rejection sampling reduces to point-mass matching); "sample" draws each slot from q.
+    proposals: str = "argmax"
 
     def __post_init__(self) -> None:
         if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or not (0 <= self.draft_len <= 64):
@@ -97,6 +105,10 @@ class DraftConfig:
         if isinstance(self.min_confidence, bool) or not isinstance(self.min_confidence, (int, float)) \
                 or not 0.0 <= self.min_confidence < 1.0:
             raise DiffdraftError(f"min confidence must be in [0, 1), got {self.min_confidence!r}")
+        if self.length not in LENGTH_MODES:
+            raise DiffdraftError(f"length must be one of {', '.join(LENGTH_MODES)}, got {self.length!r}")
+        if self.proposals not in PROPOSAL_MODES:
+            raise DiffdraftError(f"proposals must be one of {', '.join(PROPOSAL_MODES)}, got {self.proposals!r}")
         if self.verify not in VERIFY_MODES:
             raise DiffdraftError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
 

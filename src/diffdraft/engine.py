@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 
 from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.costs import cost_curve
+from diffdraft.draft_length import LengthPolicy
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
 from diffdraft.sampling import logits_to_probs, sample
@@ -50,13 +52,21 @@ class SpeculativeEngine:
         drafter: Drafter | None = None,
         draft: DraftConfig | None = None,
         sampling: SamplingConfig | None = None,
+        policy: LengthPolicy | None = None,
     ):
+        """policy: the length rule for draft.length == "auto" (kept across requests, it calibrates
+        itself); without one the engine measures this machine's costs (cached) and makes one."""
         self.target = target
         self.drafter = drafter
         self.draft = draft or DraftConfig()
         self.sampling = sampling or SamplingConfig()
         if drafter is not None:
             drafter.check_compatible(target)
+        self.policy = None
+        if drafter is not None and self.draft.length == "auto" and self.draft.min_confidence == 0 and self.draft_len:
+            self.policy = policy or LengthPolicy(cost_curve(target, drafter, self.draft_len))
+        # What the drafter is asked to draw from: the target's own sampling, or each slot's argmax.
+        self.proposal_sampling = SamplingConfig() if self.draft.proposals == "argmax" else self.sampling
 
     @property
     def draft_len(self) -> int:
@@ -81,7 +91,7 @@ class SpeculativeEngine:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise DiffdraftError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         generator = torch.Generator().manual_seed(seed)
-        stats = Stats(draft_len=self.draft_len)
+        stats = Stats(draft_len=self.draft_len, cost_curve=self.policy.costs.to_dict() if self.policy else None)
         want_taps = self.drafter is not None and self.drafter.wants_taps
         start = time.perf_counter()
 
@@ -133,9 +143,16 @@ class SpeculativeEngine:
     ) -> tuple[Verdict, int]:
         """One draft-and-verify step. Returns the verdict and how many tokens were drafted."""
         tick = time.perf_counter()
+        greedy = self.sampling.greedy
+        if self.policy is not None:
+            g = self.policy.longest_useful(g)  # the drafter computes only slots that could be verified
         if g > 0:
-            draft = self.drafter.propose(sequence, g, self.sampling, generator)
-            draft = draft.truncated(confident_length(draft, g, self.draft.min_confidence))
+            draft = self.drafter.propose(sequence, g, self.proposal_sampling, generator)
+            if self.policy is not None:  # reads the drafter's confidences and past steps, never this step's target
+                keep = self.policy.choose(draft.confidence, draft.tokens.shape[0], greedy)
+            else:
+                keep = confident_length(draft, g, self.draft.min_confidence)
+            draft = draft.truncated(keep)
         else:
             draft = Draft.empty()
         tock = time.perf_counter()
@@ -146,6 +163,8 @@ class SpeculativeEngine:
         out = self.target.forward(block, want_taps=want_taps)
         verdict = self._verify(draft, out.logits[0], generator)  # logits [1+g, V]
         self.target.crop(self.target.length - (drafted - verdict.num_accepted))
+        if self.policy is not None and drafted:
+            self.policy.observe(draft.confidence, drafted, verdict.num_accepted, greedy)
         if self.drafter is not None and want_taps:
             self.drafter.observe(out.taps[:, : 1 + verdict.num_accepted])
         stats.verify_s += time.perf_counter() - tock

@@ -22,6 +22,7 @@ class Stats:
     draft_s: float = 0.0  # time inside the drafter
     verify_s: float = 0.0  # time in target forwards of verify steps + verification
     runs: int = 1  # generations pooled into this record
+    cost_curve: dict | None = None  # the measured costs the length rule used (draft_length.CostCurve.to_dict)
 
     def record_step(self, proposed: int, accepted: int, emitted: int) -> None:
         self.proposed.append(proposed)
@@ -50,6 +51,13 @@ class Stats:
             counts[k] += 1
         return counts
 
+    def length_histogram(self) -> list[int]:
+        """counts[k] = verify steps that verified exactly k drafted tokens (the chosen lengths)."""
+        counts = [0] * (max([self.draft_len, *self.proposed]) + 1)
+        for k in self.proposed:
+            counts[k] += 1
+        return counts
+
     def per_position_acceptance(self) -> list[float]:
         """rate[i] = P(draft token i+1 accepted | it was proposed), for i = 0..g-1."""
         size = max([self.draft_len, *self.proposed], default=0)
@@ -74,6 +82,7 @@ class Stats:
             draft_s=self.draft_s + other.draft_s,
             verify_s=self.verify_s + other.verify_s,
             runs=self.runs + other.runs,
+            cost_curve=self.cost_curve or other.cost_curve,
         )
 
     @property

@@ -48,6 +48,12 @@ class Drafter(ABC):
     def check_compatible(self, target) -> None:
         """Raise DiffdraftError if this drafter cannot draft for `target`."""
 
+    def cost_id(self) -> str:
+        """What sets this drafter's cost per call, for the cache of measured costs (diffdraft.costs)."""
+        net = getattr(self, "net", None)
+        size = sum(p.numel() for p in net.parameters()) if net is not None else 0
+        return f"{type(self).__name__}:{self.name}:{size}"
+
     def begin(self, prompt: list[int], taps: torch.Tensor | None) -> None:
         """A new sequence starts. taps: [1, len(prompt), n_taps*D] when wants_taps."""
 

@@ -89,6 +89,10 @@ class BlockDiffusionDrafter(HeadedDrafter):
         if bad:
             raise DiffdraftError(f"drafter taps layers {bad}, outside the target's 0..{target.num_layers}")
 
+    def cost_id(self) -> str:
+        vocab = 0 if self.draft_vocab is None else self.draft_vocab.numel()
+        return f"{KIND}:{self.net.cfg.to_dict()}:vocab={vocab}"
+
     # ----- context cache -----
     def begin(self, prompt: list[int], taps: torch.Tensor | None) -> None:
         self._ctx_kv, self._ctx_len = None, 0

@@ -1,0 +1,121 @@
+"""Measure what a step costs on this machine: the target's forward over k tokens, and one drafter call.
+
+The length rule (draft_length.py) needs c(1..K) and d. They are properties of the machine,
+the model, the backend, the dtype and the thread count, so they are measured once (a few
+forwards per k, the fastest of a few repeats: seconds) and cached as JSON in the cache
+folder under a key made of all of those. The measurement runs on synthetic token ids over
+a short context; it touches no request. Knows nothing of verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from diffdraft.config import SamplingConfig
+from diffdraft.draft_length import CostCurve
+from diffdraft.loading import cache_dir
+
+CONTEXT = 128  # tokens of context behind the timed forwards
+REPEATS = 3
+CURVE_VERSION = 1
+
+
+def machine_id() -> str:
+    """The CPU model and core count (and the GPU, when the target runs on one)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} x{os.cpu_count()}"
+
+
+def _key(target, drafter, max_tokens: int) -> dict:
+    device = target.device
+    return {
+        "version": CURVE_VERSION,
+        "machine": machine_id() + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model": f"{target.name}:{target.num_layers}x{target.hidden_size}:{target.vocab_size}",
+        "backend": target.kind,
+        "dtype": str(target.dtype),
+        "drafter": None if drafter is None else drafter.cost_id(),
+        "max_tokens": max_tokens,
+    }
+
+
+def _fastest(run, repeats: int = REPEATS) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _context(target, k: int) -> torch.Tensor:
+    """Synthetic ids: CONTEXT (or what the model holds) + k, cycling through ordinary token ids."""
+    length = min(CONTEXT, max(1, target.max_context - k - 1))
+    return (torch.arange(length + k, dtype=torch.long) * 7919 % max(2, target.vocab_size - 1))[None]
+
+
+def measure_target(target, max_tokens: int) -> tuple[float, ...]:
+    """c(1..max_tokens): seconds of a forward over k tokens after CONTEXT tokens."""
+    ids = _context(target, max_tokens)
+    context = ids.shape[1] - max_tokens
+    target.prefill(ids[:, :context])
+    target.forward(ids[:, context : context + 1])  # warm up
+    costs = []
+    for k in range(1, max_tokens + 1):
+        def run():
+            target.crop(context)
+            target.forward(ids[:, context : context + k])
+        costs.append(_fastest(run))
+    return tuple(costs)
+
+
+def measure_drafter(target, drafter, max_tokens: int) -> float:
+    """d: seconds of one drafter call for `max_tokens` tokens after CONTEXT tokens."""
+    ids = _context(target, 1)
+    out = target.prefill(ids, want_taps=drafter.wants_taps)
+    tokens = ids[0].tolist()
+    drafter.begin(tokens[:-1], None if out.taps is None else out.taps[:, :-1])
+    generator = torch.Generator().manual_seed(0)
+    greedy = SamplingConfig()
+    drafter.propose(tokens, max_tokens, greedy, generator)  # warm up
+    return _fastest(lambda: drafter.propose(tokens, max_tokens, greedy, generator))
+
+
+def cost_curve(target, drafter, max_tokens: int, use_cache: bool = True) -> CostCurve:
+    """c(1..max_tokens + 1) and d for this machine, target and drafter, from the cache or measured."""
+    key = _key(target, drafter, max_tokens)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "costs" / f"{digest}.json"
+    if use_cache and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return CostCurve(tuple(data["target_s"]), data["draft_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry: measure again
+    curve = CostCurve(measure_target(target, max_tokens + 1),
+                      0.0 if drafter is None or max_tokens == 0 else measure_drafter(target, drafter, max_tokens))
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "target_s": curve.target_s, "draft_s": curve.draft_s}) + "\n")
+        os.replace(tmp, path)  # whole or not at all
+    return curve

@@ -1,0 +1,150 @@
+"""How many drafted tokens to verify: the cost-aware length rule of DESIGN.md section 3a.
+
+A step that verifies k drafted tokens emits 1 + A_k tokens and costs d + c(k + 1): the
+drafter's time and the target's forward over k + 1 tokens. With a_i the probability that
+slot i is accepted once the slots before it were, E[A_k] = sum_{i<=k} prod_{j<=i} a_j, and
+the rule verifies the k that maximizes (1 + E[A_k]) / (d + c(k + 1)).
+
+- `CostCurve` holds c(1..K) and d, measured on this machine (diffdraft.costs measures and
+  caches them).
+- `AcceptanceCalibration` turns a drafter's per-slot confidence into a_i, learned online
+  from the acceptance actually observed, per slot and confidence bucket, starting from the
+  confidence itself.
+- `LengthPolicy` makes the choice. It reads only what is known before verification (the
+  drafter's confidences and past steps), never the target's logits of this step, so the
+  output law is untouched: the choice is lossless for any verifier.
+
+Pure arithmetic on floats and small tensors; knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+BUCKETS = 10  # confidence buckets of width 0.1
+MAX_SLOT = 8  # slots from this one on share one calibration row
+PRIOR_WEIGHT = 4.0  # pseudo-observations at the drafter's own confidence
+NO_CONFIDENCE = 0.5  # the prior of a drafter that states no confidence (n-gram, say)
+# Optimism for little-seen cells: the choice adds EXPLORE / sqrt(1 + times reached) to each a_i, so
+# a slot whose confidence looks poor is still tried now and then until its acceptance is known
+# (a cell never verified would otherwise never learn that the drafter is better than it says).
+EXPLORE = 0.5
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """Measured costs in seconds: target_s[k-1] = c(k), a target forward over k new tokens
+    (k = 1..K); draft_s = d, one drafter call. Beyond K, c grows by its last measured step."""
+
+    target_s: tuple[float, ...]
+    draft_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.target_s or any(not (c > 0 and math.isfinite(c)) for c in self.target_s):
+            raise ValueError(f"target costs must be positive and finite, got {self.target_s}")
+        if not (self.draft_s >= 0 and math.isfinite(self.draft_s)):
+            raise ValueError(f"the drafter cost must be >= 0, got {self.draft_s}")
+
+    def target(self, k: int) -> float:
+        """c(k) for k >= 1."""
+        known = self.target_s
+        if k <= len(known):
+            return known[k - 1]
+        slope = known[-1] - known[-2] if len(known) > 1 else known[-1]
+        return known[-1] + max(slope, 0.0) * (k - len(known))
+
+    def longest_useful(self, limit: int) -> int:
+        """The longest draft that could ever be chosen: past it, even a draft accepted whole
+        emits fewer tokens per second than verifying none."""
+        none = 1.0 / (self.draft_s + self.target(1))
+        best = 0
+        for k in range(1, limit + 1):
+            if (1 + k) / (self.draft_s + self.target(k + 1)) >= none:
+                best = k
+        return best
+
+    def to_dict(self) -> dict:
+        return {"target_ms": [round(c * 1000, 3) for c in self.target_s], "draft_ms": round(self.draft_s * 1000, 3)}
+
+
+@dataclass
+class AcceptanceCalibration:
+    """a_i from a drafter's confidence at slot i, learned online.
+
+    Each (slot, bucket) cell keeps how often its slot was reached and accepted; the estimate
+    is (hits + w c) / (reached + w), the observed rate pulled towards the confidence c itself
+    with the weight w of PRIOR_WEIGHT steps. A slot is reached when every slot before it was
+    accepted.
+    """
+
+    hits: torch.Tensor = field(default_factory=lambda: torch.zeros(MAX_SLOT, BUCKETS + 1, dtype=torch.float64))
+    reached: torch.Tensor = field(default_factory=lambda: torch.zeros(MAX_SLOT, BUCKETS + 1, dtype=torch.float64))
+
+    @staticmethod
+    def _cells(confidence: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slot rows [n], bucket columns [n], prior [n]); bucket BUCKETS is 'no confidence'."""
+        slots = torch.arange(n).clamp(max=MAX_SLOT - 1)
+        if confidence is None:
+            return slots, torch.full((n,), BUCKETS), torch.full((n,), NO_CONFIDENCE, dtype=torch.float64)
+        conf = confidence[:n].double().clamp(0.0, 1.0)
+        return slots, (conf * BUCKETS).long().clamp(max=BUCKETS - 1), conf
+
+    def estimate(self, confidence: torch.Tensor | None, n: int, explore: float = 0.0) -> torch.Tensor:
+        """a_1..a_n: [n] float64 in [0, 1], raised by explore / sqrt(1 + reached) where asked."""
+        slots, buckets, prior = self._cells(confidence, n)
+        hits, reached = self.hits[slots, buckets], self.reached[slots, buckets]
+        rate = (hits + PRIOR_WEIGHT * prior) / (reached + PRIOR_WEIGHT)
+        return (rate + explore / (1 + reached).sqrt()).clamp(max=1.0)
+
+    def observe(self, confidence: torch.Tensor | None, verified: int, accepted: int) -> None:
+        """A step verified `verified` drafted tokens and accepted the first `accepted` of them."""
+        reached = min(accepted + 1, verified)
+        if reached <= 0:
+            return
+        slots, buckets, _ = self._cells(confidence, reached)
+        self.reached.index_put_((slots, buckets), torch.ones(reached, dtype=torch.float64), accumulate=True)
+        hit = torch.arange(reached) < accepted
+        self.hits.index_put_((slots, buckets), hit.double(), accumulate=True)
+
+
+def expected_emitted(acceptance: torch.Tensor) -> torch.Tensor:
+    """1 + E[A_k] for k = 0..n from a_1..a_n [n] -> [n + 1]."""
+    reach = torch.cumprod(acceptance, dim=0)  # P(the first i slots all accepted)
+    return torch.cat([torch.ones(1, dtype=acceptance.dtype), 1 + torch.cumsum(reach, dim=0)])
+
+
+class LengthPolicy:
+    """Chooses k per step from a cost curve and calibrated confidences (module docstring).
+
+    One policy serves one drafter on one target; its calibration is kept per decoding mode
+    (greedy or sampled), since acceptance differs between them.
+    """
+
+    def __init__(self, costs: CostCurve):
+        self.costs = costs
+        self._calibration: dict[bool, AcceptanceCalibration] = {}
+
+    def calibration(self, greedy: bool) -> AcceptanceCalibration:
+        return self._calibration.setdefault(greedy, AcceptanceCalibration())
+
+    def longest_useful(self, limit: int) -> int:
+        return self.costs.longest_useful(limit)
+
+    def rates(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> torch.Tensor:
+        """Expected tokens per second for k = 0..available, optimistic where little is known: [available + 1]."""
+        acceptance = self.calibration(greedy).estimate(confidence, available, explore=EXPLORE)
+        cost = torch.tensor([self.costs.draft_s + self.costs.target(k + 1) for k in range(available + 1)],
+                            dtype=torch.float64)
+        return expected_emitted(acceptance) / cost
+
+    def choose(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> int:
+        """How many of the `available` drafted tokens to verify (0..available)."""
+        if available <= 0:
+            return 0
+        return int(self.rates(confidence, available, greedy).argmax())
+
+    def observe(self, confidence: torch.Tensor | None, verified: int, accepted: int, greedy: bool) -> None:
+        self.calibration(greedy).observe(confidence, verified, accepted)
