@@ -137,3 +137,27 @@ def test_cli_generate_on_the_real_model():
     assert "Traceback" not in done.stderr
     stats_lines = [line for line in done.stderr.splitlines() if "tau" in line]
     assert len(stats_lines) == 1 and "16 tokens" in stats_lines[0] and "ngram" in stats_lines[0], done.stderr
+
+
+def test_lean_verify_forwards_are_bit_identical_on_the_real_model(real_target, prompts):
+    """On SmolLM2 in float32 on the CPU, a forward over k tokens computes exactly what k one-token
+    forwards do, for every k up to 16, and stays within 1e-3 of the HF path's logits."""
+    import torch
+
+    from diffdraft.backends import HFTarget
+
+    assert real_target.kind == "lean" and real_target.row_invariant
+    prompt = torch.tensor([prompts[0]])
+    context = prompt.shape[1] - 16
+    ones = []
+    real_target.prefill(prompt[:, :context])
+    for i in range(16):
+        ones.append(real_target.forward(prompt[:, context + i : context + i + 1]).logits)
+    ones = torch.cat(ones, dim=1)  # [1, 16, V]
+    for k in (2, 3, 4, 8, 16):
+        real_target.crop(context)
+        batched = real_target.forward(prompt[:, context : context + k]).logits
+        assert torch.equal(batched, ones[:, :k]), f"k = {k}"
+    hf = HFTarget(real_target.module, real_target.tokenizer)
+    hf.prefill(prompt[:, :context])
+    torch.testing.assert_close(hf.forward(prompt[:, context:]).logits, ones, rtol=0, atol=1e-3)

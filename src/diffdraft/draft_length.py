@@ -123,8 +123,9 @@ class LengthPolicy:
     (greedy or sampled), since acceptance differs between them.
     """
 
-    def __init__(self, costs: CostCurve):
+    def __init__(self, costs: CostCurve, explore: float = EXPLORE):
         self.costs = costs
+        self.explore = explore
         self._calibration: dict[bool, AcceptanceCalibration] = {}
 
     def calibration(self, greedy: bool) -> AcceptanceCalibration:
@@ -135,7 +136,7 @@ class LengthPolicy:
 
     def rates(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> torch.Tensor:
         """Expected tokens per second for k = 0..available, optimistic where little is known: [available + 1]."""
-        acceptance = self.calibration(greedy).estimate(confidence, available, explore=EXPLORE)
+        acceptance = self.calibration(greedy).estimate(confidence, available, explore=self.explore)
         cost = torch.tensor([self.costs.draft_s + self.costs.target(k + 1) for k in range(available + 1)],
                             dtype=torch.float64)
         return expected_emitted(acceptance) / cost

@@ -1,0 +1,182 @@
+"""The cost-aware length rule (draft_length.py) on hand-made costs and confidences, and its
+losslessness through the whole engine against enumeration, with a negative control: a rule
+that peeks at the target's logits before choosing must be caught."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_llama
+from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.costs import cost_curve
+from diffdraft.draft_length import AcceptanceCalibration, CostCurve, LengthPolicy, expected_emitted
+from diffdraft.drafters.base import Drafter
+from diffdraft.engine import SpeculativeEngine
+from diffdraft.sampling import logits_to_probs
+from lawcheck import fit
+from test_engine import LAW_PROMPT, drafter_for, engine_samples, exact_law, make_small_target
+
+CPU_LIKE = CostCurve(target_s=(1.0, 1.1, 1.2, 2.0), draft_s=0.1)  # a steep step after 3 tokens
+GPU_LIKE = CostCurve(target_s=(1.0,) * 17, draft_s=0.1)  # 16 tokens cost what one does
+
+
+def conf(*values: float) -> torch.Tensor:
+    return torch.tensor(values)
+
+
+def test_expected_emitted_by_hand():
+    # a = 0.9, 0.8, 0.1: E[A_k] = 0.9, 0.9 + 0.72, 0.9 + 0.72 + 0.072
+    got = expected_emitted(torch.tensor([0.9, 0.8, 0.1], dtype=torch.float64))
+    assert got.tolist() == pytest.approx([1.0, 1.9, 2.62, 2.692])
+
+
+def test_choice_by_hand_on_a_cpu_like_curve():
+    """Fresh calibration, no optimism: a_i is the confidence itself. Rates for k = 0..3:
+    1/1.1 = 0.91, 1.9/1.2 = 1.58, 2.62/1.3 = 2.02, 2.692/2.1 = 1.28 -> k = 2."""
+    policy = LengthPolicy(CPU_LIKE, explore=0.0)
+    rates = policy.rates(conf(0.9, 0.8, 0.1), 3, greedy=True)
+    assert rates.tolist() == pytest.approx([1 / 1.1, 1.9 / 1.2, 2.62 / 1.3, 2.692 / 2.1])
+    assert policy.choose(conf(0.9, 0.8, 0.1), 3, greedy=True) == 2
+    assert policy.choose(conf(0.05, 0.05, 0.05), 3, greedy=True) == 0  # not worth a longer forward
+    # even a sure draft stops before the step in cost: 3.94 / 2.1 = 1.88 < 2.97 / 1.3 = 2.28
+    assert policy.choose(conf(0.99, 0.99, 0.99), 3, greedy=True) == 2
+    assert LengthPolicy(GPU_LIKE, explore=0.0).choose(conf(0.99, 0.99, 0.99), 3, greedy=True) == 3
+    assert policy.choose(conf(0.9, 0.8), 0, greedy=True) == 0  # nothing drafted
+
+
+def test_the_same_rule_drafts_long_where_long_forwards_are_cheap():
+    confidences = torch.full((15,), 0.6)
+    assert LengthPolicy(GPU_LIKE, explore=0.0).choose(confidences, 15, greedy=True) == 15
+    assert LengthPolicy(CPU_LIKE, explore=0.0).choose(confidences, 15, greedy=True) <= 2
+
+
+def test_longest_useful_and_extrapolation():
+    assert CPU_LIKE.target(6) == pytest.approx(2.0 + 0.8 * 2)  # the last measured step, repeated
+    # (1 + k) / (0.1 + c(k + 1)) >= 1 / 1.1: k = 3 gives 4 / 2.1 >= 0.91, k = 15 gives 16 / 11.7
+    assert CPU_LIKE.longest_useful(15) == 15
+    steep = CostCurve(target_s=(1.0, 3.0, 5.0), draft_s=0.0)  # c(k) = 2k - 1: nothing pays
+    assert steep.longest_useful(8) == 0
+    with pytest.raises(ValueError):
+        CostCurve(target_s=())
+
+
+def test_calibration_learns_from_observed_acceptance():
+    calibration = AcceptanceCalibration()
+    before = calibration.estimate(conf(0.9, 0.9), 2)
+    assert before.tolist() == pytest.approx([0.9, 0.9])
+    for _ in range(40):  # the drafter says 0.9 at slot 1 but is always wrong there
+        calibration.observe(conf(0.9, 0.9), verified=2, accepted=0)
+    after = calibration.estimate(conf(0.9, 0.9), 2)
+    assert after[0] < 0.1
+    assert after[1] == pytest.approx(0.9)  # slot 2 was never reached: still the prior
+    policy = LengthPolicy(CPU_LIKE, explore=0.0)
+    policy._calibration[True] = calibration
+    assert policy.choose(conf(0.9, 0.9), 2, greedy=True) == 0
+    assert policy.choose(conf(0.9, 0.9), 2, greedy=False) == 2  # sampled decoding keeps its own table
+
+
+def test_optimism_tries_a_slot_that_looks_poor_until_it_is_known():
+    policy = LengthPolicy(CPU_LIKE)  # default optimism
+    low = conf(0.02)
+    assert policy.choose(low, 1, greedy=True) == 1  # never seen: tried
+    for _ in range(200):
+        policy.observe(low, verified=1, accepted=0, greedy=True)
+    assert policy.choose(low, 1, greedy=True) == 0  # known to fail: no longer verified
+
+
+def test_measured_costs_are_cached_per_machine_and_model(tiny_target, isolated_cache):
+    drafter = drafter_for("early-exit-1", tiny_target)
+    first = cost_curve(tiny_target, drafter, 4)
+    assert len(first.target_s) == 5 and first.draft_s > 0
+    files = list((isolated_cache / "costs").glob("*.json"))
+    assert len(files) == 1
+    assert cost_curve(tiny_target, drafter, 4) == first  # read back, not measured again
+    torch.set_num_threads(2)
+    try:
+        cost_curve(tiny_target, drafter, 4)  # another thread count is another key
+    finally:
+        torch.set_num_threads(1)
+    assert len(list((isolated_cache / "costs").glob("*.json"))) == 2
+    files[0].write_text("{not json")
+    assert len(cost_curve(tiny_target, drafter, 4).target_s) == 5  # a damaged entry is measured again
+
+
+# ------------------------------------------------------------------ losslessness through the engine
+N_RUNS = 1000
+T1 = SamplingConfig(temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def small_target():
+    return make_small_target()
+
+
+@pytest.mark.parametrize("proposals", ["argmax", "sample"])
+def test_sampling_law_with_the_adaptive_length(small_target, proposals, isolated_cache):
+    """T = 1, default length rule (measured costs, calibrated confidences, optimism), draft up to 2:
+    the first 3 tokens follow the target's exact law (chi-square, alpha 1e-4), and the rule chose
+    every length from 0 to 2 along the way."""
+    draft = DraftConfig(2, proposals=proposals)
+    engine = SpeculativeEngine(small_target, drafter_for("early-exit-1", small_target), draft, T1)
+    assert engine.policy is not None
+    samples, chosen = engine_samples(engine, N_RUNS, trace="proposed")
+    result = fit(samples, exact_law(small_target, LAW_PROMPT, T1))
+    print(proposals, result, {k: chosen.count(k) for k in set(chosen)})
+    assert result.ok, f"{proposals}: {result}"
+    assert {0, 1, 2} <= set(chosen)
+
+
+class _Recording(Drafter):
+    """Passes through another drafter and keeps what it was asked and what it drafted."""
+
+    def __init__(self, inner: Drafter):
+        self.inner, self.name, self.wants_taps = inner, inner.name, inner.wants_taps
+        self.tokens: list[int] = []
+        self.draft = None
+
+    def begin(self, prompt, taps):
+        self.inner.begin(prompt, taps)
+
+    def observe(self, taps):
+        self.inner.observe(taps)
+
+    def propose(self, tokens, num_tokens, sampling, generator):
+        self.tokens, self.draft = list(tokens), self.inner.propose(tokens, num_tokens, sampling, generator)
+        return self.draft
+
+
+class _PeekingPolicy(LengthPolicy):
+    """Lossy on purpose: verifies the first drafted token only when the target would surely accept
+    it (p >= q), which it can tell only by running the target on this step's draft."""
+
+    def __init__(self, target, drafter: _Recording, sampling: SamplingConfig):
+        super().__init__(CostCurve(target_s=(1.0, 1.0, 1.0)))
+        self.target, self.drafter, self.sampling = target, drafter, sampling
+
+    def choose(self, confidence, available, greedy):
+        if available == 0:
+            return 0
+        x = int(self.drafter.draft.tokens[0])
+        with torch.no_grad():
+            logits = self.target.module(torch.tensor([self.drafter.tokens])).logits[0, -1]
+        p = logits_to_probs(logits, self.sampling)
+        return 1 if float(p[x]) >= float(self.drafter.draft.probs[0, x]) else 0
+
+
+def test_law_check_catches_a_policy_that_peeks_at_the_target(small_target):
+    drafter = _Recording(drafter_for("early-exit-1", small_target))
+    policy = _PeekingPolicy(small_target, drafter, T1)
+    engine = SpeculativeEngine(small_target, drafter, DraftConfig(2, verify="rejection", proposals="sample"), T1,
+                               policy=policy)
+    samples, _ = engine_samples(engine, N_RUNS)
+    result = fit(samples, exact_law(small_target, LAW_PROMPT, T1))
+    print("peeking", result)
+    assert not result.ok, f"the peeking policy passed: {result}"
+
+
+def test_engine_without_drafter_or_with_a_cut_has_no_policy(tiny_target):
+    assert SpeculativeEngine(tiny_target, None).policy is None
+    ngram = drafter_for("ngram", tiny_target)
+    assert SpeculativeEngine(tiny_target, ngram, DraftConfig(4, min_confidence=0.5)).policy is None
+    assert SpeculativeEngine(tiny_target, ngram, DraftConfig(4, length="fixed")).policy is None
