@@ -2,7 +2,7 @@
 
 The length rule (draft_length.py) needs c(1..K) and d. They are properties of the machine,
 the model, the backend, the dtype and the thread count, so they are measured once (a few
-forwards per k, the fastest of a few repeats: seconds) and cached as JSON in the cache
+forwards per k, the median of a few rounds: seconds) and cached as JSON in the cache
 folder under a key made of all of those. The measurement runs on synthetic token ids over
 a short context; it touches no request. Knows nothing of verification.
 """
@@ -24,7 +24,7 @@ from diffdraft.loading import cache_dir
 
 CONTEXT = 128  # tokens of context behind the timed forwards
 REPEATS = 3
-CURVE_VERSION = 1
+CURVE_VERSION = 2
 
 
 def machine_id() -> str:
@@ -55,15 +55,15 @@ def _key(target, drafter, max_tokens: int) -> dict:
     }
 
 
-def _fastest(run, repeats: int = REPEATS) -> float:
-    best = float("inf")
+def _median_time(run, repeats: int = 2 * REPEATS + 1) -> float:
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def _context(target, k: int) -> torch.Tensor:
@@ -72,19 +72,27 @@ def _context(target, k: int) -> torch.Tensor:
     return (torch.arange(length + k, dtype=torch.long) * 7919 % max(2, target.vocab_size - 1))[None]
 
 
-def measure_target(target, max_tokens: int) -> tuple[float, ...]:
-    """c(1..max_tokens): seconds of a forward over k tokens after CONTEXT tokens."""
+def measure_target(target, max_tokens: int, rounds: int = 2 * REPEATS + 1) -> tuple[float, ...]:
+    """c(1..max_tokens): seconds of a forward over k tokens after CONTEXT tokens.
+
+    The k are timed in rounds, each round over every k, so a burst of load on a shared machine
+    hits them all alike; each c(k) is its median over the rounds, and the curve is then made
+    non-decreasing (a forward over more tokens never costs less; a dip is noise)."""
     ids = _context(target, max_tokens)
     context = ids.shape[1] - max_tokens
     target.prefill(ids[:, :context])
-    target.forward(ids[:, context : context + 1])  # warm up
-    costs = []
-    for k in range(1, max_tokens + 1):
-        def run():
+    target.forward(ids[:, context : context + max_tokens])  # warm up
+    times: list[list[float]] = [[] for _ in range(max_tokens)]
+    for _ in range(rounds):
+        for k in range(1, max_tokens + 1):
             target.crop(context)
+            start = time.perf_counter()
             target.forward(ids[:, context : context + k])
-        costs.append(_fastest(run))
-    return tuple(costs)
+            if target.device.type == "cuda":
+                torch.cuda.synchronize()
+            times[k - 1].append(time.perf_counter() - start)
+    medians = torch.tensor([sorted(t)[len(t) // 2] for t in times], dtype=torch.float64)
+    return tuple(medians.cummax(dim=0).values.tolist())
 
 
 def measure_drafter(target, drafter, max_tokens: int) -> float:
@@ -96,7 +104,7 @@ def measure_drafter(target, drafter, max_tokens: int) -> float:
     generator = torch.Generator().manual_seed(0)
     greedy = SamplingConfig()
     drafter.propose(tokens, max_tokens, greedy, generator)  # warm up
-    return _fastest(lambda: drafter.propose(tokens, max_tokens, greedy, generator))
+    return _median_time(lambda: drafter.propose(tokens, max_tokens, greedy, generator))
 
 
 def cost_curve(target, drafter, max_tokens: int, use_cache: bool = True) -> CostCurve:

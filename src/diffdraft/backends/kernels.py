@@ -11,8 +11,11 @@ Elsewhere (CUDA, or when oneDNN is missing) the weight is kept as it is and `F.l
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def onednn_ready(weight: torch.Tensor) -> bool:
@@ -59,3 +62,26 @@ class PreparedLinear:
         for piece, part in zip(pieces[1:], self.parts[1:]):
             y = y + torch.ops.mkldnn._linear_pointwise(piece, part, None, "none", [], "")
         return y
+
+
+class PreparedLinearModule(nn.Module):
+    """A drop-in for an inference-only nn.Linear that runs through a PreparedLinear."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernel = PreparedLinear(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x)
+
+
+def prepared_copy(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """An inference-only copy of a network on `device` in `dtype`, whose every nn.Linear runs
+    through a PreparedLinear. The original is left as it was (a trainer may still be training it)."""
+    prepared = copy.deepcopy(module).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    for parent in list(prepared.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, PreparedLinearModule(child))
+    return prepared

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from diffdraft.backends.kernels import prepared_copy
 from diffdraft.config import SamplingConfig
 from diffdraft.drafters.base import Draft
 from diffdraft.drafters.checkpoint import read_checkpoint, write_checkpoint
@@ -68,7 +69,10 @@ class BlockDiffusionDrafter(HeadedDrafter):
         draft_vocab: torch.Tensor | None = None,  # [N] target token ids the drafter may propose
     ):
         self.target = target
-        self.net = net.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)
+        # Decoding runs a copy whose linears are prepared once for the fastest kernel (the net passed
+        # in may still be training); `net` stays the plain network, for saving and inspection.
+        self.net = net
+        self._fast = prepared_copy(net, target.device, target.dtype)
         self.tap_layers = tuple(tap_layers)
         self.signature = signature or target_signature(target)
         self.check_compatible(target)
@@ -78,8 +82,11 @@ class BlockDiffusionDrafter(HeadedDrafter):
         self._tap_columns = None if index == list(range(len(target.tap_layers))) else torch.tensor(
             [i * width + j for i in index for j in range(width)], device=target.device)
         self.head = DraftHead(target, draft_vocab)
-        self._ctx_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._ctx_len = 0
+        # The context cache: per drafter layer, keys and values of every committed token, written in
+        # place into buffers of the target's context length ([1, Hkv, C, hd] each), made on first use.
+        self._ctx_k: list[torch.Tensor] = []
+        self._ctx_v: list[torch.Tensor] = []
+        self._ctx_len = -1  # no sequence yet
 
     def check_compatible(self, target) -> None:
         check_signature(self.signature, target)
@@ -95,7 +102,13 @@ class BlockDiffusionDrafter(HeadedDrafter):
 
     # ----- context cache -----
     def begin(self, prompt: list[int], taps: torch.Tensor | None) -> None:
-        self._ctx_kv, self._ctx_len = None, 0
+        if not self._ctx_k:
+            cfg = self.net.cfg
+            shape = (1, cfg.num_kv_heads, self.target.max_context, cfg.head_dim)
+            for _ in range(cfg.num_layers):
+                self._ctx_k.append(torch.empty(shape, device=self.target.device, dtype=self.target.dtype))
+                self._ctx_v.append(torch.empty(shape, device=self.target.device, dtype=self.target.dtype))
+        self._ctx_len = 0
         self.observe(taps)
 
     @torch.inference_mode()
@@ -105,15 +118,12 @@ class BlockDiffusionDrafter(HeadedDrafter):
             return
         if self._tap_columns is not None:
             taps = taps.index_select(-1, self._tap_columns)  # [1, n, n_our_taps*D]
-        n = taps.shape[1]
-        positions = torch.arange(self._ctx_len, self._ctx_len + n, device=taps.device)[None]  # [1, n]
-        new_kv = self.net.context_kv(self.net.fuse_context(taps.to(self.target.dtype)), positions)
-        if self._ctx_kv is None:
-            self._ctx_kv = new_kv
-        else:
-            self._ctx_kv = [
-                (torch.cat([k, nk], dim=2), torch.cat([v, nv], dim=2)) for (k, v), (nk, nv) in zip(self._ctx_kv, new_kv)
-            ]
+        n, start = taps.shape[1], self._ctx_len
+        positions = torch.arange(start, start + n, device=taps.device)[None]  # [1, n]
+        new_kv = self._fast.context_kv(self._fast.fuse_context(taps.to(self.target.dtype)), positions)
+        for (k, v), k_cache, v_cache in zip(new_kv, self._ctx_k, self._ctx_v):
+            k_cache[:, :, start : start + n] = k
+            v_cache[:, :, start : start + n] = v
         self._ctx_len += n
 
     # ----- drafting -----
@@ -121,7 +131,7 @@ class BlockDiffusionDrafter(HeadedDrafter):
     def propose(
         self, tokens: list[int], num_tokens: int, sampling: SamplingConfig, generator: torch.Generator | None
     ) -> Draft:
-        if self._ctx_kv is None or self._ctx_len != len(tokens) - 1:
+        if self._ctx_len != len(tokens) - 1:
             raise RuntimeError(
                 f"drafter context holds {self._ctx_len} tokens, expected {len(tokens) - 1}: begin/observe were skipped"
             )
@@ -131,9 +141,10 @@ class BlockDiffusionDrafter(HeadedDrafter):
             return Draft.empty()
         device = self.target.device
         known = self.target.embed_tokens(torch.tensor([[tokens[-1]]], device=device))  # [1, 1, D]
-        block = self.net.block_inputs(known)  # [1, g, D]
+        block = self._fast.block_inputs(known)  # [1, g, D]
         positions = torch.arange(len(tokens) - 1, len(tokens) - 1 + g, device=device)[None]  # [1, g]
-        hidden = self.net(block, positions, self._ctx_kv, mask=None)[0, 1 : 1 + count]  # [count, D]
+        context = [(k[:, :, : self._ctx_len], v[:, :, : self._ctx_len]) for k, v in zip(self._ctx_k, self._ctx_v)]
+        hidden = self._fast(block, positions, context, mask=None)[0, 1 : 1 + count]  # [count, D]
         logits = self.head.logits(hidden).float()  # [count, N]
         law = logits_to_probs(logits, sampling)  # [count, N]: each token's exact q
         picked = law.argmax(dim=-1) if sampling.greedy else sample(law, generator)  # [count]

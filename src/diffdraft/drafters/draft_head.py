@@ -13,6 +13,7 @@ import torch
 
 from diffdraft.config import SamplingConfig
 from diffdraft.drafters.base import Drafter
+from diffdraft.backends.kernels import PreparedLinear
 from diffdraft.errors import DiffdraftError
 from diffdraft.sampling import logits_to_probs
 
@@ -29,13 +30,14 @@ class DraftHead:
                     or int(draft_vocab.min()) < 0:
                 raise DiffdraftError("the drafter's draft vocabulary holds ids outside the target vocabulary")
             self.draft_vocab = draft_vocab.long().to(target.device)
-            self._weight = target.lm_head.weight[self.draft_vocab].detach()  # [N, D]
+        weight, bias = target.lm_head.weight, target.lm_head.bias
+        if self.draft_vocab is not None:
+            weight, bias = weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
+        self._weight = PreparedLinear(weight.detach(), bias)  # [N, D], prepared once for the fastest kernel
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, D] -> logits [n, N] over the draft vocabulary (N = V without one)."""
-        if self.draft_vocab is None:
-            return self.target.lm_head(hidden)
-        return hidden @ self._weight.T
+        return self._weight(hidden.to(self.target.dtype))
 
     def to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary indices -> target token ids."""
