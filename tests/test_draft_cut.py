@@ -90,15 +90,18 @@ def test_a_cut_on_the_drawn_token_fails_the_law_check():
 
 
 def test_bench_spec_takes_a_cut():
-    from diffdraft.bench.decoders import parse_drafter_spec, split_cut
+    from diffdraft.bench.decoders import parse_drafter_spec, split_engine_options
 
     name, spec, g = parse_drafter_spec("block-diffusion:cut=0.3@16", 8)
     assert name == "block-diffusion:cut=0.3@16" and g == 16
-    assert split_cut(spec) == ("block-diffusion", 0.3)
-    assert split_cut("runs/md:steps=2:cut=0.5:order=confidence") == ("runs/md:steps=2:order=confidence", 0.5)
-    assert split_cut("ngram") == ("ngram", 0.0)
+    assert split_engine_options(spec) == ("block-diffusion", {"min_confidence": 0.3})
+    assert split_engine_options("runs/md:steps=2:cut=0.5:order=confidence") == (
+        "runs/md:steps=2:order=confidence", {"min_confidence": 0.5})
+    assert split_engine_options("ngram") == ("ngram", {})
+    assert split_engine_options("block-diffusion:length=fixed:propose=sample") == (
+        "block-diffusion", {"length": "fixed", "proposals": "sample"})
     with pytest.raises(DiffdraftError, match="bad cut"):
-        split_cut("ngram:cut=high")
+        split_engine_options("ngram:cut=high")
 
 
 def test_cli_generate_refuses_a_bad_min_confidence(capsys):

@@ -24,6 +24,7 @@ from diffdraft.dllm.decode import DLLMResult
 from diffdraft.dllm.loading import BASE, check_choices, dllm_runners
 from diffdraft.dllm.runner import DLLMRunner, to_stats
 from diffdraft.drafters import build_drafter, required_tap_layers
+from diffdraft.draft_length import LengthPolicy
 from diffdraft.engine import GenerationResult, SpeculativeEngine
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import load_model
@@ -49,9 +50,15 @@ class Pipeline:
         self.target = target
         self.drafter_spec = drafter_spec
         self.drafter = build_drafter(drafter_spec, target, early_exit_layers=early_exit_layers)
+        self._policies: dict[int, LengthPolicy] = {}  # by draft length: kept, so calibration carries over
 
     def engine(self, sampling: SamplingConfig | None = None, draft: DraftConfig | None = None) -> SpeculativeEngine:
-        return SpeculativeEngine(self.target, self.drafter, draft=draft, sampling=sampling)
+        draft = draft or DraftConfig()
+        engine = SpeculativeEngine(self.target, self.drafter, draft=draft, sampling=sampling,
+                                   policy=self._policies.get(draft.draft_len))
+        if engine.policy is not None:
+            self._policies[draft.draft_len] = engine.policy
+        return engine
 
     def chat_ids(self, prompt: str | list[dict]) -> list[int]:
         """Token ids for a user prompt (str) or a list of chat messages, through the chat template."""

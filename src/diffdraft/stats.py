@@ -109,4 +109,6 @@ class Stats:
             "verify_s": self.verify_s,
             "histogram": self.histogram(),
             "per_position_acceptance": self.per_position_acceptance(),
+            "length_histogram": self.length_histogram(),
+            "cost_curve": self.cost_curve,
         }

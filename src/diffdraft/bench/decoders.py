@@ -62,15 +62,19 @@ class EngineDecoder(Decoder):
         self.drafter = build_drafter(spec, target, early_exit_layers=early_exit_layers)
         self.draft = draft
         self.draft_len = draft.draft_len if self.drafter is not None else 0
+        # One length rule for the whole run, built (costs measured) before any timed generation; its
+        # calibration carries over from prompt to prompt, as it would in a server.
+        self.policy = SpeculativeEngine(target, self.drafter, draft=draft).policy
 
     def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
-        engine = SpeculativeEngine(self.target, self.drafter, draft=self.draft, sampling=sampling)
+        engine = SpeculativeEngine(self.target, self.drafter, draft=self.draft, sampling=sampling, policy=self.policy)
         result = engine.generate(prompt, max_new_tokens=max_new_tokens, seed=seed)
         return DecodeRun(tokens=result.tokens, stop_reason=result.stop_reason, stats=result.stats)
 
     def describe(self) -> dict:
         return {**super().describe(), "spec": self.spec, "verify": self.draft.verify,
-                "min_confidence": self.draft.min_confidence}
+                "min_confidence": self.draft.min_confidence, "length": self.draft.length,
+                "proposals": self.draft.proposals}
 
 
 class DLLMDecoder(Decoder):
@@ -138,21 +142,29 @@ def decoder_label(spec: str) -> str:
     return format_options(label, options)
 
 
-def split_cut(spec: str) -> tuple[str, float]:
-    """`SPEC:cut=C` -> (SPEC, C): the engine's min_confidence for this drafter (0 = no cut).
+# Engine settings a bench drafter entry may carry after its spec: SPEC:cut=0.5:length=fixed:propose=sample
+ENGINE_OPTIONS = {"cut": "min_confidence", "length": "length", "propose": "proposals"}
 
-    The cut is an engine setting, not the drafter's, so it is taken off before build_drafter
-    sees the spec; other `:key=value` options stay. An existing path is never split.
+
+def split_engine_options(spec: str) -> tuple[str, dict]:
+    """`SPEC:cut=C:length=L:propose=P` -> (SPEC, DraftConfig keyword arguments).
+
+    These are engine settings, not the drafter's, so they are taken off before build_drafter
+    sees the spec; other `:key=value` options stay. An existing path is never split. cut is the
+    min_confidence (0 = no cut), length auto|fixed, propose argmax|sample.
     """
     base, options = parse_options(spec)
-    if "cut" not in options:
-        return spec, 0.0
-    value = options.pop("cut")
-    try:
-        cut = float(value)
-    except ValueError:
-        raise DiffdraftError(f"bad cut {value!r} in {spec!r}: write cut=0.3 (a confidence in [0, 1))") from None
-    return format_options(base, options), cut
+    settings = {}
+    for key, field in ENGINE_OPTIONS.items():
+        if key in options:
+            settings[field] = options.pop(key)
+    if "min_confidence" in settings:
+        value = settings["min_confidence"]
+        try:
+            settings["min_confidence"] = float(value)
+        except ValueError:
+            raise DiffdraftError(f"bad cut {value!r} in {spec!r}: write cut=0.3 (a confidence in [0, 1))") from None
+    return (format_options(base, options) if settings else spec), settings
 
 
 def engine_decoders(
@@ -166,7 +178,7 @@ def engine_decoders(
             if spec == "none":
                 continue  # "none" named again: plain is already there
             raise DiffdraftError(f"drafter {entry!r} is listed twice")
-        spec, cut = split_cut(spec)
-        draft = DraftConfig(draft_len=g, verify=verify, min_confidence=cut)  # validates g and the cut
+        spec, settings = split_engine_options(spec)
+        draft = DraftConfig(draft_len=g, verify=verify, **settings)  # validates g and the settings
         decoders[name] = EngineDecoder(name, spec, target, draft, early_exit_layers=early_exit_layers)
     return list(decoders.values())

@@ -133,6 +133,7 @@ def markdown(results: dict) -> str:
                 cost = (f"; per step: draft {f['draft_ms_per_step']:.1f} ms, verify {f['verify_ms_per_step']:.1f} ms"
                         if summary["kinds"][d] == "engine" else "")
                 lines.append(f"- {d}: acceptance [{rates}]; histogram {f['histogram']}{cost}")
+        lines += cost_anatomy(summary, overall, spec)
         same = summary.get("same_tokens_as_plain")
         if same:
             lines += ["", ("Same tokens as plain decoding" if only_plain else "Same tokens as the decoder's reference")
@@ -258,3 +259,23 @@ def _log_ratio_axis(ax) -> None:
     ax.set_yticks(ticks)
     ax.set_yticklabels([f"{t:g}x" for t in ticks])
     ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def cost_anatomy(summary: dict, overall: dict, spec: list[str]) -> list[str]:
+    """Where a step's time goes for each engine drafter: draft and verify ms per step, the cost
+    curve its length rule measured (target ms for a forward over 1, 2, ... tokens; drafter ms),
+    and how often each draft length was verified."""
+    engine = [d for d in spec if summary["kinds"][d] == "engine"]
+    if not engine:
+        return []
+    lines = ["", "Cost anatomy (per verify step; the length rule's measured curve: target ms for a forward "
+             "over 1, 2, ... tokens, and drafter ms per call; chosen lengths: steps that verified 0, 1, 2, ... "
+             "drafted tokens):", ""]
+    for d in engine:
+        f = overall[d]
+        curve = f.get("cost_curve")
+        measured = ("; cost curve " + " ".join(f"{c:.1f}" for c in curve["target_ms"])
+                    + f", drafter {curve['draft_ms']:.1f}") if curve else "; fixed length (no cost curve)"
+        lines.append(f"- {d}: draft {f['draft_ms_per_step']:.1f} ms, verify {f['verify_ms_per_step']:.1f} ms"
+                     f"{measured}; chosen lengths {f.get('length_histogram')}")
+    return lines
