@@ -3,12 +3,11 @@
 Public API: load(), Pipeline, the config dataclasses, and DiffdraftError.
 """
 
-import os
-
-# OpenMP threads that spin while waiting make every small forward crawl when another process
-# holds a core (seen here: 0.8 tok/s spinning vs 8.9 passive with 2 threads on 2 busy cores).
-# Set before torch is imported; a value the user set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left at libgomp's default: a thread spins briefly after each parallel
+# region, then sleeps. A forward of the lean runtime opens ~180 small parallel regions, and forcing
+# OMP_WAIT_POLICY=PASSIVE (every wait a sleep) made a SmolLM2 step 56 ms instead of 35 ms at 2 threads
+# on the 2-core development machine. On a machine whose cores other processes hold, spinning threads
+# crawl instead: there use one thread (`threads=1`, `--threads 1`) or set OMP_WAIT_POLICY=PASSIVE.
 
 from diffdraft.api import Answer, DLLMPipeline, Pipeline, load, load_dllm_pipeline
 from diffdraft.config import DraftConfig, SamplingConfig

@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from diffdraft.backends import BACKENDS
-from diffdraft.config import BEST_OBJECTIVE, VERIFY_MODES, DraftConfig, SamplingConfig
+from diffdraft.config import (BEST_OBJECTIVE, LENGTH_MODES, PROPOSAL_MODES, VERIFY_MODES, DraftConfig,
+                              SamplingConfig)
 from diffdraft.drafters import DRAFTER_NAMES
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import DTYPES
@@ -57,11 +58,19 @@ def add_dllm_args(parser: argparse.ArgumentParser, bench: bool = False) -> None:
 
 def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
-    group.add_argument("--draft-len", type=int, default=8, help="tokens drafted per step, g (default 8)")
+    group.add_argument("--draft-len", type=int, default=15,
+                       help="the most tokens drafted per step, g (default 15)")
+    group.add_argument("--length", default="auto", choices=LENGTH_MODES,
+                       help="auto (default): verify the number of drafted tokens that maximizes expected tokens/s "
+                            "from this machine's measured costs and the drafter's calibrated confidences; fixed: "
+                            "verify all g. Lossless either way")
+    group.add_argument("--proposals", default="argmax", choices=PROPOSAL_MODES,
+                       help="above temperature 0: propose each slot's most likely token (argmax, default) or draw "
+                            "it from the drafter's q (sample). Lossless either way")
     group.add_argument("--verify", default="auto", choices=VERIFY_MODES, help="verification mode (default auto)")
     group.add_argument("--min-confidence", type=float, default=0.0,
-                       help="verify only the draft prefix the drafter is this sure of (product of its per-slot "
-                            "confidences); 0 = the whole draft (default). Lossless either way")
+                       help="instead of --length auto: verify only the draft prefix the drafter is this sure of "
+                            "(product of its per-slot confidences); 0 = off (default). Lossless either way")
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     group.add_argument("--top-k", type=int, default=0, help="0 = off")
     group.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
@@ -71,7 +80,8 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
 
 def decoding_configs(args: argparse.Namespace) -> tuple[SamplingConfig, DraftConfig]:
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    draft = DraftConfig(draft_len=args.draft_len, verify=args.verify, min_confidence=args.min_confidence)
+    draft = DraftConfig(draft_len=args.draft_len, verify=args.verify, length=args.length,
+                        min_confidence=args.min_confidence, proposals=args.proposals)
     return sampling, draft
 
 
@@ -107,8 +117,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         on_text=lambda text: print(text, end="", flush=True),
     )
     print()
-    print(f"[{pipe.drafter_spec}, g={draft.draft_len}] {answer.stats.summary()}", file=sys.stderr)
+    print(f"[{pipe.drafter_spec}, g={draft.draft_len}] {answer.stats.summary()}{_lengths(answer.stats)}",
+          file=sys.stderr)
     return 0
+
+
+def _lengths(stats) -> str:
+    """The chosen draft lengths, when the length rule chose them."""
+    return f", verified lengths {stats.length_histogram()}" if stats.cost_curve else ""
 
 
 def _generate_dllm(args: argparse.Namespace, prompt: str, sampling: SamplingConfig) -> int:
