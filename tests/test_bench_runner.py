@@ -57,6 +57,11 @@ def test_run_report_resume_and_a_planted_mismatch(prompt_file, tiny_model_dir, t
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "results.md").read_text()
     assert "## Temperature 0 (3 prompts)" in md and "| ngram | engine | 4 |" in md
+    # the cost anatomy: the length rule's measured curve (c(1..g+1), drafter) and the chosen lengths
+    exit_figures = overall["early-exit@2"]
+    assert len(exit_figures["cost_curve"]["target_ms"]) == 3 and exit_figures["cost_curve"]["draft_ms"] > 0
+    assert sum(exit_figures["length_histogram"]) == exit_figures["steps"]
+    assert "Cost anatomy" in md and "- early-exit@2: draft " in md and "cost curve " in md
 
     # resume: nothing is measured twice
     store = RecordStore(out)

@@ -64,9 +64,9 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
                        help="auto (default): verify the number of drafted tokens that maximizes expected tokens/s "
                             "from this machine's measured costs and the drafter's calibrated confidences; fixed: "
                             "verify all g. Lossless either way")
-    group.add_argument("--proposals", default="argmax", choices=PROPOSAL_MODES,
-                       help="above temperature 0: propose each slot's most likely token (argmax, default) or draw "
-                            "it from the drafter's q (sample). Lossless either way")
+    group.add_argument("--proposals", default="sample", choices=PROPOSAL_MODES,
+                       help="above temperature 0: draw each slot from the drafter's q (sample, default) or propose "
+                            "its most likely token (argmax). Lossless either way")
     group.add_argument("--verify", default="auto", choices=VERIFY_MODES, help="verification mode (default auto)")
     group.add_argument("--min-confidence", type=float, default=0.0,
                        help="instead of --length auto: verify only the draft prefix the drafter is this sure of "

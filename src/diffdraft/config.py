@@ -95,9 +95,13 @@ class DraftConfig:
     # probability that the whole prefix is right) stays >= this; a verify forward then carries
     # only tokens likely to pass. Lossless: the cut depends only on the drafter's distributions.
     min_confidence: float = 0.0
-    # Above temperature 0: "argmax" proposes each slot's most likely token (q is then a point mass,
-    # and rejection sampling reduces to point-mass matching); "sample" draws each slot from q.
-    proposals: str = "argmax"
+    # Above temperature 0: "sample" draws each slot from the drafter's q (verified by rejection
+    # sampling); "argmax" proposes each slot's most likely token (q is then a point mass, and rejection
+    # sampling reduces to point-mass matching). "sample" is the default because it measured ahead with
+    # the shipped drafter at T=1 (8 MT-Bench questions, SmolLM2, lean runtime: tau 1.62 vs 1.37,
+    # 1.24x vs 1.12x plain): its q was trained on the target's own sampled answers, so sum min(p, q)
+    # exceeds p(argmax q).
+    proposals: str = "sample"
 
     def __post_init__(self) -> None:
         if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or not (0 <= self.draft_len <= 64):

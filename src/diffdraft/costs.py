@@ -24,7 +24,8 @@ from diffdraft.loading import cache_dir
 
 CONTEXT = 128  # tokens of context behind the timed forwards
 REPEATS = 3
-CURVE_VERSION = 2
+CURVE_VERSION = 3
+OPENMP_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
 
 
 def machine_id() -> str:
@@ -47,6 +48,8 @@ def _key(target, drafter, max_tokens: int) -> dict:
         "machine": machine_id() + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        # how idle OpenMP threads wait changes a small forward's cost by half (diffdraft/__init__.py)
+        "openmp": {name: os.environ.get(name) for name in OPENMP_SETTINGS},
         "model": f"{target.name}:{target.num_layers}x{target.hidden_size}:{target.vocab_size}",
         "backend": target.kind,
         "dtype": str(target.dtype),
