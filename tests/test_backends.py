@@ -155,3 +155,14 @@ def test_a_base_model_prompt_keeps_its_bos(tiny_model):
     ids = target.encode_chat([{"role": "user", "content": "hi there"}])
     assert ids == tokenizer("hi there\n")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id == 0
+
+
+def test_the_default_drafter_is_the_shipped_one_only_where_it_fits(tiny_model_dir):
+    import diffdraft
+    from diffdraft.drafters import NgramDrafter, required_tap_layers
+
+    pipe = diffdraft.load(tiny_model_dir, threads=1)  # a 4-layer model the shipped drafter was not made for
+    assert isinstance(pipe.drafter, NgramDrafter) and pipe.drafter_name == "auto: ngram"
+    assert isinstance(pipe.target, LeanLlamaTarget)
+    assert required_tap_layers(["auto"], num_layers=4) is None
+    assert required_tap_layers(["auto"], num_layers=30) == (1, 15, 27)  # SmolLM2: the shipped drafter's taps

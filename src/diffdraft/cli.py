@@ -27,7 +27,8 @@ def add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> Non
                             "model), or auto (lean where it can run the model; default)")
     if drafter:
         group.add_argument(
-            "--drafter", default=None, help=f"one of {', '.join(DRAFTER_NAMES)}, or a drafter folder (default ngram)"
+            "--drafter", default=None, help=f"one of {', '.join(DRAFTER_NAMES)}, or a drafter folder (default auto: the shipped block-diffusion "
+                 "drafter where it was trained for the model, n-gram elsewhere)"
         )
     group.add_argument("--early-exit-layers", type=int, default=4, help="layers of the early-exit drafter")
     if drafter:
@@ -117,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         on_text=lambda text: print(text, end="", flush=True),
     )
     print()
-    print(f"[{pipe.drafter_spec}, g={draft.draft_len}] {answer.stats.summary()}{_lengths(answer.stats)}",
+    print(f"[{pipe.drafter_name}, g={draft.draft_len}] {answer.stats.summary()}{_lengths(answer.stats)}",
           file=sys.stderr)
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffdraft.drafters.base import Draft, Drafter
-from diffdraft.drafters.block_diffusion import BlockDiffusionDrafter
+from diffdraft.drafters.block_diffusion import BlockDiffusionDrafter, target_signature
 from diffdraft.drafters.checkpoint import is_checkpoint, read_config
 from diffdraft.drafters.early_exit import EarlyExitDrafter
 from diffdraft.drafters.handoff import HandoffDrafter
@@ -13,7 +13,9 @@ from diffdraft.drafters.masked_diffusion import MaskedDiffusionDrafter, denoise_
 from diffdraft.drafters.ngram import NgramDrafter
 from diffdraft.errors import DiffdraftError
 
-DRAFTER_NAMES = ("none", "ngram", "early-exit", "block-diffusion")
+DRAFTER_NAMES = ("auto", "none", "ngram", "early-exit", "block-diffusion")
+# "auto": the shipped block-diffusion drafter where it was trained for the target, n-gram elsewhere.
+AUTO = "auto"
 # The block-diffusion drafter trained for the default target, shipped in the package.
 SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "weights" / "smollm2-bd16"
 # Options a masked-diffusion drafter folder takes after its path: FOLDER:steps=2:order=confidence
@@ -42,28 +44,40 @@ def format_options(base: str, options: dict[str, str]) -> str:
     return base + "".join(f":{key}={value}" for key, value in options.items())
 
 
-def required_tap_layers(specs) -> tuple[int, ...] | None:
+def required_tap_layers(specs, num_layers: int | None = None) -> tuple[int, ...] | None:
     """The target layers that the block-diffusion drafters among `specs` read (their sorted union),
-    or None when none of them reads any. Read from the folders' configs, before any model is loaded,
-    so that the target can be built with those taps. A spec that is not a drafter is left for
-    build_drafter to refuse."""
+    or None when none of them reads any. Read from the folders' configs, before the backend is built,
+    so that it can be built with those taps. "auto" counts the shipped drafter's layers only where a
+    target of `num_layers` layers has them (elsewhere it resolves to n-gram). A spec that is not a
+    drafter is left for build_drafter to refuse."""
     layers: set[int] = set()
     for spec in specs:
         try:
             base, _ = parse_options(spec)
-            folder = SHIPPED_DRAFTER if base == "block-diffusion" else Path(base)
+            folder = SHIPPED_DRAFTER if base in ("block-diffusion", AUTO) else Path(base)
             if not (folder.is_dir() and is_checkpoint(folder)):
                 continue
             config = read_config(folder)
             if config.get("kind") == BlockDiffusionDrafter.name:
-                layers.update(int(i) for i in config["tap_layers"])
+                taps = {int(i) for i in config["tap_layers"]}
+                if base != AUTO or num_layers is None or max(taps) <= num_layers:
+                    layers.update(taps)
         except (DiffdraftError, KeyError, TypeError, ValueError):
             continue
     return tuple(sorted(layers)) or None
 
 
+def shipped_drafter_fits(target) -> bool:
+    """Whether the shipped block-diffusion drafter was trained for this target (its recorded target
+    signature and tokenizer match); read from its config, no weights loaded."""
+    config = read_config(SHIPPED_DRAFTER)
+    signature, mine = config.get("target") or {}, target_signature(target)
+    return all(signature.get(key) == mine[key] for key in mine) and set(config.get("tap_layers", [])) <= set(
+        target.tap_layers)
+
+
 def build_drafter(spec: str, target, early_exit_layers: int = 4) -> Drafter | None:
-    """A drafter by name (none, ngram, early-exit, block-diffusion) or a drafter checkpoint folder.
+    """A drafter by name (auto, none, ngram, early-exit, block-diffusion) or a drafter checkpoint folder.
 
     "none" returns None: plain decoding. The drafter is checked against the target. A
     masked-diffusion folder takes options: FOLDER:steps=T:order=left-to-right|confidence:
@@ -72,6 +86,8 @@ def build_drafter(spec: str, target, early_exit_layers: int = 4) -> Drafter | No
     spec, options = parse_options(spec)
     if spec == "none":
         return None
+    if spec == AUTO:
+        spec = "block-diffusion" if shipped_drafter_fits(target) else "ngram"
     if spec == "ngram":
         drafter: Drafter = NgramDrafter()
     elif spec == "early-exit":
