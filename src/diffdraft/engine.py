@@ -4,6 +4,8 @@ prefill -> first token; then repeat: the drafter proposes g tokens, the target r
 forward over [last token, draft], the verifier accepts a prefix and adds one token of the
 target's own, and the target cache is cropped to what was accepted. With no drafter (or
 g = 0) it is plain decoding, one target forward per token, through the same code.
+How many drafted tokens a step verifies is the length rule's choice (draft_length.py), made
+from the drafter's output and past steps only, or a fixed length, or the confidence cut.
 Batch size 1. The engine owns the generator; the drafter and verifier draw from it.
 """
 
