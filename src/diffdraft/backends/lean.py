@@ -27,6 +27,7 @@ from torch import nn
 
 from diffdraft.backends.kernels import PreparedLinear
 from diffdraft.errors import DiffdraftError
+from diffdraft.rope import apply_rope, rope_tables
 from diffdraft.target import TargetBackend, TargetOutput
 
 # Verify forwards up to this many tokens are computed row by row (draft lengths are far below it).
@@ -56,13 +57,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(weight.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE, rotate-half form. x: [heads, k, hd]; cos/sin: [k, hd]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
 
 
 class _LeanLayer:
@@ -126,11 +120,10 @@ class LeanLlamaTarget(TargetBackend):
         self._v: torch.Tensor | None = None
 
     def _rope_tables(self, rotary: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(self.max_context, device=self.device, dtype=torch.float32)
-        freqs = positions[:, None] * rotary.inv_freq.to(self.device, torch.float32)[None]  # [C, hd/2]
-        angles = torch.cat([freqs, freqs], dim=-1)  # [C, hd]
-        scale = rotary.attention_scaling
-        return (angles.cos() * scale).to(self.dtype), (angles.sin() * scale).to(self.dtype)
+        """The model's own frequencies and scaling (as its rotary module holds them) at every position."""
+        positions = torch.arange(self.max_context, device=self.device)
+        cos, sin = rope_tables(positions, self.head_dim, 0.0, inv_freq=rotary.inv_freq, scale=rotary.attention_scaling)
+        return cos.to(self.dtype), sin.to(self.dtype)
 
     # ----- incremental decoding -----
     @torch.inference_mode()
@@ -160,14 +153,14 @@ class LeanLlamaTarget(TargetBackend):
         self._check_room(k)
         start = self._length
         x = F.embedding(ids[0].to(self.device), self._embed)  # [k, D]
-        cos, sin = self._cos[start : start + k], self._sin[start : start + k]  # [k, hd]
+        cos, sin = self._cos[None, start : start + k], self._sin[None, start : start + k]  # [1, k, hd]
         taps = {0: x} if want_taps and 0 in self.tap_layers else {}
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         for index, layer in enumerate(self._layers):
             qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [k, (H + 2 Hkv) hd]
             q, key, value = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
-            q = rotate(q.view(k, heads, hd).transpose(0, 1), cos, sin)  # [H, k, hd]
-            self._k[index, :, start : start + k] = rotate(key.view(k, kv_heads, hd).transpose(0, 1), cos, sin)
+            q = apply_rope(q.view(1, k, heads, hd).transpose(1, 2), cos, sin)[0]  # [H, k, hd]
+            self._k[index, :, start : start + k] = apply_rope(key.view(1, k, kv_heads, hd).transpose(1, 2), cos, sin)[0]
             self._v[index, :, start : start + k] = value.view(k, kv_heads, hd).transpose(0, 1)
             attended = self._attend(q, index, start)  # [k, H hd]
             x = x + layer.o(attended)

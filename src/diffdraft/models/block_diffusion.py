@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffdraft.rope import apply_rope, rope_tables
+
 
 @dataclass(frozen=True)
 class DrafterLayersConfig:
@@ -46,21 +48,6 @@ class DrafterLayersConfig:
 @dataclass(frozen=True)
 class BlockDiffusionConfig(DrafterLayersConfig):
     num_taps: int = 3  # target layers whose hidden states are fused into the context
-
-
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin for integer positions [..., N] -> [..., N, head_dim] each (float32)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # [..., N, hd/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [..., N, hd]
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, N, hd]; cos/sin: [B, N, hd] (or broadcastable)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
 
 
 class DrafterLayer(nn.Module):

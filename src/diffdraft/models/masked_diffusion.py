@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffdraft.models.block_diffusion import DrafterLayer, DrafterLayersConfig, reset_drafter_weights, rope_tables
+from diffdraft.models.block_diffusion import DrafterLayer, DrafterLayersConfig, reset_drafter_weights
+from diffdraft.rope import rope_tables
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, Hkv, N, hd]
 
