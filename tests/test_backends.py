@@ -34,9 +34,10 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 256, (1, CONTEXT + MAX_K), generator=torch.Generator().manual_seed(0))
 
 
-def test_k_token_forward_is_bit_identical_to_one_token_forwards(tiny_model, tiny_tokenizer, ids):
-    target = LeanLlamaTarget(tiny_model, tiny_tokenizer, tap_layers=(0, 2, 4))
-    assert target.row_invariant
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k_token_forward_is_bit_identical_to_one_token_forwards(tiny_tokenizer, ids, dtype):
+    target = LeanLlamaTarget(make_llama().to(dtype), tiny_tokenizer, tap_layers=(0, 2, 4))
+    assert target.row_invariant and target.dtype == dtype
     for k in range(1, MAX_K + 1):
         batched, single = k_token_vs_one_token(target, ids, k)
         assert torch.equal(batched, single), f"k = {k}: max difference {(batched - single).abs().max()}"
