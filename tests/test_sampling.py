@@ -135,6 +135,18 @@ def test_sample_draws_from_each_row():
     torch.testing.assert_close(counts, torch.tensor([0.2, 0.5, 0.3]), rtol=0, atol=0.015)
 
 
+def test_sample_never_draws_a_token_of_zero_mass():
+    """Zero-mass tokens at both ends and in the middle (as top-k / top-p leave them)."""
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0]).expand(20_000, 5)
+    drawn = sample(rows, gen)
+    assert set(drawn.unique().tolist()) == {1, 3}
+    assert abs(float((drawn == 3).float().mean()) - 0.75) < 0.015
+    tiny = torch.zeros(3, 49152)
+    tiny[:, -2] = 1e-30  # all the mass on one token next to the end, far below float rounding
+    assert sample(tiny, gen).tolist() == [49150] * 3
+
+
 # ------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "kwargs",

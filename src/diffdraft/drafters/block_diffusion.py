@@ -148,7 +148,11 @@ class BlockDiffusionDrafter(HeadedDrafter):
         logits = self.head.logits(hidden).float()  # [count, N]
         law = logits_to_probs(logits, sampling)  # [count, N]: each token's exact q
         picked = law.argmax(dim=-1) if sampling.greedy else sample(law, generator)  # [count]
-        confidence = logits.softmax(dim=-1).max(dim=-1).values  # [count] how sure the drafter is per slot
+        # [count] how sure the drafter is per slot: its unsharpened top probability (at T=1 with no
+        # top-k / top-p filter that is the law itself, so no second softmax)
+        plain = law if sampling.temperature == 1.0 and sampling.top_k == 0 and sampling.top_p == 1.0 \
+            else logits.softmax(dim=-1)
+        confidence = plain.max(dim=-1).values
         return Draft(tokens=self.head.to_target_ids(picked).cpu(), probs=self.head.to_full(law).cpu(),
                      confidence=confidence.cpu())
 
