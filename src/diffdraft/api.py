@@ -25,7 +25,7 @@ from diffdraft.dllm.loading import BASE, check_choices, dllm_runners
 from diffdraft.dllm.runner import DLLMRunner, to_stats
 from diffdraft.drafters import build_drafter, required_tap_layers
 from diffdraft.draft_length import LengthPolicy
-from diffdraft.engine import GenerationResult, SpeculativeEngine
+from diffdraft.engine import GenerationResult, SpeculativeEngine, length_policy
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import load_model
 from diffdraft.stats import Stats
@@ -62,11 +62,10 @@ class Pipeline:
 
     def engine(self, sampling: SamplingConfig | None = None, draft: DraftConfig | None = None) -> SpeculativeEngine:
         draft = draft or DraftConfig()
-        engine = SpeculativeEngine(self.target, self.drafter, draft=draft, sampling=sampling,
-                                   policy=self._policies.get(draft.draft_len))
-        if engine.policy is not None:
-            self._policies[draft.draft_len] = engine.policy
-        return engine
+        policy = self._policies.get(draft.draft_len) or length_policy(self.target, self.drafter, draft)
+        if policy is not None:
+            self._policies[draft.draft_len] = policy
+        return SpeculativeEngine(self.target, self.drafter, draft=draft, sampling=sampling, policy=policy)
 
     def chat_ids(self, prompt: str | list[dict]) -> list[int]:
         """Token ids for a user prompt (str) or a list of chat messages, through the chat template."""

@@ -38,6 +38,17 @@ def confident_length(draft: Draft, limit: int, min_confidence: float) -> int:
     return int((prefix >= min_confidence).int().cumprod(dim=0).sum())
 
 
+def uses_length_rule(drafter: Drafter | None, draft: DraftConfig) -> bool:
+    """Whether an engine with this drafter and config lets the length rule choose what to verify."""
+    return drafter is not None and draft.length == "auto" and draft.min_confidence == 0 and draft.draft_len > 0
+
+
+def length_policy(target: TargetBackend, drafter: Drafter | None, draft: DraftConfig) -> LengthPolicy | None:
+    """The length rule for this drafter and config (costs measured, or read from the cache), or None
+    where none is used. Made once and handed to every engine, it keeps its calibration across requests."""
+    return LengthPolicy(cost_curve(target, drafter, draft.draft_len)) if uses_length_rule(drafter, draft) else None
+
+
 @dataclass
 class GenerationResult:
     tokens: list[int]  # new tokens, EOS included when it ended the answer
@@ -64,9 +75,8 @@ class SpeculativeEngine:
         self.sampling = sampling or SamplingConfig()
         if drafter is not None:
             drafter.check_compatible(target)
-        self.policy = None
-        if drafter is not None and self.draft.length == "auto" and self.draft.min_confidence == 0 and self.draft_len:
-            self.policy = policy or LengthPolicy(cost_curve(target, drafter, self.draft_len))
+        self.policy = (policy or length_policy(target, drafter, self.draft)) if uses_length_rule(drafter, self.draft) \
+            else None
         # What the drafter is asked to draw from: the target's own sampling, or each slot's argmax.
         self.proposal_sampling = SamplingConfig() if self.draft.proposals == "argmax" else self.sampling
 

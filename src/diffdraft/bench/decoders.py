@@ -19,7 +19,7 @@ from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.dllm.loading import dllm_runners
 from diffdraft.dllm.runner import DLLMRunner, to_stats
 from diffdraft.drafters import build_drafter, format_options, parse_options
-from diffdraft.engine import SpeculativeEngine
+from diffdraft.engine import SpeculativeEngine, length_policy
 from diffdraft.errors import DiffdraftError
 from diffdraft.stats import Stats
 from diffdraft.target import TargetBackend
@@ -64,7 +64,7 @@ class EngineDecoder(Decoder):
         self.draft_len = draft.draft_len if self.drafter is not None else 0
         # One length rule for the whole run, built (costs measured) before any timed generation; its
         # calibration carries over from prompt to prompt, as it would in a server.
-        self.policy = SpeculativeEngine(target, self.drafter, draft=draft).policy
+        self.policy = length_policy(target, self.drafter, draft)
 
     def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
         engine = SpeculativeEngine(self.target, self.drafter, draft=self.draft, sampling=sampling, policy=self.policy)
