@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from diffdraft.bench.suites import load_alpaca_eval, load_jsonl, load_mtbench, load_suite
+from diffdraft.suites import load_alpaca_eval, load_jsonl, load_mtbench, load_suite
 from diffdraft.errors import DiffdraftError
 
 MTBENCH_CATEGORIES = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffdraft.bench.suites import load_suite
+from diffdraft.suites import load_suite
 from diffdraft.dllm.checkpoint import load_dllm, shipped_folder
 from diffdraft.dllm.decode import decode
 from diffdraft.dllm.drafter import DLLMDrafter

@@ -45,6 +45,8 @@ def assert_user_error(code: int, err: str, *needles: str) -> None:
     assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 def no_temp_leftovers(root: Path) -> list[Path]:
@@ -267,11 +269,12 @@ def test_prompt_longer_than_context_in_a_subprocess(tiny_model_dir):
 def test_rejection_mode_with_ngram_is_a_user_error(capsys, tiny_model_dir):
     """The n-gram drafter states no q. top-k 1 makes the tiny model's output loop, so the drafter
     soon proposes (an empty proposal would just be sampled)."""
-    code, _, err = run_main(
+    code, out, err = run_main(
         capsys, "abcabcabcabc", "--model", tiny_model_dir, "--drafter", "ngram", "--verify", "rejection",
         "--temperature", "1", "--top-k", "1", "--max-new-tokens", "48",
     )
     assert_user_error(code, err, "rejection")
+    assert out == ""  # refused up front, before any output
 
 
 def test_rejection_mode_without_drafter_is_plain_sampling(capsys, tiny_model_dir):
@@ -346,7 +349,7 @@ def test_corrupt_drafter_folder(capsys, tiny_model_dir, drafter_dir, damage):
 def test_drafter_that_does_not_fit_the_target(capsys, tiny_model_dir, drafter_dir, key, value, needle):
     edit_config(drafter_dir, **{key: value})
     code, _, err = run_main(capsys, "hi", "--model", tiny_model_dir, "--drafter", str(drafter_dir))
-    assert_user_error(code, err, needle)
+    assert_user_error(code, err, needle, "trained for")
 
 
 def test_drafter_for_a_wider_target(capsys, tiny_model_dir, tmp_path):

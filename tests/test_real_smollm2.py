@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from diffdraft.bench.suites import load_suite
+from diffdraft.suites import load_suite
 from diffdraft.config import DraftConfig
 from diffdraft.drafters import EarlyExitDrafter, NgramDrafter, build_drafter
 from diffdraft.engine import SpeculativeEngine

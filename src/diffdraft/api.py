@@ -7,7 +7,8 @@
 
     pipe = diffdraft.load_dllm_pipeline(dllm="b4", drafter="b4")   # SmolLM2 as a block-diffusion LM + SimSD
 
-Everything here is glue over loading, target, drafters, engine and dllm.
+Everything here is glue over loading, prompting, the backends, drafters and decoding: both
+pipelines check a request by one path (diffdraft.prompting) and answer through a Decoder.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from diffdraft.backends import build_target
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.dllm.decode import DLLMResult
 from diffdraft.dllm.loading import BASE, check_choices, dllm_runners
-from diffdraft.dllm.runner import DLLMRunner, to_stats
+from diffdraft.dllm.runner import DLLMRunner
+from diffdraft.decoding import Decoder, DLLMDecoder, EngineDecoder
 from diffdraft.drafters import build_drafter, required_tap_layers
-from diffdraft.draft_length import LengthPolicy
-from diffdraft.engine import GenerationResult, SpeculativeEngine, length_policy
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import load_model
+from diffdraft.prompting import chat_ids, check_fits, text_ids
 from diffdraft.stats import Stats
 from diffdraft.target import TargetBackend
 
@@ -40,36 +41,27 @@ DEFAULT_DRAFTER = "auto"
 class Answer:
     text: str
     tokens: list[int]
-    stop_reason: str
+    stop_reason: str  # "eos", "length", "context", or the reason should_stop gave
     stats: Stats
+    prompt_tokens: int = 0  # tokens of the prompt as the model saw it (template applied)
     dllm: DLLMResult | None = None  # the dLLM's own record of the run (DLLMPipeline only)
 
 
-class Pipeline:
-    """A loaded target and drafter, ready to answer prompts."""
+class _Answering:
+    """What both pipelines share: prompts checked and encoded by one path, answered by a Decoder."""
 
-    def __init__(self, target: TargetBackend, drafter_spec: str = DEFAULT_DRAFTER, early_exit_layers: int = 4):
-        self.target = target
-        self.drafter_spec = drafter_spec
-        self.drafter = build_drafter(drafter_spec, target, early_exit_layers=early_exit_layers)
-        self._policies: dict[int, LengthPolicy] = {}  # by draft length: kept, so calibration carries over
+    target: TargetBackend
 
-    @property
-    def drafter_name(self) -> str:
-        """The drafter spec, with what "auto" resolved to."""
-        name = self.drafter.name if self.drafter is not None else "none"
-        return f"{self.drafter_spec}: {name}" if self.drafter_spec != name else name
+    def decoder(self, draft: DraftConfig | None = None) -> Decoder:
+        raise NotImplementedError
 
-    def engine(self, sampling: SamplingConfig | None = None, draft: DraftConfig | None = None) -> SpeculativeEngine:
-        draft = draft or DraftConfig()
-        policy = self._policies.get(draft.draft_len) or length_policy(self.target, self.drafter, draft)
-        if policy is not None:
-            self._policies[draft.draft_len] = policy
-        return SpeculativeEngine(self.target, self.drafter, draft=draft, sampling=sampling, policy=policy)
+    def prompt_ids(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
+        """Token ids for a user prompt (str) or chat messages through the chat template, or (chat=False)
+        for raw text as a completion prompt. Refuses what prompting refuses."""
+        return chat_ids(self.target, prompt) if chat else text_ids(self.target, prompt)
 
     def chat_ids(self, prompt: str | list[dict]) -> list[int]:
-        """Token ids for a user prompt (str) or a list of chat messages, through the chat template."""
-        return chat_ids(self.target, prompt)
+        return self.prompt_ids(prompt)
 
     def generate(
         self,
@@ -79,48 +71,83 @@ class Pipeline:
         draft: DraftConfig | None = None,
         seed: int = 0,
         on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], str | None] | None = None,
+        chat: bool = True,
     ) -> Answer:
-        """Answer a prompt. on_text receives the answer's text as it grows, piece by piece."""
-        ids = self.chat_ids(prompt)
-        streamer = _TextStreamer(self.target, on_text) if on_text else None
-        result: GenerationResult = self.engine(sampling, draft).generate(
-            ids, max_new_tokens=max_new_tokens, seed=seed, on_tokens=streamer
-        )
-        text = self.target.decode(result.tokens)
+        """Answer a prompt. on_text receives the answer's text as it grows, piece by piece; should_stop,
+        asked between steps, ends the answer early with the reason it returns."""
+        ids = self.prompt_ids(prompt, chat=chat)
+        return self.generate_ids(ids, max_new_tokens, sampling, draft, seed, on_text, should_stop)
+
+    def generate_ids(
+        self,
+        ids: list[int],
+        max_new_tokens: int = 128,
+        sampling: SamplingConfig | None = None,
+        draft: DraftConfig | None = None,
+        seed: int = 0,
+        on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], str | None] | None = None,
+    ) -> Answer:
+        """Answer prompt ids made by prompt_ids (see generate)."""
+        check_fits(self.target, len(ids), max_new_tokens)
+        decoder = self.decoder(draft)
+        streamer = TextStreamer(self.target, on_text) if on_text else None
+        run = decoder.run(ids, max_new_tokens, sampling or SamplingConfig(), seed, on_tokens=streamer,
+                          should_stop=should_stop)
+        text = self.target.decode(run.tokens)
         if streamer:
             streamer.finish(text)
-        return Answer(
-            text=text, tokens=result.tokens, stop_reason=result.stop_reason,
-            stats=result.stats,
-        )
+        return Answer(text=text, tokens=run.tokens, stop_reason=run.stop_reason, stats=run.stats,
+                      prompt_tokens=len(ids), dllm=run.dllm)
 
 
-def chat_ids(target: TargetBackend, prompt: str | list[dict]) -> list[int]:
-    """Token ids for a user prompt (str) or a list of chat messages, through the chat template."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if not messages or not any(m.get("content", "").strip() for m in messages):
-        raise DiffdraftError("the prompt is empty")
-    return target.encode_chat(messages)
+class Pipeline(_Answering):
+    """A loaded target and drafter, ready to answer prompts."""
+
+    def __init__(self, target: TargetBackend, drafter_spec: str = DEFAULT_DRAFTER, early_exit_layers: int = 4):
+        self.target = target
+        self.drafter_spec = drafter_spec
+        self.drafter = build_drafter(drafter_spec, target, early_exit_layers=early_exit_layers)
+        self._decoders: dict[DraftConfig, EngineDecoder] = {}  # kept, so each length rule's calibration carries over
+
+    @property
+    def drafter_name(self) -> str:
+        """The drafter spec, with what "auto" resolved to."""
+        name = self.drafter.name if self.drafter is not None else "none"
+        return f"{self.drafter_spec}: {name}" if self.drafter_spec != name else name
+
+    @property
+    def describe(self) -> str:
+        return self.drafter_name
+
+    def decoder(self, draft: DraftConfig | None = None) -> EngineDecoder:
+        """The engine decoder for this draft config (made once per config)."""
+        draft = draft or DraftConfig()
+        if draft not in self._decoders:
+            self._decoders[draft] = EngineDecoder(self.drafter_name, self.target, self.drafter, draft,
+                                                  spec=self.drafter_spec)
+        return self._decoders[draft]
 
 
-class DLLMPipeline:
+class DLLMPipeline(_Answering):
     """A loaded target converted to a block-diffusion LM, with an optional SimSD drafter."""
 
     def __init__(self, target: TargetBackend, runner: DLLMRunner):
         self.target = target
         self.runner = runner
+        self._decoder = DLLMDecoder(runner)
 
-    def generate(
-        self, prompt: str | list[dict], max_new_tokens: int = 128, sampling: SamplingConfig | None = None, seed: int = 0
-    ) -> Answer:
-        """Answer a prompt by the dLLM's own blockwise decoding, or by SimSD when there is a drafter."""
-        result = self.runner.run(chat_ids(self.target, prompt), max_new_tokens, sampling or SamplingConfig(), seed)
-        return Answer(text=self.target.decode(result.tokens), tokens=result.tokens,
-                      stop_reason=self.runner.stop_reason(result),
-                      stats=to_stats(result, self.runner.draft_len), dllm=result)
+    @property
+    def describe(self) -> str:
+        return self.runner.describe()
+
+    def decoder(self, draft: DraftConfig | None = None) -> DLLMDecoder:
+        """The dLLM's decoder; the draft config does not apply (the runner fixes its steps and drafter)."""
+        return self._decoder
 
 
-class _TextStreamer:
+class TextStreamer:
     """Turns streamed token chunks into text deltas (decoding the whole answer keeps UTF-8 whole)."""
 
     def __init__(self, target: TargetBackend, on_text: Callable[[str], None]):

@@ -1,4 +1,4 @@
-"""Command line: `diffdraft generate`, `chat`, `bench`, `data`, `train` and `dllm-train`.
+"""Command line: `diffdraft generate`, `chat`, `serve`, `bench`, `data`, `train` and `dllm-train`.
 
 Thin: parses arguments into the config dataclasses and calls the API. A DiffdraftError
 becomes one line on stderr and exit code 2; nothing else is caught.
@@ -15,6 +15,7 @@ from diffdraft.config import (BEST_OBJECTIVE, LENGTH_MODES, PROPOSAL_MODES, VERI
 from diffdraft.drafters import DRAFTER_NAMES
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import DTYPES
+from diffdraft.prompting import check_text
 
 
 def add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> None:
@@ -57,7 +58,8 @@ def add_dllm_args(parser: argparse.ArgumentParser, bench: bool = False) -> None:
                        help="denoising steps per block (default: the block size, one slot per step)")
 
 
-def add_decoding_args(parser: argparse.ArgumentParser) -> None:
+def add_decoding_args(parser: argparse.ArgumentParser, serving: bool = False) -> None:
+    """Drafting and sampling options; a server takes only the drafting ones (sampling comes per request)."""
     group = parser.add_argument_group("decoding")
     group.add_argument("--draft-len", type=int, default=15,
                        help="the most tokens drafted per step, g (default 15)")
@@ -72,6 +74,8 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-confidence", type=float, default=0.0,
                        help="instead of --length auto: verify only the draft prefix the drafter is this sure of "
                             "(product of its per-slot confidences); 0 = off (default). Lossless either way")
+    if serving:
+        return
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     group.add_argument("--top-k", type=int, default=0, help="0 = off")
     group.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
@@ -80,7 +84,8 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
 
 
 def decoding_configs(args: argparse.Namespace) -> tuple[SamplingConfig, DraftConfig]:
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = SamplingConfig(temperature=getattr(args, "temperature", 0.0), top_k=getattr(args, "top_k", 0),
+                              top_p=getattr(args, "top_p", 1.0))
     draft = DraftConfig(draft_len=args.draft_len, verify=args.verify, length=args.length,
                         min_confidence=args.min_confidence, proposals=args.proposals)
     return sampling, draft
@@ -102,10 +107,28 @@ def _dllm_only_options(args: argparse.Namespace) -> None:
         raise DiffdraftError(f"{', '.join(given)} need --dllm")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt.strip():
+STOP_REASONS = {"eos": "end of answer", "length": "--max-new-tokens reached", "context": "the model context is full"}
+
+
+def read_prompt(arg: str) -> str:
+    """The prompt from argv, or from standard input for '-', refused unless it is valid UTF-8 and not empty."""
+    if arg == "-":
+        raw = getattr(sys.stdin, "buffer", None)  # bytes where there are bytes (a text stream when embedded)
+        try:
+            arg = raw.read().decode("utf-8") if raw is not None else sys.stdin.read()
+        except UnicodeDecodeError as err:
+            raise DiffdraftError(f"the prompt on standard input is not valid UTF-8 (byte {err.start})") from None
+    if not check_text(arg).strip():
         raise DiffdraftError("the prompt is empty")
+    return arg
+
+
+def stopped(reason: str) -> str:
+    return f", stopped: {STOP_REASONS.get(reason, reason)}"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args.prompt)
     sampling, draft = decoding_configs(args)  # validate before the slow model load
     if args.max_new_tokens <= 0:
         raise DiffdraftError(f"max-new-tokens must be positive, got {args.max_new_tokens}")
@@ -118,8 +141,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         on_text=lambda text: print(text, end="", flush=True),
     )
     print()
-    print(f"[{pipe.drafter_name}, g={draft.draft_len}] {answer.stats.summary()}{_lengths(answer.stats)}",
-          file=sys.stderr)
+    print(f"[{pipe.drafter_name}, g={draft.draft_len}] {answer.stats.summary()}{_lengths(answer.stats)}"
+          f"{stopped(answer.stop_reason)}", file=sys.stderr)
     return 0
 
 
@@ -128,19 +151,26 @@ def _lengths(stats) -> str:
     return f", verified lengths {stats.length_histogram()}" if stats.cost_curve else ""
 
 
-def _generate_dllm(args: argparse.Namespace, prompt: str, sampling: SamplingConfig) -> int:
+def _load_dllm(args: argparse.Namespace):
     from diffdraft.api import load_dllm_pipeline
-    from diffdraft.dllm.runner import summary
 
     if args.drafter is not None:
         raise DiffdraftError("--drafter drafts for the autoregressive target; with --dllm use --dllm-drafter "
                              "or --dllm-drafter-layers")
-    pipe = load_dllm_pipeline(args.model, dllm=args.dllm, drafter=args.dllm_drafter,
+    return load_dllm_pipeline(args.model, dllm=args.dllm, drafter=args.dllm_drafter,
                               drafter_layers=args.dllm_drafter_layers, block_size=args.dllm_block_size,
                               steps=args.dllm_steps, verify=args.verify, dtype=args.dtype)
-    answer = pipe.generate(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
-    print(answer.text, flush=True)
-    print(f"[{pipe.runner.describe()}] {summary(answer.dllm, answer.stats)}", file=sys.stderr)
+
+
+def _generate_dllm(args: argparse.Namespace, prompt: str, sampling: SamplingConfig) -> int:
+    from diffdraft.dllm.runner import summary
+
+    pipe = _load_dllm(args)
+    answer = pipe.generate(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                           on_text=lambda text: print(text, end="", flush=True))
+    print()
+    print(f"[{pipe.runner.describe()}] {summary(answer.dllm, answer.stats)}{stopped(answer.stop_reason)}",
+          file=sys.stderr)
     return 0
 
 
@@ -157,14 +187,42 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
+        try:
+            ids = pipe.prompt_ids(messages)
+        except DiffdraftError as err:  # this line is refused; the session goes on without it
+            messages.pop()
+            print(f"diffdraft: error: {' '.join(str(err).split())}", file=sys.stderr)
+            continue
         print("assistant> ", end="", flush=True)
-        answer = pipe.generate(
-            messages, max_new_tokens=args.max_new_tokens, sampling=sampling, draft=draft, seed=args.seed,
+        answer = pipe.generate_ids(
+            ids, max_new_tokens=args.max_new_tokens, sampling=sampling, draft=draft, seed=args.seed,
             on_text=lambda text: print(text, end="", flush=True),
         )
         print()
-        print(f"[{answer.stats.summary()}]", file=sys.stderr)
+        print(f"[{answer.stats.summary()}{stopped(answer.stop_reason)}]", file=sys.stderr)
         messages.append({"role": "assistant", "content": answer.text})
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from diffdraft.serve import ServerSettings, run
+
+    _, draft = decoding_configs(args)
+    _dllm_only_options(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("DIFFDRAFT_API_KEY")
+    settings = ServerSettings(model_name=args.served_model_name or args.model or "smollm2", api_key=api_key or None,
+                              queue_limit=args.queue_limit, request_timeout_s=args.request_timeout,
+                              max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens)
+    if args.dllm is not None:
+        pipe = _load_dllm(args)
+    else:
+        pipe = _load(args)
+        pipe.decoder(draft)  # measure the costs for the length rule now, not in the first request
+    print(f"diffdraft serve: {settings.model_name} with {pipe.describe} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}", file=sys.stderr)
+    run(pipe, settings, draft, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -175,6 +233,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     temperatures = tuple(float(t) for t in args.temperatures.split(","))
     if any(t < 0 for t in temperatures):
         raise DiffdraftError(f"temperatures must be >= 0, got {args.temperatures}")
+    if args.num_prompts < 1:
+        raise DiffdraftError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(args.device)
     prompts = load_prompts_file(args.prompts) if args.prompts else None
@@ -279,6 +339,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(chat)
     add_decoding_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions, streaming)")
+    add_model_args(serve)
+    add_decoding_args(serve, serving=True)
+    add_dllm_args(serve)
+    net = serve.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    net.add_argument("--port", type=int, default=8000)
+    net.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1 (default: $DIFFDRAFT_API_KEY, else none)")
+    net.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model or smollm2)")
+    net.add_argument("--queue-limit", type=int, default=16, help="requests that may wait; beyond, 429 (default 16)")
+    net.add_argument("--request-timeout", type=float, default=600.0,
+                     help="seconds a request may take, waiting included; generation stops there (default 600)")
+    net.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    net.add_argument("--default-max-tokens", type=int, default=512,
+                     help="new tokens when a request gives no max_tokens (default 512, within the context)")
+    net.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
 
     bench = commands.add_parser("bench", help="benchmark decoders and peers side by side on a prompt suite")
     bench.add_argument("--suite", default="mt-bench", help="mt-bench (default), alpaca-eval, or a .jsonl prompt file")

@@ -52,7 +52,7 @@ def length_policy(target: TargetBackend, drafter: Drafter | None, draft: DraftCo
 @dataclass
 class GenerationResult:
     tokens: list[int]  # new tokens, EOS included when it ended the answer
-    stop_reason: str  # "eos", "length" (max_new_tokens) or "context" (model context full)
+    stop_reason: str  # "eos", "length" (max_new_tokens), "context" (model context full), or should_stop's reason
     stats: Stats
 
 
@@ -75,6 +75,11 @@ class SpeculativeEngine:
         self.sampling = sampling or SamplingConfig()
         if drafter is not None:
             drafter.check_compatible(target)
+            if self.draft.verify == "rejection" and not self.sampling.greedy and not drafter.states_q:
+                raise DiffdraftError(
+                    f"the {drafter.name} drafter states no exact q, so rejection sampling cannot verify it: "
+                    "use verify=point-mass or auto"
+                )
         self.policy = (policy or length_policy(target, drafter, self.draft)) if uses_length_rule(drafter, self.draft) \
             else None
         # What the drafter is asked to draw from: the target's own sampling, or each slot's argmax.
@@ -90,8 +95,13 @@ class SpeculativeEngine:
         max_new_tokens: int = 128,
         seed: int = 0,
         on_tokens: Callable[[list[int]], None] | None = None,
+        should_stop: Callable[[], str | None] | None = None,
     ) -> GenerationResult:
-        """Generate up to max_new_tokens tokens after `prompt` (token ids, template applied)."""
+        """Generate up to max_new_tokens tokens after `prompt` (token ids, template applied).
+
+        on_tokens receives each step's new tokens; should_stop, asked before each step, ends the
+        generation when it returns a reason (a cancelled request, a deadline), which becomes the
+        stop reason."""
         if not prompt:
             raise DiffdraftError("the prompt is empty")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
@@ -121,6 +131,8 @@ class SpeculativeEngine:
         while stop_reason is None:
             if len(new_tokens) >= max_new_tokens:
                 stop_reason = "length"
+                break
+            if should_stop is not None and (stop_reason := should_stop()) is not None:
                 break
             room = self.target.max_context - self.target.length - 1  # after feeding the last token
             if room < 1:

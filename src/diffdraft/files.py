@@ -1,4 +1,5 @@
-"""File helpers: atomic writes (a folder appears whole or not at all) and data-package lookup."""
+"""File helpers: atomic writes (a folder appears whole or not at all), run output folders that a failed
+run does not leave empty, and data-package lookup."""
 
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ def atomic_folder(folder: str | Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def output_folder(folder: str | Path):
+    """Yield `folder`, made if missing. If the body fails and the folder is empty, it is removed again
+    (if this call made it), so a failed run leaves nothing behind; what a run wrote stays, to resume."""
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 def data_package_dir(module: str, pip_spec: str) -> Path:

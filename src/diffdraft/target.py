@@ -130,7 +130,10 @@ class TargetBackend(ABC):
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        text = "\n".join(m["content"] for m in messages) + "\n"
+        return self.encode_text("\n".join(m["content"] for m in messages) + "\n")
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of raw text (no chat template), with what the tokenizer always adds (a BOS, say)."""
         return self.tokenizer(text)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:

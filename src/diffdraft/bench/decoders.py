@@ -1,104 +1,25 @@
-"""Decoders as the benchmark sees them: token ids in, tokens and Stats out.
+"""The bench's decoders: drafter entries on the command line turned into diffdraft.decoding decoders.
 
-A decoder answers one chat-templated prompt (token ids) with up to max_new_tokens tokens
-under a SamplingConfig and a seed, and reports what it did as a diffdraft.stats.Stats
-(tokens, timings, and the verify-step trace when it has one). The engine's decoders live
-here, and so do the dLLM's (kind "dllm": the converted target's own blockwise decoding,
-and SimSD with a dLLM drafter, whose reference is that own decoding rather than plain);
-peers (HF transformers, llama.cpp) live in peers.py behind the same interface. Every
-decoder names its reference: the decoder its speedup and its temperature-0 equality are
-measured against. Knows nothing of prompt suites, records or reports.
+An entry is `SPEC`, `SPEC@G` (its own draft length) or `SPEC:cut=C:length=L:propose=P`
+(engine settings); "none" is plain decoding, always first as the reference of every
+speedup and equality. The dLLM's decoders (its own blockwise decoding, then SimSD) come
+from one converted target. Peers live in peers.py. The decoders themselves live in
+diffdraft.decoding; this module only names and builds them. Knows nothing of prompt
+suites, records or reports.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.config import DraftConfig
+from diffdraft.decoding import PLAIN, DLLMDecoder, EngineDecoder
 from diffdraft.dllm.loading import dllm_runners
-from diffdraft.dllm.runner import DLLMRunner, to_stats
 from diffdraft.drafters import build_drafter, format_options, parse_options
-from diffdraft.engine import SpeculativeEngine, length_policy
 from diffdraft.errors import DiffdraftError
-from diffdraft.stats import Stats
 from diffdraft.target import TargetBackend
 
-PLAIN = "plain"  # the name of the engine's plain decoding, the reference of every speedup and equality
-
-
-@dataclass
-class DecodeRun:
-    tokens: list[int]  # new tokens, EOS included when it ended the answer
-    stop_reason: str  # "eos", "length" or "context"
-    stats: Stats
-
-
-class Decoder:
-    """One way of decoding: a name, a kind ("engine" or "peer") and run()."""
-
-    name: str = "decoder"
-    kind: str = "engine"
-    draft_len: int = 0
-    reference: str = PLAIN  # the decoder this one's speedup and equality are measured against
-
-    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        """What goes into the results file about this decoder."""
-        return {"name": self.name, "kind": self.kind, "draft_len": self.draft_len, "reference": self.reference}
-
-
-class EngineDecoder(Decoder):
-    """diffdraft's SpeculativeEngine with one drafter (or none: plain decoding)."""
-
-    kind = "engine"
-
-    def __init__(self, name: str, spec: str, target: TargetBackend, draft: DraftConfig, early_exit_layers: int = 4):
-        self.name = name
-        self.spec = spec
-        self.target = target
-        self.drafter = build_drafter(spec, target, early_exit_layers=early_exit_layers)
-        self.draft = draft
-        self.draft_len = draft.draft_len if self.drafter is not None else 0
-        # One length rule for the whole run, built (costs measured) before any timed generation; its
-        # calibration carries over from prompt to prompt, as it would in a server.
-        self.policy = length_policy(target, self.drafter, draft)
-
-    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
-        engine = SpeculativeEngine(self.target, self.drafter, draft=self.draft, sampling=sampling, policy=self.policy)
-        result = engine.generate(prompt, max_new_tokens=max_new_tokens, seed=seed)
-        return DecodeRun(tokens=result.tokens, stop_reason=result.stop_reason, stats=result.stats)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "spec": self.spec, "verify": self.draft.verify,
-                "min_confidence": self.draft.min_confidence, "length": self.draft.length,
-                "proposals": self.draft.proposals}
-
-
-class DLLMDecoder(Decoder):
-    """The dLLM target's own decoding (no drafter; its own reference) or SimSD (reference: the former)."""
-
-    kind = "dllm"
-
-    def __init__(self, runner: DLLMRunner):
-        self.runner = runner
-        self.name = runner.name
-        self.draft_len = runner.draft_len
-        self.reference = runner.baseline_name
-
-    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
-        result = self.runner.run(prompt, max_new_tokens, sampling, seed)
-        return DecodeRun(tokens=result.tokens, stop_reason=self.runner.stop_reason(result),
-                         stats=to_stats(result, self.draft_len))
-
-    def describe(self) -> dict:
-        net = self.runner.net
-        drafter = self.runner.drafter
-        return {**super().describe(), "block_size": net.block_size, "steps": self.runner.steps,
-                "verify": self.runner.verify if drafter else None,
-                "drafter_layers": drafter.net.num_layers if drafter else None}
+__all__ = ["PLAIN", "dllm_decoders", "engine_decoders", "parse_drafter_spec", "split_engine_options"]
 
 
 def dllm_decoders(target: TargetBackend, spec: str, drafter: str | None, drafter_layers: int | None,
@@ -180,5 +101,6 @@ def engine_decoders(
             raise DiffdraftError(f"drafter {entry!r} is listed twice")
         spec, settings = split_engine_options(spec)
         draft = DraftConfig(draft_len=g, verify=verify, **settings)  # validates g and the settings
-        decoders[name] = EngineDecoder(name, spec, target, draft, early_exit_layers=early_exit_layers)
+        drafter = build_drafter(spec, target, early_exit_layers=early_exit_layers)
+        decoders[name] = EngineDecoder(name, target, drafter, draft, spec=spec)
     return list(decoders.values())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from diffdraft.bench.decoders import DecodeRun, Decoder
+from diffdraft.decoding import DecodeRun, Decoder
 from diffdraft.config import SamplingConfig
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import DEFAULT_MODEL, default_gguf_path
@@ -79,10 +79,25 @@ def trace_stats(inputs: list[int], emitted: list[int], draft_len: int) -> Stats:
     return stats
 
 
-class HFGenerate(Decoder):
-    """transformers `generate` on the target's model; prompt lookup when prompt_lookup > 0."""
+class PeerDecoder(Decoder):
+    """Another library's decoding behind the Decoder interface."""
 
     kind = "peer"
+
+    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
+            on_tokens=None, should_stop=None) -> DecodeRun:
+        """Peers answer in one piece: on_tokens gets every token at the end; should_stop is not asked."""
+        run = self._run(prompt, max_new_tokens, sampling, seed)
+        if on_tokens is not None:
+            on_tokens(run.tokens)
+        return run
+
+    def _run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
+        raise NotImplementedError
+
+
+class HFGenerate(PeerDecoder):
+    """transformers `generate` on the target's model; prompt lookup when prompt_lookup > 0."""
 
     def __init__(self, target: TargetBackend, prompt_lookup: int = 0):
         self.target = target
@@ -105,7 +120,7 @@ class HFGenerate(Decoder):
             options.update(prompt_lookup_num_tokens=self.draft_len, max_matching_ngram_size=HF_MAX_NGRAM)
         return GenerationConfig(**options)
 
-    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
+    def _run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
         config = self._config(max_new_tokens, sampling)
         ids = torch.tensor([prompt], dtype=torch.long, device=self.target.device)  # [1, T]
         trace = _Trace()
@@ -144,10 +159,9 @@ def llama_cpp_available() -> bool:
     return True
 
 
-class LlamaCpp(Decoder):
+class LlamaCpp(PeerDecoder):
     """llama.cpp through llama-cpp-python, on a GGUF file, fed the same prompt ids."""
 
-    kind = "peer"
     name = LLAMA_CPP
 
     def __init__(self, gguf: Path, eos_token_ids: frozenset[int], n_ctx: int, threads: int):
@@ -159,7 +173,7 @@ class LlamaCpp(Decoder):
                          verbose=False)
         self.eos = frozenset(eos_token_ids) | {self.llm.token_eos()}
 
-    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
+    def _run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
         if sampling.greedy:
             options = dict(temp=0.0)
         else:  # the engine's law: no min-p, typical or repeat penalty; top_k <= 0 is off in llama.cpp

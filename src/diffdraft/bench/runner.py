@@ -30,18 +30,22 @@ from importlib import metadata
 
 import torch
 
-from diffdraft.backends import BACKENDS
-from diffdraft.bench.decoders import PLAIN, Decoder, dllm_decoders, engine_decoders, parse_drafter_spec
+from diffdraft.backends import BACKENDS, build_target
+from diffdraft.bench.decoders import dllm_decoders, engine_decoders, parse_drafter_spec
+from diffdraft.decoding import PLAIN, Decoder
 from diffdraft.bench.metrics import summarize, temperature_key
 from diffdraft.bench.peers import PEER_NAMES, build_peers
 from diffdraft.bench.report import write_reports
 from diffdraft.bench.store import RecordStore, record_key, stats_to_dict
-from diffdraft.bench.suites import Prompt, interleave_categories, load_suite
+from diffdraft.suites import Prompt, interleave_categories, load_suite
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.dllm.loading import check_choices
 from diffdraft.drafters import required_tap_layers
 from diffdraft.errors import DiffdraftError
-from diffdraft.loading import DTYPES
+from diffdraft.engine import SpeculativeEngine
+from diffdraft.loading import DTYPES, load_model
+from diffdraft.prompting import chat_ids
+from diffdraft.target import TargetBackend
 
 WARMUP_TOKENS = 16
 ALPACA_EVAL_DEFAULT_LIMIT = 80
@@ -211,12 +215,10 @@ def _run_locked(config: BenchConfig, prompts: list[Prompt], store: RecordStore) 
     if config.threads:
         torch.set_num_threads(config.threads)
 
-    from diffdraft.api import load
-
-    taps = required_tap_layers([parse_drafter_spec(entry, config.draft_len)[1] for entry in config.drafters])
-    pipe = load(config.model, drafter="none", dtype=config.dtype, backend=config.backend, tap_layers=taps,
-                early_exit_layers=config.early_exit_layers, threads=torch.get_num_threads())
-    target = pipe.target
+    hf_model, tokenizer = load_model(config.model, dtype=config.dtype)
+    taps = required_tap_layers([parse_drafter_spec(entry, config.draft_len)[1] for entry in config.drafters],
+                               num_layers=hf_model.config.num_hidden_layers)
+    target = build_target(hf_model, tokenizer, backend=config.backend, tap_layers=taps, name=config.model or "smollm2")
     decoders: list[Decoder] = engine_decoders(
         list(config.drafters), target, config.draft_len, config.verify, config.early_exit_layers
     )
@@ -254,7 +256,7 @@ def _run_locked(config: BenchConfig, prompts: list[Prompt], store: RecordStore) 
     def prompt_ids(prompt_id: str) -> list[int]:
         """A prompt's token ids, built once per run (for turn 2 that decodes turn 1 first)."""
         if prompt_id not in ids_cache:
-            ids_cache[prompt_id] = _prompt_ids(pipe, by_id[prompt_id], config)
+            ids_cache[prompt_id] = _prompt_ids(target, by_id[prompt_id], config)
         return ids_cache[prompt_id]
 
     if todo:
@@ -299,18 +301,16 @@ def _measure(config: BenchConfig, decoders: list[Decoder], todo: list, store: Re
         progress.close()
 
 
-def _prompt_ids(pipe, p: Prompt, config: BenchConfig) -> list[int]:
+def _prompt_ids(target: TargetBackend, p: Prompt, config: BenchConfig) -> list[int]:
     """Chat-templated ids; for turn 2, after plain greedy decoding's answer to turn 1 (untimed)."""
     if config.turn == 1:
-        return pipe.chat_ids(p.turns[0])
-    first = pipe.chat_ids(p.turns[0])
-    from diffdraft.engine import SpeculativeEngine
-
-    answer = SpeculativeEngine(pipe.target).generate(first, max_new_tokens=config.max_new_tokens)
+        return chat_ids(target, p.turns[0])
+    first = chat_ids(target, p.turns[0])
+    answer = SpeculativeEngine(target).generate(first, max_new_tokens=config.max_new_tokens)
     messages = [{"role": "user", "content": p.turns[0]},
-                {"role": "assistant", "content": pipe.target.decode(answer.tokens)},
+                {"role": "assistant", "content": target.decode(answer.tokens)},
                 {"role": "user", "content": p.turns[1]}]
-    return pipe.chat_ids(messages)
+    return chat_ids(target, messages)
 
 
 def report(out: str) -> dict:

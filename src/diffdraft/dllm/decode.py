@@ -15,6 +15,7 @@ It knows nothing of drafting or verification (simsd.py builds on the Session).
 from __future__ import annotations
 
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -127,6 +128,7 @@ class DLLMResult:
     accepted: list[int] = field(default_factory=list)  # SimSD: drafted steps accepted per verification
     drafted: list[int] = field(default_factory=list)  # SimSD: steps drafted per verification
     draft_forwards: int = 0
+    stopped: str | None = None  # the reason should_stop gave, when it ended the generation
 
     @property
     def tokens_per_forward(self) -> float:
@@ -134,20 +136,37 @@ class DLLMResult:
 
 
 class Output:
-    """Finished blocks in order, and when to stop."""
+    """Finished blocks in order, and when to stop.
 
-    def __init__(self, max_new_tokens: int, eos_ids: frozenset[int]):
+    on_tokens receives each finished block's tokens as the answer keeps them (cut after an end
+    token and at max_new_tokens); should_stop, asked after each block, ends the generation when
+    it returns a reason (kept in `stopped`)."""
+
+    def __init__(self, max_new_tokens: int, eos_ids: frozenset[int],
+                 on_tokens: Callable[[list[int]], None] | None = None,
+                 should_stop: Callable[[], str | None] | None = None):
         self.blocks: list[tuple[int, ...]] = []
         self.max_new_tokens = max_new_tokens
         self.eos_ids = eos_ids
         self.first_at: float | None = None  # perf_counter() when the first block was finished
+        self.on_tokens, self.should_stop = on_tokens, should_stop
+        self.sent = 0  # tokens handed to on_tokens so far
+        self.stopped: str | None = None
 
     def add(self, ids: tuple[int, ...]) -> bool:
         """Append a finished block; True when generation is done."""
         if self.first_at is None:
             self.first_at = time.perf_counter()
         self.blocks.append(tuple(ids))
-        return any(t in self.eos_ids for t in ids) or len(self.blocks) * len(ids) >= self.max_new_tokens
+        done = any(t in self.eos_ids for t in ids) or len(self.blocks) * len(ids) >= self.max_new_tokens
+        if self.on_tokens is not None:
+            kept = self.tokens()
+            self.on_tokens(kept[self.sent:])
+            self.sent = len(kept)
+        if not done and self.should_stop is not None:
+            self.stopped = self.should_stop()
+            done = self.stopped is not None
+        return done
 
     def tokens(self) -> list[int]:
         """All finished tokens, cut after the first end token and at max_new_tokens."""
@@ -178,14 +197,17 @@ def decode(
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
     eos_ids: frozenset[int] = frozenset(),
+    on_tokens: Callable[[list[int]], None] | None = None,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> DLLMResult:
-    """The model's own blockwise decoding (see the module docstring)."""
+    """The model's own blockwise decoding (see the module docstring); on_tokens and should_stop as
+    in Output."""
     sampling = sampling or SamplingConfig()
     counts = schedule(net.block_size, steps)
     start = time.perf_counter()
     session = Session(net)
     block = session.begin(prompt, max_new_tokens)
-    output = Output(max_new_tokens, eos_ids)
+    output = Output(max_new_tokens, eos_ids, on_tokens, should_stop)
     revealed = []
     while True:
         logits = session.block_logits(block)  # [b, V]
@@ -195,4 +217,4 @@ def decode(
         if block is None:
             break
     return DLLMResult(tokens=output.tokens(), forwards=session.forwards, seconds=time.perf_counter() - start,
-                      revealed=revealed, first_block_s=output.first_at - start)
+                      revealed=revealed, first_block_s=output.first_at - start, stopped=output.stopped)

@@ -12,6 +12,8 @@ text, prompt suites or files.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from diffdraft.config import SamplingConfig
@@ -55,14 +57,20 @@ class DLLMRunner:
         """Steps a SimSD verification can check at most (0 for the target's own decoding)."""
         return 0 if self.drafter is None else self.steps
 
-    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DLLMResult:
+    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
+            on_tokens: Callable[[list[int]], None] | None = None,
+            should_stop: Callable[[], str | None] | None = None) -> DLLMResult:
+        """One answer; on_tokens gets each finished block's tokens, should_stop is asked after each block."""
         generator = torch.Generator().manual_seed(seed)  # on the CPU, as the engine's
         if self.drafter is None:
-            return decode(self.net, prompt, self.steps, max_new_tokens, sampling, generator, self.eos_ids)
+            return decode(self.net, prompt, self.steps, max_new_tokens, sampling, generator, self.eos_ids,
+                          on_tokens=on_tokens, should_stop=should_stop)
         return decode_simsd(self.net, self.drafter, prompt, self.steps, max_new_tokens, sampling, generator,
-                            self.eos_ids, mode=self.verify)
+                            self.eos_ids, mode=self.verify, on_tokens=on_tokens, should_stop=should_stop)
 
     def stop_reason(self, result: DLLMResult) -> str:
+        if result.stopped is not None:
+            return result.stopped
         return "eos" if result.tokens and result.tokens[-1] in self.eos_ids else "length"
 
     def describe(self) -> str:

@@ -33,6 +33,7 @@ earlier ones and p is the exact law of the target's rule (step_law).
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -106,8 +107,11 @@ def decode_simsd(
     eos_ids: frozenset[int] = frozenset(),
     mode: str = "auto",
     max_draft_steps: int | None = None,
+    on_tokens: Callable[[list[int]], None] | None = None,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> DLLMResult:
-    """Blockwise decoding of `target` sped up by SimSD (see the module docstring)."""
+    """Blockwise decoding of `target` sped up by SimSD (see the module docstring); on_tokens and
+    should_stop as in decode.Output."""
     sampling = sampling or SamplingConfig()
     b = target.block_size
     counts = schedule(b, steps)
@@ -119,7 +123,7 @@ def decode_simsd(
     session = Session(target)
     block = session.begin(prompt, max_new_tokens)
     drafter.begin(prompt, max_new_tokens)
-    output = Output(max_new_tokens, eos_ids)
+    output = Output(max_new_tokens, eos_ids, on_tokens, should_stop)
     result = DLLMResult(tokens=[], forwards=0, seconds=0.0)
     while True:
         num_steps = min(steps - block.step, max_draft_steps or steps)
@@ -159,5 +163,6 @@ def decode_simsd(
     result.draft_forwards = drafter.forwards
     result.seconds = time.perf_counter() - start
     result.first_block_s = output.first_at - start
+    result.stopped = output.stopped
     return result
 

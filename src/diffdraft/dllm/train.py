@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffdraft.files import output_folder
 from diffdraft.config import check_training_basics, resolve_amp
 from diffdraft.dllm.checkpoint import check_kind_and_format, save_dllm
 from diffdraft.dllm.masks import training_mask
@@ -243,7 +244,13 @@ def _check_resumable(folder: Path, cfg: DLLMTrainConfig) -> None:
 
 
 def train_dllm(cfg: DLLMTrainConfig, target: TargetBackend | None = None, log=print) -> dict:
-    """Run (or resume) a conversion run in cfg.out; the adapters end up in cfg.out/adapter."""
+    """Run (or resume) a conversion run in cfg.out; the adapters end up in cfg.out/adapter. A run that
+    fails before writing anything leaves no folder behind."""
+    with output_folder(cfg.out):
+        return _train_dllm(cfg, target, log)
+
+
+def _train_dllm(cfg: DLLMTrainConfig, target: TargetBackend | None, log) -> dict:
     from diffdraft.loading import load_model
 
     out = Path(cfg.out)
@@ -255,7 +262,6 @@ def train_dllm(cfg: DLLMTrainConfig, target: TargetBackend | None = None, log=pr
             model.to(cfg.amp_dtype)
         target = HFTarget(model, tokenizer, name=cfg.model or "smollm2")  # training runs the module, no decoding
     trainer = DLLMTrainer(cfg, target, train_data, eval_data)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"
     if (checkpoint / "trainer.json").is_file():
         _check_resumable(checkpoint, cfg)

@@ -44,6 +44,7 @@ class Drafter(ABC):
 
     name: str = "drafter"
     wants_taps: bool = False  # True: begin()/observe() receive the target's tapped hidden states
+    states_q: bool = False  # True: every Draft carries q, the exact law of its tokens (rejection sampling can verify it)
 
     def check_compatible(self, target) -> None:
         """Raise DiffdraftError if this drafter cannot draft for `target`."""

@@ -41,6 +41,18 @@ def target_signature(target) -> dict:
     }
 
 
+def recorded_signature(target) -> dict:
+    """The signature a trained drafter records: target_signature plus the target's name, for messages."""
+    return {**target_signature(target), "name": target.name}
+
+
+def trained_for(signature: dict) -> str:
+    """The target a drafter was trained for, in words."""
+    shape = (f"{signature.get('num_layers')} layers, width {signature.get('hidden_size')}, "
+             f"vocabulary {signature.get('vocab_size')}")
+    return f"{signature['name']} ({shape})" if signature.get("name") else f"a target of {shape}"
+
+
 SIGNATURE_CHECKS = (("hidden_size", "width"), ("vocab_size", "vocabulary size"), ("num_layers", "layer count"))
 
 
@@ -50,15 +62,18 @@ def check_signature(signature: dict, target, checks=SIGNATURE_CHECKS) -> None:
     for key, what in checks:
         if signature.get(key) != theirs[key]:
             raise DiffdraftError(
-                f"drafter does not fit the target: drafter {what} {signature.get(key)}, target {what} {theirs[key]}"
+                f"drafter does not fit the target {target.name}: it was trained for {trained_for(signature)}; "
+                f"drafter {what} {signature.get(key)}, target {what} {theirs[key]}"
             )
     if signature.get("tokenizer") != theirs["tokenizer"]:
-        raise DiffdraftError("drafter does not fit the target: it was trained with a different tokenizer")
+        raise DiffdraftError(f"drafter does not fit the target {target.name}: it was trained for "
+                             f"{trained_for(signature)}, with a different tokenizer")
 
 
 class BlockDiffusionDrafter(HeadedDrafter):
     name = KIND
     wants_taps = True
+    states_q = True  # each Draft carries the head's law q
 
     def __init__(
         self,

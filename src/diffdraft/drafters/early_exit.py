@@ -25,6 +25,7 @@ from diffdraft.sampling import logits_to_probs, sample
 
 class EarlyExitDrafter(Drafter):
     name = "early-exit"
+    states_q = True  # each Draft carries the early-exit law q
 
     def __init__(self, target, num_layers: int = 4, head: nn.Linear | None = None):
         body = getattr(target.module, "model", None)
@@ -111,6 +112,7 @@ class EarlyExitDrafter(Drafter):
             "num_layers": self.num_layers,
             "hidden_size": self.target.hidden_size,
             "vocab_size": self.target.vocab_size,
+            "target_name": self.target.name,
         }
         write_checkpoint(folder, config, self.head.state_dict())
 
@@ -120,14 +122,14 @@ class EarlyExitDrafter(Drafter):
         for key in ("num_layers", "hidden_size", "vocab_size"):
             if not isinstance(config.get(key), int):
                 raise DiffdraftError(f"drafter config in {folder} lacks an integer {key!r}")
-        if config["hidden_size"] != target.hidden_size:
-            raise DiffdraftError(
-                f"drafter in {folder} has width {config['hidden_size']}, the target has {target.hidden_size}"
-            )
-        if config["vocab_size"] != target.vocab_size:
-            raise DiffdraftError(
-                f"drafter in {folder} has vocabulary {config['vocab_size']}, the target has {target.vocab_size}"
-            )
+        for key, what, theirs in (("hidden_size", "width", target.hidden_size),
+                                  ("vocab_size", "vocabulary", target.vocab_size)):
+            if config[key] != theirs:
+                trained = config.get("target_name") or "another target"
+                raise DiffdraftError(
+                    f"drafter in {folder} does not fit the target {target.name}: it was trained for {trained} "
+                    f"(width {config['hidden_size']}, vocabulary {config['vocab_size']}); the target has {what} {theirs}"
+                )
         width = config["hidden_size"]
         head = nn.Linear(width, width, dtype=target.dtype, device=target.device)
         try:

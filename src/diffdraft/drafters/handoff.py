@@ -22,6 +22,7 @@ class HandoffDrafter(Drafter):
         self.name = f"{main.name}+{warmup.name if warmup else 'none'}@{warmup_tokens}"
         self._both = [d for d in (warmup, main) if d is not None]
         self.wants_taps = any(d.wants_taps for d in self._both)
+        self.states_q = all(d.states_q for d in self._both)
         self._prompt_len = 0
 
     def check_compatible(self, target) -> None:

@@ -168,6 +168,13 @@ class MaskedDiffusionDrafter(HeadedDrafter):
             sureness[slots - 1] = top[chosen].exp()
         return ids[1 : 1 + count], q, token_logp, sureness
 
+    @property
+    def states_q(self) -> bool:
+        """q is exact when no draft is selected among samples and each token's law was fixed by its left
+        context: one denoising step, or left-to-right order."""
+        return not self.denoise.selects and (self.denoise.order == "left-to-right"
+                                              or all(s == 1 for s in self.denoise.step_counts))
+
     @torch.inference_mode()
     def propose(self, tokens: list[int], num_tokens: int, sampling: SamplingConfig,
                 generator: torch.Generator | None) -> Draft:

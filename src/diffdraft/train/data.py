@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffdraft import suites
 from diffdraft.errors import DiffdraftError
-from diffdraft.files import data_package_dir
+from diffdraft.files import data_package_dir, output_folder
 
 
 RESPONSE_SOURCES = ("regenerate", "sharegpt")
@@ -54,17 +55,17 @@ def iter_json_array(text: str):
 
 
 def benchmark_prompts() -> set[str]:
-    """Texts of benchmark prompts that must never be trained on."""
-    from diffdraft.bench import suites
+    """Texts of benchmark prompts (MT-Bench, AlpacaEval) that must never be trained on.
 
+    A list that cannot be loaded stops the run: training on a benchmark by accident is worse
+    than not training."""
     texts = set()
-    try:
-        texts.update(t.strip() for p in suites.load_mtbench() for t in p.turns)
-    except DiffdraftError:
-        pass
-    alpaca = suites.cache_dir() / "suites" / "alpaca_eval_outputs.json"
-    if alpaca.is_file():
-        texts.update(p.turns[0].strip() for p in suites.load_alpaca_eval())
+    for name, load in (("MT-Bench", suites.load_mtbench), ("AlpacaEval", suites.load_alpaca_eval)):
+        try:
+            texts.update(t.strip() for p in load() for t in p.turns)
+        except DiffdraftError as err:
+            raise DiffdraftError(f"cannot load the {name} prompts that must be kept out of training data: {err}") \
+                from err
     return texts
 
 
@@ -209,7 +210,13 @@ def regenerate(
     return sequences
 
 
-def build_dataset(
+def build_dataset(out: str | Path, *args, **kwargs) -> dict:
+    """_build_dataset (see there) in `out`; a run that fails before writing a shard leaves no folder behind."""
+    with output_folder(out):
+        return _build_dataset(out, *args, **kwargs)
+
+
+def _build_dataset(
     out: str | Path,
     model,
     tokenizer,
@@ -238,8 +245,9 @@ def build_dataset(
 
     if responses not in RESPONSE_SOURCES:
         raise DiffdraftError(f"responses must be one of {', '.join(RESPONSE_SOURCES)}, got {responses!r}")
+    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+        raise DiffdraftError(f"the number of prompts must be a positive integer, got {num_prompts!r}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if responses == "sharegpt":
         if prompts is not None:
             raise DiffdraftError("a prompts file has no answers: use it with regenerated responses")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from diffdraft.drafters.block_diffusion import frequent_tokens, load_net, save_drafter, target_signature
+from diffdraft.drafters.block_diffusion import frequent_tokens, load_net, recorded_signature, save_drafter
 from diffdraft.drafters.masked_diffusion import load_masked_net, save_masked_drafter
 from diffdraft.errors import DiffdraftError
 from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
@@ -101,7 +101,7 @@ class BlockDiffusionTask:
         return logits, labels
 
     def export(self, folder: Path, train_data, extra: dict, dtype: torch.dtype) -> None:
-        save_drafter(folder, self.net, self.tap_layers, target_signature(self.target), extra, dtype=dtype,
+        save_drafter(folder, self.net, self.tap_layers, recorded_signature(self.target), extra, dtype=dtype,
                      draft_vocab=_draft_vocab(self.cfg, train_data, self.target))
 
 
@@ -150,7 +150,7 @@ class MaskedDiffusionTask:
         return logits, labels
 
     def export(self, folder: Path, train_data, extra: dict, dtype: torch.dtype) -> None:
-        save_masked_drafter(folder, self.net, target_signature(self.target), extra, dtype=dtype,
+        save_masked_drafter(folder, self.net, recorded_signature(self.target), extra, dtype=dtype,
                             draft_vocab=_draft_vocab(self.cfg, train_data, self.target),
                             denoise={"steps": 1, "order": "left-to-right"}, warmup={"drafter": "ngram", "tokens": 0})
 

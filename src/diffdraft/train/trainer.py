@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from diffdraft.config import TrainConfig
 from diffdraft.errors import DiffdraftError
-from diffdraft.files import atomic_folder
+from diffdraft.files import atomic_folder, output_folder
 from diffdraft.backends.hf import HFTarget
 from diffdraft.target import TargetBackend
 from diffdraft.train.data import Sequence, read_split
@@ -195,14 +195,19 @@ class DrafterTrainer:
 
 
 def train(cfg: TrainConfig, target: TargetBackend | None = None, log=print) -> dict:
-    """Run (or resume) a training run in cfg.out; returns the final evaluation."""
+    """Run (or resume) a training run in cfg.out; returns the final evaluation. A run that fails before
+    writing anything leaves no folder behind."""
+    with output_folder(cfg.out):
+        return _train(cfg, target, log)
+
+
+def _train(cfg: TrainConfig, target: TargetBackend | None, log) -> dict:
     from diffdraft.loading import load_model
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     if target is None:
         model, tokenizer = load_model(cfg.model, dtype="float32")
         model.to(cfg.device)

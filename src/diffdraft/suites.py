@@ -145,7 +145,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DiffdraftError(f"{path} line {n} is not valid JSON: {err.msg}") from err
+                raise DiffdraftError(f"{path} line {n} is not valid JSON: {err.msg} column {err.colno}") from None
             if not isinstance(row, dict):
                 raise DiffdraftError(f"{path} line {n} is not a JSON object")
             rows.append(row)

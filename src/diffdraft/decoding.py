@@ -1,0 +1,116 @@
+"""The decoder interface: token ids in, tokens and Stats out. One interface for the API, the CLI,
+the server and the bench.
+
+A decoder answers one chat-templated prompt (token ids) with up to max_new_tokens tokens
+under a SamplingConfig and a seed, streams the tokens to `on_tokens` as they are decided,
+stops early when `should_stop` returns a reason (a cancelled request, a deadline), and
+reports what it did as a Stats. Two kinds live here: the speculative engine with one drafter
+(or none: plain decoding), and a dLLM target's own blockwise decoding or SimSD. Peers (HF
+transformers, llama.cpp) live in bench.peers behind the same interface. Every decoder names
+its reference: the decoder its speedup and its temperature-0 equality are measured against.
+
+What a decoder holds is loaded once and shared by every request: weights, the drafter, the
+length rule (its calibration carries across requests). What one request needs (the
+generator, the tokens so far) is made by run() and dropped when it returns. The target's
+KV cache and the drafter's context are still one per loaded target, so one decoder runs one
+request at a time. Knows nothing of text, prompt suites or HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.dllm.decode import DLLMResult
+from diffdraft.dllm.runner import DLLMRunner, to_stats
+from diffdraft.drafters.base import Drafter
+from diffdraft.engine import SpeculativeEngine, length_policy
+from diffdraft.stats import Stats
+from diffdraft.target import TargetBackend
+
+PLAIN = "plain"  # the name of the engine's plain decoding, the reference of every speedup and equality
+
+OnTokens = Callable[[list[int]], None]
+ShouldStop = Callable[[], "str | None"]
+
+
+@dataclass
+class DecodeRun:
+    tokens: list[int]  # new tokens, EOS included when it ended the answer
+    stop_reason: str  # "eos", "length", "context", or the reason should_stop gave
+    stats: Stats
+    dllm: DLLMResult | None = None  # a dLLM decoder's own record of the run
+
+
+class Decoder:
+    """One way of decoding: a name, a kind ("engine", "dllm" or "peer") and run()."""
+
+    name: str = "decoder"
+    kind: str = "engine"
+    draft_len: int = 0
+    reference: str = PLAIN  # the decoder this one's speedup and equality are measured against
+
+    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
+            on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None) -> DecodeRun:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What goes into a results file about this decoder."""
+        return {"name": self.name, "kind": self.kind, "draft_len": self.draft_len, "reference": self.reference}
+
+
+class EngineDecoder(Decoder):
+    """diffdraft's SpeculativeEngine with one drafter (or none: plain decoding)."""
+
+    kind = "engine"
+
+    def __init__(self, name: str, target: TargetBackend, drafter: Drafter | None, draft: DraftConfig,
+                 spec: str | None = None):
+        self.name = name
+        self.spec = spec if spec is not None else name
+        self.target = target
+        self.drafter = drafter
+        self.draft = draft
+        self.draft_len = draft.draft_len if drafter is not None else 0
+        # One length rule for every request, built (costs measured) before the first one; its
+        # calibration carries over from prompt to prompt.
+        self.policy = length_policy(target, drafter, draft)
+
+    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
+            on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None) -> DecodeRun:
+        engine = SpeculativeEngine(self.target, self.drafter, draft=self.draft, sampling=sampling, policy=self.policy)
+        result = engine.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, on_tokens=on_tokens,
+                                 should_stop=should_stop)
+        return DecodeRun(tokens=result.tokens, stop_reason=result.stop_reason, stats=result.stats)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "spec": self.spec, "verify": self.draft.verify,
+                "min_confidence": self.draft.min_confidence, "length": self.draft.length,
+                "proposals": self.draft.proposals}
+
+
+class DLLMDecoder(Decoder):
+    """The dLLM target's own decoding (no drafter; its own reference) or SimSD (reference: the former).
+    Tokens stream and should_stop is asked block by block."""
+
+    kind = "dllm"
+
+    def __init__(self, runner: DLLMRunner):
+        self.runner = runner
+        self.name = runner.name
+        self.draft_len = runner.draft_len
+        self.reference = runner.baseline_name
+
+    def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
+            on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None) -> DecodeRun:
+        result = self.runner.run(prompt, max_new_tokens, sampling, seed, on_tokens=on_tokens, should_stop=should_stop)
+        return DecodeRun(tokens=result.tokens, stop_reason=self.runner.stop_reason(result),
+                         stats=to_stats(result, self.draft_len), dllm=result)
+
+    def describe(self) -> dict:
+        net = self.runner.net
+        drafter = self.runner.drafter
+        return {**super().describe(), "block_size": net.block_size, "steps": self.runner.steps,
+                "verify": self.runner.verify if drafter else None,
+                "drafter_layers": drafter.net.num_layers if drafter else None}

@@ -1,0 +1,262 @@
+"""The OpenAI-compatible HTTP app: routes, API key, body limits, streaming, errors.
+
+POST /v1/chat/completions and /v1/completions (streaming by SSE in OpenAI's chunk format,
+ending with `data: [DONE]`), GET /v1/models, /health and /metrics (Prometheus text).
+Every answer other than 200 is OpenAI's error JSON with a status from protocol's rules,
+401 for a wrong API key, 404 for an unknown model or path, 413 for an oversized body, 429
+(with Retry-After) when the queue is full, 500 for a bug; no traceback is ever sent. The
+model is loaded before the app is made; generation runs on the Worker, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import queue
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from diffdraft.config import DraftConfig
+from diffdraft.errors import DiffdraftError
+from diffdraft.prompting import check_fits
+from diffdraft.serve.metrics import Metrics
+from diffdraft.serve.protocol import (FINISH_REASONS, ApiError, GenerationRequest, answer_json, chunk_json,
+                                      diffdraft_block, new_id, parse_body, parse_request, usage, usage_chunk_json)
+from diffdraft.serve.worker import Job, Worker
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
+
+
+class ServerSettings:
+    def __init__(self, model_name: str, api_key: str | None = None, queue_limit: int = 16,
+                 request_timeout_s: float = 600.0, max_body_bytes: int = 1 << 20, default_max_tokens: int = 512):
+        for name, value in (("queue limit", queue_limit), ("max body bytes", max_body_bytes),
+                            ("default max tokens", default_max_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DiffdraftError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(request_timeout_s, (int, float)) and math.isfinite(request_timeout_s)
+                and request_timeout_s > 0):
+            raise DiffdraftError(f"the request timeout must be a positive number of seconds, got {request_timeout_s!r}")
+        self.model_name, self.api_key, self.queue_limit = model_name, api_key, queue_limit
+        self.request_timeout_s, self.max_body_bytes, self.default_max_tokens = (request_timeout_s, max_body_bytes,
+                                                                                default_max_tokens)
+
+
+def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = None) -> FastAPI:
+    """The app over a loaded pipeline (diffdraft.api Pipeline or DLLMPipeline)."""
+    metrics = Metrics()
+    worker = Worker(pipeline, draft, metrics, settings.queue_limit)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.close()
+
+    app = FastAPI(title="diffdraft", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.metrics, app.state.worker = metrics, worker
+    decoder_name = getattr(pipeline, "describe", "diffdraft")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        return _error(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        code = "not_found" if err.status_code == 404 else None
+        message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+        return _error(ApiError(err.status_code, message, code=code))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception):
+        return _error(ApiError(500, "internal server error; see the server's log", type="server_error",
+                               code="internal_error"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name, "queue_depth": metrics.queue_depth}
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _check_key(request, settings)
+        return {"object": "list", "data": [_model_card(settings.model_name)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        _check_key(request, settings)
+        if model_id != settings.model_name:
+            raise _unknown_model(model_id, settings)
+        return _model_card(settings.model_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _complete(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _complete(request, "completion")
+
+    async def _complete(request: Request, kind: str) -> Response:
+        endpoint = request.url.path
+        start = time.monotonic()
+        try:
+            _check_key(request, settings)
+            req = parse_request(parse_body(await _read_body(request, settings.max_body_bytes)), kind)
+            if req.model != settings.model_name:
+                raise _unknown_model(req.model, settings)
+            job = _job(req, start)
+            try:
+                worker.submit(job)
+            except queue.Full:
+                raise ApiError(429, f"the server is busy: {settings.queue_limit} requests are waiting; retry later",
+                               type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(_retry_after(metrics))}) from None
+            kind_, value = await _next_event(job, request)
+            if kind_ == "error":
+                raise value
+            if kind_ == "cancelled":
+                metrics.request(endpoint, 499, time.monotonic() - start)
+                return Response(status_code=499)
+        except ApiError as err:
+            metrics.request(endpoint, err.status, time.monotonic() - start)
+            return _error(err)
+        if req.stream:
+            return StreamingResponse(_stream(job, request, start, endpoint), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _collect(job, request, start, endpoint)
+
+    def _job(req: GenerationRequest, start: float) -> Job:
+        try:
+            ids = pipeline.prompt_ids(req.prompt, chat=req.kind == "chat")
+            room = pipeline.target.max_context - len(ids)
+            max_tokens = req.max_tokens if req.max_tokens is not None else min(settings.default_max_tokens, room)
+            check_fits(pipeline.target, len(ids), max_tokens, param=req.max_tokens_param)
+        except DiffdraftError as err:
+            raise ApiError(400, " ".join(str(err).split()), param=getattr(err, "param", None),
+                           code="context_length_exceeded" if "context" in str(err) else None) from None
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        return Job(request=req, ids=ids, max_tokens=max_tokens, seed=seed,
+                   deadline=start + settings.request_timeout_s, loop=asyncio.get_running_loop())
+
+    async def _collect(job: Job, request: Request, start: float, endpoint: str) -> Response:
+        pieces: list[str] = []
+        while True:
+            kind_, value = await _next_event(job, request)
+            if kind_ == "text":
+                if not pieces:
+                    metrics.first_token(time.monotonic() - start)
+                pieces.append(value)
+            elif kind_ == "error":
+                metrics.request(endpoint, value.status, time.monotonic() - start)
+                return _error(value)
+            elif kind_ == "cancelled":
+                metrics.request(endpoint, 499, time.monotonic() - start)
+                return Response(status_code=499)
+            elif kind_ == "done":
+                answer, reason = value
+                body = answer_json(job.request, new_id(job.request.kind), "".join(pieces), FINISH_REASONS.get(reason,
+                                   "stop"), usage(answer.prompt_tokens, len(answer.tokens)),
+                                   diffdraft_block(answer.stats, reason, decoder_name))
+                metrics.request(endpoint, 200, time.monotonic() - start)
+                return JSONResponse(body)
+
+    async def _stream(job: Job, request: Request, start: float, endpoint: str):
+        rid, created, req = new_id(job.request.kind), int(time.time()), job.request
+        first = True
+        try:
+            if req.kind == "chat":
+                yield _sse(chunk_json(req, rid, created, None, role=True))
+            while True:
+                kind_, value = await job.events.get()
+                if kind_ == "text":
+                    if first:
+                        metrics.first_token(time.monotonic() - start)
+                        first = False
+                    yield _sse(chunk_json(req, rid, created, value))
+                elif kind_ == "error":  # after the 200 went out: the error travels in the stream
+                    metrics.request(endpoint, value.status, time.monotonic() - start)
+                    yield _sse(value.body())
+                    yield "data: [DONE]\n\n"
+                    return
+                elif kind_ == "done":
+                    answer, reason = value
+                    extra = diffdraft_block(answer.stats, reason, decoder_name)
+                    last = chunk_json(req, rid, created, None, finish=FINISH_REASONS.get(reason, "stop"))
+                    yield _sse({**last, "diffdraft": extra})
+                    if req.include_usage:
+                        yield _sse(usage_chunk_json(req, rid, created, usage(answer.prompt_tokens, len(answer.tokens)),
+                                                    extra))
+                    yield "data: [DONE]\n\n"
+                    metrics.request(endpoint, 200, time.monotonic() - start)
+                    return
+        finally:
+            job.cancel.set()  # a client that went away stops its generation at the next step
+
+    return app
+
+
+async def _next_event(job: Job, request: Request) -> tuple[str, object]:
+    """The job's next event; ("cancelled", None) when the client went away meanwhile (the job is
+    cancelled, so the worker drops it or stops it at the next step)."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel.set()
+                return "cancelled", None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 beyond `limit` bytes (by its Content-Length or as it streams in)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
+    return bytes(body)
+
+
+def _check_key(request: Request, settings: ServerSettings) -> None:
+    if settings.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else ""
+    if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
+        raise ApiError(401, "missing or incorrect API key (send it as 'Authorization: Bearer KEY')",
+                       code="invalid_api_key")
+
+
+def _unknown_model(name: str, settings: ServerSettings) -> ApiError:
+    return ApiError(404, f"the model {name!r} does not exist; this server serves {settings.model_name!r}",
+                    param="model", code="model_not_found")
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "diffdraft"}
+
+
+def _retry_after(metrics: Metrics) -> int:
+    """Seconds a refused client should wait: the mean latency so far times the requests ahead."""
+    mean = metrics.latency.total / metrics.latency.count if metrics.latency.count else 1.0
+    return max(1, math.ceil(mean * max(1, metrics.queue_depth)))
+
+
+def _error(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

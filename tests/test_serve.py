@@ -1,0 +1,322 @@
+"""`diffdraft serve` on the tiny model: the official openai client, a bad-request matrix, the queue,
+disconnects, and the dLLM path.
+
+Each server runs in this process on a free loopback port (uvicorn in a thread) over a
+pipeline loaded once per module. Raw requests (invalid JSON, non-UTF-8 bodies) go through
+http.client, which sends bytes exactly as given.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import uvicorn
+
+from diffdraft.api import load, load_dllm_pipeline
+from diffdraft.cli import main
+from diffdraft.config import SamplingConfig
+from diffdraft.serve import ServerSettings, create_app
+
+KEY = "test-key"
+PROMPT = "Tell me about rivers."
+
+
+class Running:
+    """A server on a free loopback port, stopped by close()."""
+
+    def __init__(self, pipeline, **settings):
+        settings.setdefault("model_name", "tiny")
+        self.app = create_app(pipeline, ServerSettings(**settings))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=60)
+
+    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        """(status, headers, parsed JSON or text) of one request sent byte for byte."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            parsed = data.decode("utf-8", "replace")
+        return response.status, dict(response.getheaders()), parsed
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return load(tiny_model_dir, drafter="ngram", threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    running = Running(pipe, api_key=KEY, max_body_bytes=64 * 1024, default_max_tokens=24)
+    yield running
+    running.close()
+
+
+def chat(client, **kw):
+    kw.setdefault("model", "tiny")
+    kw.setdefault("messages", [{"role": "user", "content": PROMPT}])
+    kw.setdefault("max_tokens", 24)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(**kw)
+
+
+def streamed_text(stream) -> tuple[str, list]:
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and hasattr(c.choices[0], "delta"))
+    return text, chunks
+
+
+def test_chat_equals_the_cli_and_streams_the_same_text(server, pipe, capsys, tiny_model_dir):
+    client = server.client()
+    answer = chat(client)
+    text = answer.choices[0].message.content
+    assert main(["generate", PROMPT, "--model", tiny_model_dir, "--drafter", "ngram", "--max-new-tokens", "24",
+                 "--threads", "1"]) == 0
+    assert capsys.readouterr().out == text + "\n"  # the CLI prints the answer, then a line break
+
+    streamed, chunks = streamed_text(chat(client, stream=True, stream_options={"include_usage": True}))
+    assert streamed == text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [answer.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+
+
+def test_usage_counts_and_the_diffdraft_block(server, pipe):
+    answer = chat(server.client())
+    reference = pipe.generate(PROMPT, max_new_tokens=24, sampling=SamplingConfig())
+    assert answer.usage.prompt_tokens == len(pipe.prompt_ids(PROMPT)) == reference.prompt_tokens
+    assert answer.usage.completion_tokens == len(reference.tokens)
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    block = answer.model_extra["diffdraft"]
+    assert sum(block["tokens_per_step"]) + 1 == answer.usage.completion_tokens  # + the prefill's first token
+    assert block["tau"] == pytest.approx(sum(block["tokens_per_step"]) / block["steps"], abs=1e-3)
+
+
+def test_completions_stream_and_not(server, pipe):
+    client = server.client()
+    answer = client.completions.create(model="tiny", prompt="abc", max_tokens=16, temperature=0)
+    reference = pipe.generate("abc", max_new_tokens=16, chat=False)
+    assert answer.choices[0].text == reference.text
+    assert answer.usage.prompt_tokens == len(pipe.prompt_ids("abc", chat=False))
+    stream = client.completions.create(model="tiny", prompt="abc", max_tokens=16, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == reference.text
+
+
+def test_a_seed_reproduces_sampled_text(server):
+    client = server.client()
+    texts = {seed: [chat(client, temperature=1.0, seed=seed).choices[0].message.content for _ in range(2)]
+             for seed in (1, 2, 3)}
+    assert all(a == b for a, b in texts.values())  # same seed, same text
+    assert len({a for a, _ in texts.values()}) > 1  # and the seed matters
+
+
+def test_stop_strings_cut_the_text(server):
+    client = server.client()
+    full = chat(client, max_tokens=24).choices[0].message.content
+    stop = full[6:8]
+    cut = full[: full.index(stop)]
+    for stream in (False, True):
+        if stream:
+            text, chunks = streamed_text(chat(client, stop=[stop, "never-there"], stream=True))
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        else:
+            answer = chat(client, stop=stop)
+            text, finish = answer.choices[0].message.content, [answer.choices[0].finish_reason]
+        assert text == cut and finish == ["stop"]
+
+
+def test_models_health_and_metrics(server):
+    assert [m.id for m in server.client().models.list()] == ["tiny"]
+    status, _, body = server.raw("GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+    chat(server.client())
+    status, headers, text = server.raw("GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    for needle in ('diffdraft_requests_total{endpoint="/v1/chat/completions",status="200"}', "diffdraft_tau ",
+                   'diffdraft_acceptance{position="1"}', "diffdraft_queue_depth 0",
+                   "diffdraft_request_latency_seconds_bucket", "diffdraft_time_to_first_token_seconds_count",
+                   'diffdraft_tokens_total{kind="completion"}'):
+        assert needle in text
+
+
+GOOD = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8, "temperature": 0}
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def body(**changes) -> bytes:
+    data = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in data.items() if v is not ...}).encode()
+
+
+BAD_REQUESTS = [
+    ("invalid JSON", "/v1/chat/completions", b'{"model": "tiny", "messages": [', AUTH, 400, None),
+    ("not an object", "/v1/chat/completions", b"[1, 2]", AUTH, 400, None),
+    ("missing messages", "/v1/chat/completions", body(messages=...), AUTH, 422, "messages"),
+    ("empty messages", "/v1/chat/completions", body(messages=[]), AUTH, 400, "messages"),
+    ("messages of the wrong type", "/v1/chat/completions", body(messages="hello"), AUTH, 422, "messages"),
+    ("temperature as a string", "/v1/chat/completions", body(temperature="0.5"), AUTH, 422, "temperature"),
+    ("max_tokens as a float", "/v1/chat/completions", body(max_tokens=1.5), AUTH, 422, "max_tokens"),
+    ("stream as a string", "/v1/chat/completions", body(stream="yes"), AUTH, 422, "stream"),
+    ("temperature -1", "/v1/chat/completions", body(temperature=-1), AUTH, 400, "temperature"),
+    ("top_p 0", "/v1/chat/completions", body(top_p=0), AUTH, 400, "top_p"),
+    ("max_tokens 0", "/v1/chat/completions", body(max_tokens=0), AUTH, 400, "max_tokens"),
+    ("a huge max_tokens", "/v1/chat/completions", body(max_tokens=10**7), AUTH, 400, "max_tokens"),
+    ("n=2", "/v1/chat/completions", body(n=2), AUTH, 400, "n"),
+    ("five stop strings", "/v1/chat/completions", body(stop=list("abcde")), AUTH, 400, "stop"),
+    ("an unknown model", "/v1/chat/completions", body(model="gpt-9"), AUTH, 404, "model"),
+    ("an unknown role", "/v1/chat/completions", body(messages=[{"role": "wizard", "content": "hi"}]), AUTH, 400,
+     "messages[0].role"),
+    ("an empty prompt", "/v1/chat/completions", body(messages=[{"role": "user", "content": "  "}]), AUTH, 400,
+     "messages"),
+    ("a prompt longer than the context", "/v1/chat/completions",
+     body(messages=[{"role": "user", "content": "word " * 100}]), AUTH, 400, "messages"),
+    ("a wrong API key", "/v1/chat/completions", body(), {"Authorization": "Bearer nope"}, 401, None),
+    ("no API key", "/v1/models", None, {}, 401, None),
+    ("a non-UTF-8 body", "/v1/chat/completions", b'{"model": "tiny", "messages": "\xff\xfe"}', AUTH, 400, None),
+    ("an oversized body", "/v1/chat/completions", body(messages=[{"role": "user", "content": "x" * 70_000}]), AUTH,
+     413, None),
+    ("an empty completion prompt", "/v1/completions",
+     json.dumps({"model": "tiny", "prompt": "", "max_tokens": 4}).encode(), AUTH, 400, "prompt"),
+    ("an unknown path", "/v1/embeddings", body(), AUTH, 404, None),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_get_their_status_and_the_server_goes_on(server, case):
+    _, path, payload, headers, status, param = case
+    got, _, answer = server.raw("POST" if payload is not None else "GET", path, payload, headers)
+    assert got == status, answer
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    ok, _, good = server.raw("POST", "/v1/chat/completions", body(), AUTH)  # served correctly right after
+    assert ok == 200 and good["choices"][0]["message"]["content"] is not None
+
+
+def test_unknown_fields_are_ignored(server):
+    status, _, answer = server.raw("POST", "/v1/chat/completions", body(frequency_penalty=0, user="x", foo=[1]), AUTH)
+    assert status == 200 and answer["usage"]["completion_tokens"] >= 1
+
+
+class GatedPipeline:
+    """The real pipeline, held at a gate before each answer (to fill the queue), slowed per step
+    (so a disconnect lands mid-answer), and recording each answer."""
+
+    def __init__(self, pipe, step_s: float = 0.0):
+        self.pipe, self.target, self.describe = pipe, pipe.target, "gated"
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Semaphore(0)
+        self.step_s, self.answers = step_s, []
+
+    def prompt_ids(self, prompt, chat=True):
+        return self.pipe.prompt_ids(prompt, chat=chat)
+
+    def generate_ids(self, ids, max_new_tokens, sampling, draft, seed, on_text=None, should_stop=None):
+        self.started.release()
+        self.gate.wait()
+
+        def slow_stop():
+            time.sleep(self.step_s)
+            return should_stop()
+
+        answer = self.pipe.generate_ids(ids, max_new_tokens, sampling, draft, seed, on_text=on_text,
+                                        should_stop=slow_stop)
+        self.answers.append(answer)
+        return answer
+
+
+def test_a_full_queue_answers_429_and_loses_nothing(pipe):
+    gated = GatedPipeline(pipe)
+    gated.gate.clear()
+    running = Running(gated, queue_limit=1)
+    try:
+        results = {}
+
+        def send(name):
+            results[name] = running.raw("POST", "/v1/chat/completions", body())
+
+        first = threading.Thread(target=send, args=("running",))
+        first.start()
+        assert gated.started.acquire(timeout=30)  # the worker holds the first request
+        second = threading.Thread(target=send, args=("waiting",))
+        second.start()
+        deadline = time.monotonic() + 30
+        while running.app.state.metrics.queue_depth < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status, headers, answer = running.raw("POST", "/v1/chat/completions", body())  # the queue is full
+        assert status == 429 and answer["error"]["code"] == "queue_full" and int(headers["retry-after"]) >= 1
+        gated.gate.set()
+        first.join(60)
+        second.join(60)
+        assert results["running"][0] == 200 and results["waiting"][0] == 200
+        assert running.raw("POST", "/v1/chat/completions", body())[0] == 200
+    finally:
+        gated.gate.set()
+        running.close()
+
+
+def test_a_disconnect_mid_stream_frees_the_worker(pipe):
+    gated = GatedPipeline(pipe, step_s=0.02)
+    running = Running(gated)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=body(max_tokens=200, stream=True),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.readline().startswith(b"data: ")  # the stream has begun
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()  # the client goes away
+        start = time.monotonic()
+        status, _, answer = running.raw("POST", "/v1/chat/completions", body(max_tokens=4))
+        waited = time.monotonic() - start
+        assert status == 200
+        first = gated.answers[0]
+        assert first.stop_reason == "cancelled" and len(first.tokens) < 200
+        assert waited < 5.0  # 200 steps of 20 ms would take more than 4 s
+    finally:
+        running.close()
+
+
+def test_dllm_serving(tiny_model_dir):
+    dllm = load_dllm_pipeline(tiny_model_dir, dllm="base", drafter_layers=1, block_size=4)
+    running = Running(dllm)
+    try:
+        client = running.client()
+        answer = chat(client, max_tokens=12)
+        assert answer.usage.completion_tokens >= 1
+        assert answer.model_extra["diffdraft"]["decoder"].startswith("simsd")
+        text, _ = streamed_text(chat(client, max_tokens=12, stream=True))
+        assert text == answer.choices[0].message.content
+    finally:
+        running.close()
