@@ -118,12 +118,15 @@ def test_acceptance_metrics_by_hand():
 
 
 # ------------------------------------------------------------------ train / decode consistency
-def trainer_for(target: TargetBackend, tmp_path, steps: int = 4, **overrides):
+def trainer_for(target: TargetBackend, tmp_path, steps: int = 4, kind: str = "block-diffusion", **overrides):
+    """A trainer of the original layout by default; kind="dflash" for DFlash's (mask token 299)."""
     from diffdraft.train.trainer import DrafterTrainer
 
+    if kind == "dflash":
+        overrides.setdefault("mask_token_id", 299)
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), num_layers=1, block_size=G,
                       tap_layers=(1, 2), blocks_per_sequence=3, batch_size=2, steps=steps, lr=3e-3,
-                      warmup_steps=1, amp="float32", **overrides)
+                      warmup_steps=1, amp="float32", kind=kind, **overrides)
     return DrafterTrainer(cfg, target, toy_sequences(target), toy_sequences(target)[:2])
 
 
@@ -139,11 +142,16 @@ def toy_sequences(target: TargetBackend):
     return seqs
 
 
-def test_training_forward_equals_decode_time_drafter(tiny_model, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("kind", ["block-diffusion", "dflash"])
+def test_training_forward_equals_decode_time_drafter(tiny_model, tiny_tokenizer, tmp_path, kind):
     target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
-    trainer = trainer_for(target, tmp_path)
-    with torch.no_grad():
-        trainer.net.mask_embedding.normal_(generator=torch.Generator().manual_seed(9))
+    trainer = trainer_for(target, tmp_path, kind=kind)
+    with torch.no_grad():  # visible MASK input and q/k norms, so a path that skips them changes the output
+        if trainer.net.mask_embedding is not None:
+            trainer.net.mask_embedding.normal_(generator=torch.Generator().manual_seed(9))
+        for name, weight in trainer.net.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
     seq = toy_sequences(target)[4]
     from diffdraft.train.trainer import make_batch
 
@@ -224,8 +232,8 @@ def test_train_command_end_to_end(tiny_model_dir, tmp_path):
     seqs = toy_sequences(target)
     write_shard(tmp_path / "train-00000.safetensors", seqs[:4])
     write_shard(tmp_path / "eval-00000.safetensors", seqs[4:])
-    rc = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--model", tiny_model_dir,
-               "--layers", "1", "--block-size", str(G), "--tap-layers", "1,2", "--blocks", "2", "--batch-size", "2",
+    rc = main(["train", "--kind", "block-diffusion", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+               "--model", tiny_model_dir, "--layers", "1", "--block-size", str(G), "--tap-layers", "1,2", "--blocks", "2", "--batch-size", "2",
                "--steps", "3", "--eval-every", "3", "--save-every", "3", "--amp", "float32"])
     assert rc == 0
     assert (tmp_path / "run" / "log.jsonl").is_file()
@@ -300,7 +308,8 @@ def test_greedy_with_a_drafter_that_is_often_right(tiny_model, tiny_tokenizer, t
     prompts = [tiny_tokenizer(t)["input_ids"] for t in ["abc", "hello", "xyz 1", "Once"]]
     seqs = [Sequence(p + SpeculativeEngine(target, None).generate(p, 30).tokens, len(p)) for p in prompts]
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), num_layers=1, block_size=G, tap_layers=(1, 3),
-                      blocks_per_sequence=8, batch_size=4, steps=60, lr=1e-2, warmup_steps=1, amp="float32")
+                      blocks_per_sequence=8, batch_size=4, steps=60, lr=1e-2, warmup_steps=1, amp="float32",
+                      kind="block-diffusion")
     trainer = DrafterTrainer(cfg, target, seqs, seqs)
     for _ in range(60):
         trainer.train_step()

@@ -141,6 +141,46 @@ def test_cli_generate_on_the_real_model():
     assert "[auto: block-diffusion, g=15]" in stats_lines[0] and "verified lengths" in stats_lines[0], done.stderr
 
 
+def test_serve_answers_like_generate_on_the_real_model(tmp_path):
+    """`diffdraft serve` as a user starts it, asked through the openai client at temperature 0, answers
+    exactly what `diffdraft generate` prints (the same default drafter)."""
+    import socket
+    import time
+    import urllib.request
+
+    import openai
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    prompt = "Name three rivers in Europe."
+    generated = subprocess.run([sys.executable, "-m", "diffdraft.cli", "generate", prompt, "--max-new-tokens", "16",
+                                "--threads", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert generated.returncode == 0, generated.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "diffdraft.cli", "serve", "--port", str(port), "--threads", "1"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        answer = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=16, temperature=0)
+        assert answer.choices[0].message.content + "\n" == generated.stdout
+        assert answer.usage.completion_tokens == 16
+        assert answer.model_extra["diffdraft"]["decoder"] == "auto: block-diffusion"
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def test_lean_verify_forwards_are_bit_identical_on_the_real_model(real_target, prompts):
     """On SmolLM2 in float32 on the CPU, a forward over k tokens computes exactly what k one-token
     forwards do, for every k up to 16, and stays within 1e-3 of the HF path's logits."""

@@ -1,4 +1,4 @@
-"""Command line: `diffdraft generate`, `chat`, `serve`, `bench`, `data`, `train` and `dllm-train`.
+"""Command line: `diffdraft generate`, `chat`, `serve`, `bench`, `data`, `train`, `export` and `dllm-train`.
 
 Thin: parses arguments into the config dataclasses and calls the API. A DiffdraftError
 becomes one line on stderr and exit code 2; nothing else is caught.
@@ -10,8 +10,8 @@ import argparse
 import sys
 
 from diffdraft.backends import BACKENDS
-from diffdraft.config import (BEST_OBJECTIVE, LENGTH_MODES, PROPOSAL_MODES, VERIFY_MODES, DraftConfig,
-                              SamplingConfig)
+from diffdraft.config import (BEST_OBJECTIVE, LENGTH_MODES, PROPOSAL_MODES, TRAINABLE_KINDS, VERIFY_MODES,
+                              DraftConfig, SamplingConfig)
 from diffdraft.drafters import DRAFTER_NAMES
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import DTYPES
@@ -259,12 +259,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, warmup_steps=args.warmup, gamma=None if args.gamma <= 0 else args.gamma,
         eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every, seed=args.seed,
         device=args.device, amp=args.amp, save_dtype=args.save_dtype, draft_vocab=args.draft_vocab,
-        kind=args.kind, init_from=args.init_from, eval_data=args.eval_data,
+        kind=args.kind, mask_token_id=args.mask_token_id, init_from=args.init_from, eval_data=args.eval_data,
         focal_lambda=args.focal_lambda, chain_weight=args.chain_weight,
         align_fraction=args.align_fraction, align_alpha=args.align_alpha, align_max_masked=args.align_max_masked,
     )
     result = train(cfg)
     print(f"drafter written to {args.out}/drafter  (simulated tau {result.get('sim_tau', float('nan')):.3f})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from diffdraft.drafters import SHIPPED_DRAFTER
+    from diffdraft.drafters.dflash import check_dflash_folder, export_dflash
+
+    folder = SHIPPED_DRAFTER if args.drafter == "block-diffusion" else args.drafter
+    config = export_dflash(folder, args.out, dtype=args.dtype)
+    problems = check_dflash_folder(args.out)
+    if problems:  # a bug here, not the user's: say so plainly
+        raise DiffdraftError(f"the exported folder fails the DFlash checks: {problems[0]}")
+    sub = config["dflash_config"]
+    print(f"DFlash drafter written to {args.out}: {config['num_hidden_layers']} layers, block size "
+          f"{config['block_size']}, target_layer_ids {sub['target_layer_ids']}, mask_token_id {sub['mask_token_id']}")
     return 0
 
 
@@ -428,8 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     tr.add_argument("--draft-vocab", type=int, default=0,
                     help="draft only the N most frequent training tokens (cheaper head); 0 = full vocabulary")
-    tr.add_argument("--kind", default="block-diffusion", choices=["block-diffusion", "masked-diffusion"],
-                    help="block-diffusion (reads target features) or masked-diffusion (standalone)")
+    tr.add_argument("--kind", default="dflash", choices=list(TRAINABLE_KINDS),
+                    help="dflash (default: reads target features, DFlash's layout, exportable to vLLM and SGLang), "
+                         "block-diffusion (the original layout: a learned MASK vector, no q/k norms) or "
+                         "masked-diffusion (standalone)")
+    tr.add_argument("--mask-token-id", type=int, default=None,
+                    help="dflash: the target token fed as MASK (default: the tokenizer's mask token, an unused "
+                         "embedding row, or a special token the chat never writes)")
     tr.add_argument("--init-from", default=None, help="a drafter folder of the same kind to start from")
     tr.add_argument("--eval-data", default=None,
                     help="evaluate on this data folder's held-out shards (e.g. regenerated data while training "
@@ -445,6 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     objective.add_argument("--align-alpha", type=float, default=1.01)
     objective.add_argument("--align-max-masked", type=int, default=96)
     tr.set_defaults(func=cmd_train)
+
+    ex = commands.add_parser("export", help="write a drafter in another engine's format (DFlash: vLLM, SGLang)")
+    ex.add_argument("drafter", help="a drafter folder (from `diffdraft train --kind dflash`)")
+    ex.add_argument("--format", default="dflash", choices=["dflash"], help="dflash (default)")
+    ex.add_argument("--out", required=True, help="the folder to write (replaced whole if it exists)")
+    ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="stored weight dtype (default bfloat16, as the engines serve it)")
+    ex.set_defaults(func=cmd_export)
 
     dt = commands.add_parser("dllm-train", help="convert the target into a block-diffusion LM (LoRA), or train a dLLM drafter")
     dt.add_argument("--data", required=True, help="a `diffdraft data` folder")

@@ -15,7 +15,9 @@ from diffdraft.errors import DiffdraftError
 VERIFY_MODES = ("auto", "rejection", "point-mass")
 LENGTH_MODES = ("auto", "fixed")
 PROPOSAL_MODES = ("argmax", "sample")
-TRAINABLE_KINDS = ("block-diffusion", "masked-diffusion")
+# dflash: the block-diffusion drafter in DFlash's layout (q/k norms, a mask token of the target's vocabulary),
+# exportable to vLLM and SGLang (drafters/dflash.py); the default for new drafters.
+TRAINABLE_KINDS = ("dflash", "block-diffusion", "masked-diffusion")
 # The block-diffusion objective terms a run gets unless told otherwise: with positional
 # weighting (gamma 7) the best row of the objective ablation (results/ablation-mtbench).
 BEST_OBJECTIVE = {"focal_lambda": 1.0, "chain_weight": 1.0}
@@ -151,7 +153,8 @@ class TrainConfig:
     amp: str = "auto"  # autocast dtype, "float32" for none; auto: see resolve_amp
     save_dtype: str = "float32"  # dtype of the exported drafter weights
     draft_vocab: int = 0  # >0: the drafter proposes only the N most frequent training tokens
-    kind: str = "block-diffusion"  # or "masked-diffusion": the standalone drafter (no target features)
+    kind: str = "dflash"  # "block-diffusion" (the original layout), or "masked-diffusion" (no target features)
+    mask_token_id: int | None = None  # dflash: the target token used as MASK (None: drafters/dflash.choose_mask_token)
     init_from: str | None = None  # a drafter folder of the same kind to start from (fine-tuning)
     eval_data: str | None = None  # held-out shards from another data folder (default: `data`'s own)
     # Objective pieces (train/objectives.py); None takes the kind's default (BEST_OBJECTIVE).
@@ -172,7 +175,7 @@ class TrainConfig:
             raise DiffdraftError(f"drafter kind must be one of {', '.join(TRAINABLE_KINDS)}, got {self.kind!r}")
         for name, best in BEST_OBJECTIVE.items():
             if getattr(self, name) is None:  # the masked-diffusion objective has no such terms
-                object.__setattr__(self, name, best if self.kind == "block-diffusion" else 0.0)
+                object.__setattr__(self, name, best if self.kind != "masked-diffusion" else 0.0)
         for name in ("focal_lambda", "chain_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.drafters.block_diffusion import BlockDiffusionDrafter, target_signature
 from diffdraft.drafters.checkpoint import is_checkpoint, read_config
+from diffdraft.drafters.dflash import is_dflash_folder
 from diffdraft.drafters.early_exit import EarlyExitDrafter
 from diffdraft.drafters.handoff import HandoffDrafter
 from diffdraft.drafters.masked_diffusion import MaskedDiffusionDrafter, denoise_from_dict
@@ -55,6 +57,10 @@ def required_tap_layers(specs, num_layers: int | None = None) -> tuple[int, ...]
         try:
             base, _ = parse_options(spec)
             folder = SHIPPED_DRAFTER if base in ("block-diffusion", AUTO) else Path(base)
+            if folder.is_dir() and is_dflash_folder(folder):
+                ids = json.loads((folder / "config.json").read_text())["dflash_config"]["target_layer_ids"]
+                layers.update(int(i) + 1 for i in ids)  # DFlash ids count from 0: see drafters/dflash.py
+                continue
             if not (folder.is_dir() and is_checkpoint(folder)):
                 continue
             config = read_config(folder)
@@ -94,9 +100,11 @@ def build_drafter(spec: str, target, early_exit_layers: int = 4) -> Drafter | No
         drafter = EarlyExitDrafter(target, num_layers=early_exit_layers)
     elif spec == "block-diffusion":
         drafter = BlockDiffusionDrafter.load(SHIPPED_DRAFTER, target)
+    elif Path(spec).is_dir() and is_dflash_folder(spec):
+        drafter = BlockDiffusionDrafter.load_dflash(spec, target)
     elif Path(spec).is_dir():
         if not is_checkpoint(spec):
-            raise DiffdraftError(f"{spec} is not a drafter folder (no drafter.json)")
+            raise DiffdraftError(f"{spec} is not a drafter folder (no drafter.json, and no DFlash config.json)")
         config = read_config(spec)
         kind = config["kind"]
         if kind == MaskedDiffusionDrafter.name:

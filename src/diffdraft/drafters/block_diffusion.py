@@ -65,7 +65,7 @@ def check_signature(signature: dict, target, checks=SIGNATURE_CHECKS) -> None:
                 f"drafter does not fit the target {target.name}: it was trained for {trained_for(signature)}; "
                 f"drafter {what} {signature.get(key)}, target {what} {theirs[key]}"
             )
-    if signature.get("tokenizer") != theirs["tokenizer"]:
+    if "tokenizer" in signature and signature["tokenizer"] != theirs["tokenizer"]:  # a foreign DFlash folder has none
         raise DiffdraftError(f"drafter does not fit the target {target.name}: it was trained for "
                              f"{trained_for(signature)}, with a different tokenizer")
 
@@ -110,6 +110,9 @@ class BlockDiffusionDrafter(HeadedDrafter):
         bad = [i for i in self.tap_layers if not 0 <= i <= target.num_layers]
         if bad:
             raise DiffdraftError(f"drafter taps layers {bad}, outside the target's 0..{target.num_layers}")
+        mask_id = self.net.cfg.mask_token_id
+        if mask_id is not None and not 0 <= mask_id < target.vocab_size:
+            raise DiffdraftError(f"drafter mask token {mask_id} is outside the target's vocabulary of {target.vocab_size}")
 
     def cost_id(self) -> str:
         vocab = 0 if self.draft_vocab is None else self.draft_vocab.numel()
@@ -156,7 +159,7 @@ class BlockDiffusionDrafter(HeadedDrafter):
             return Draft.empty()
         device = self.target.device
         known = self.target.embed_tokens(torch.tensor([[tokens[-1]]], device=device))  # [1, 1, D]
-        block = self._fast.block_inputs(known)  # [1, g, D]
+        block = self._fast.block_inputs(known, self._fast.mask_vector(self.target.embed_tokens))  # [1, g, D]
         positions = torch.arange(len(tokens) - 1, len(tokens) - 1 + g, device=device)[None]  # [1, g]
         context = [(k[:, :, : self._ctx_len], v[:, :, : self._ctx_len]) for k, v in zip(self._ctx_k, self._ctx_v)]
         hidden = self._fast(block, positions, context, mask=None)[0, 1 : 1 + count]  # [count, D]
@@ -176,6 +179,14 @@ class BlockDiffusionDrafter(HeadedDrafter):
     def load(cls, folder: str | Path, target) -> "BlockDiffusionDrafter":
         net, tap_layers, signature, config, draft_vocab = load_net(folder)
         return cls(target, net, tap_layers, signature, draft_vocab=draft_vocab)
+
+    @classmethod
+    def load_dflash(cls, folder: str | Path, target) -> "BlockDiffusionDrafter":
+        """A drafter from a DFlash folder (exported here, or trained by SpecForge or z-lab)."""
+        from diffdraft.drafters.dflash import load_dflash
+
+        net, tap_layers, signature = load_dflash(folder)
+        return cls(target, net, tap_layers, signature)
 
 
 def save_drafter(

@@ -35,6 +35,7 @@ class DrafterLayersConfig:
     block_size: int = 16  # g: the known token plus g-1 masked positions
     rope_theta: float = 100000.0
     rms_eps: float = 1e-5
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3, DFlash)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -48,6 +49,14 @@ class DrafterLayersConfig:
 @dataclass(frozen=True)
 class BlockDiffusionConfig(DrafterLayersConfig):
     num_taps: int = 3  # target layers whose hidden states are fused into the context
+    # The block's MASK input: None = a learned vector of the drafter's own; a token id = that row of the
+    # target's (frozen) embedding, as DFlash drafters do and as vLLM and SGLang feed them.
+    mask_token_id: int | None = None
+
+    @property
+    def dflash_layout(self) -> bool:
+        """Whether this network is DFlash's: q/k norms and a mask token of the target's vocabulary."""
+        return self.qk_norm and self.mask_token_id is not None
 
 
 class DrafterLayer(nn.Module):
@@ -64,6 +73,9 @@ class DrafterLayer(nn.Module):
         self.mlp_norm = nn.RMSNorm(d, eps=cfg.rms_eps)
         self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_eps)
 
     def context_kv(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of context features. ctx: [B, C, D] (fused, normed) -> 2 x [B, Hkv, C, hd]."""
@@ -72,9 +84,11 @@ class DrafterLayer(nn.Module):
     def _kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape
         kv = self.kv_proj(x).view(b, n, 2, self.cfg.num_kv_heads, self.cfg.head_dim)
-        k = kv[:, :, 0].transpose(1, 2)  # [B, Hkv, N, hd]
-        v = kv[:, :, 1].transpose(1, 2)
-        return apply_rope(k, cos, sin), v
+        k = kv[:, :, 0]  # [B, N, Hkv, hd]
+        if self.cfg.qk_norm:
+            k = self.k_norm(k)
+        v = kv[:, :, 1].transpose(1, 2)  # [B, Hkv, N, hd]
+        return apply_rope(k.transpose(1, 2), cos, sin), v
 
     def forward(
         self,
@@ -92,8 +106,10 @@ class DrafterLayer(nn.Module):
         b, g, _ = h.shape
         cfg = self.cfg
         x = self.attn_norm(h)
-        q = self.q_proj(x).view(b, g, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, H, G, hd]
-        q = apply_rope(q, cos, sin)
+        q = self.q_proj(x).view(b, g, cfg.num_heads, cfg.head_dim)  # [B, G, H, hd]
+        if cfg.qk_norm:
+            q = self.q_norm(q)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, G, hd]
         k_blk, v_blk = self._kv(x, cos, sin)
         k = torch.cat([ctx_k, k_blk], dim=2)  # [B, Hkv, C+G, hd]
         v = torch.cat([ctx_v, v_blk], dim=2)
@@ -106,7 +122,8 @@ class DrafterLayer(nn.Module):
 def reset_drafter_weights(net: nn.Module, generator: torch.Generator | None, small_residuals: bool) -> None:
     """A drafter network's fresh weights: every linear ~ N(0, 1/D), the MASK embedding ~ N(0, 0.02^2).
 
-    `net` has `cfg` (hidden_size, num_layers), `layers` of DrafterLayer and `mask_embedding`.
+    `net` has `cfg` (hidden_size, num_layers), `layers` of DrafterLayer and `mask_embedding` (None when the
+    mask is a target token). Norm weights stay 1.
     With small_residuals each layer's output projections start 1/sqrt(2n) smaller, for a stack
     trained from scratch; a network whose layers are then copied from the target does not need it.
     """
@@ -118,7 +135,8 @@ def reset_drafter_weights(net: nn.Module, generator: torch.Generator | None, sma
         for layer in net.layers:
             for weight in (layer.o_proj.weight, layer.down.weight):
                 nn.init.normal_(weight, std=std / math.sqrt(2 * net.cfg.num_layers), generator=generator)
-    nn.init.normal_(net.mask_embedding, std=0.02, generator=generator)
+    if net.mask_embedding is not None:
+        nn.init.normal_(net.mask_embedding, std=0.02, generator=generator)
 
 
 class BlockDiffusionNet(nn.Module):
@@ -130,7 +148,7 @@ class BlockDiffusionNet(nn.Module):
         d = cfg.hidden_size
         self.fuse = nn.Linear(cfg.num_taps * d, d, bias=False)
         self.fuse_norm = nn.RMSNorm(d, eps=cfg.rms_eps)
-        self.mask_embedding = nn.Parameter(torch.zeros(d))
+        self.mask_embedding = nn.Parameter(torch.zeros(d)) if cfg.mask_token_id is None else None
         self.layers = nn.ModuleList(DrafterLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.RMSNorm(d, eps=cfg.rms_eps)
         self.reset_parameters()
@@ -148,11 +166,18 @@ class BlockDiffusionNet(nn.Module):
         cos, sin = cos.to(ctx.dtype), sin.to(ctx.dtype)
         return [layer.context_kv(ctx, cos, sin) for layer in self.layers]
 
-    def block_inputs(self, known_embeds: torch.Tensor) -> torch.Tensor:
-        """Block input embeddings: known_embeds [B, nb, D] -> [B, nb*g, D] as [tok, MASK x (g-1)] per block."""
+    def mask_vector(self, embed_tokens: nn.Embedding) -> torch.Tensor:
+        """The MASK input [D]: the learned vector, or the mask token's row of the target's embedding."""
+        if self.mask_embedding is not None:
+            return self.mask_embedding
+        return embed_tokens.weight[self.cfg.mask_token_id]
+
+    def block_inputs(self, known_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Block input embeddings: known_embeds [B, nb, D], mask [D] (mask_vector) -> [B, nb*g, D] as
+        [tok, MASK x (g-1)] per block."""
         b, nb, d = known_embeds.shape
         g = self.cfg.block_size
-        blocks = self.mask_embedding.to(known_embeds.dtype).expand(b, nb, g, d).clone()
+        blocks = mask.to(known_embeds.dtype).expand(b, nb, g, d).clone()
         blocks[:, :, 0] = known_embeds
         return blocks.reshape(b, nb * g, d)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from diffdraft.drafters.block_diffusion import frequent_tokens, load_net, recorded_signature, save_drafter
+from diffdraft.drafters.dflash import choose_mask_token
 from diffdraft.drafters.masked_diffusion import load_masked_net, save_masked_drafter
 from diffdraft.errors import DiffdraftError
 from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
@@ -64,7 +65,7 @@ class BlockDiffusionTask:
         self.cfg, self.target, self.autocast = cfg, target, autocast
         self.tap_layers = tuple(cfg.tap_layers) if cfg.tap_layers else default_tap_layers(target.num_layers)
         net_cfg = BlockDiffusionConfig(num_taps=len(self.tap_layers), num_layers=cfg.num_layers,
-                                       block_size=cfg.block_size, **layer_shape(target))
+                                       block_size=cfg.block_size, **layer_shape(target), **self.layout(cfg, target))
         self.net = BlockDiffusionNet(net_cfg)
         self.net.reset_parameters(torch.Generator().manual_seed(cfg.seed))
         if cfg.init_from:
@@ -74,6 +75,10 @@ class BlockDiffusionTask:
                 raise DiffdraftError(f"cannot start from {cfg.init_from}: it taps layers {taps}, this run {self.tap_layers}")
             self.net.load_state_dict(loaded.state_dict())
         self.module = self.net  # what runs the forward: the net, or its DDP wrapper
+
+    def layout(self, cfg, target) -> dict:
+        """Network options of this kind (the original layout: a learned MASK vector, no q/k norms)."""
+        return {}
 
     def logits_and_labels(self, batch: dict[str, torch.Tensor], generator: torch.Generator, training: bool):
         """-> logits [B, nb, g-1, V], labels [B, nb, g-1]."""
@@ -93,7 +98,7 @@ class BlockDiffusionTask:
             positions = torch.arange(length, device=device)[None].expand(batch_size, length)
             ctx_kv = self.net.context_kv(ctx, positions)
             known = self.target.embed_tokens(tokens.gather(1, anchors))  # [B, nb, D]
-            block = self.net.block_inputs(known.to(ctx.dtype))  # [B, nb*g, D]
+            block = self.net.block_inputs(known.to(ctx.dtype), self.net.mask_vector(self.target.embed_tokens))
             attn_mask = block_attention_mask(anchors, length, g)  # [B, 1, nb*g, L+nb*g]
             hidden = self.module(block, block_positions(anchors, g), ctx_kv, attn_mask)  # [B, nb*g, D]
             hidden = hidden.view(batch_size, nb, g, -1)[:, :, 1:]  # masked slots only
@@ -103,6 +108,23 @@ class BlockDiffusionTask:
     def export(self, folder: Path, train_data, extra: dict, dtype: torch.dtype) -> None:
         save_drafter(folder, self.net, self.tap_layers, recorded_signature(self.target), extra, dtype=dtype,
                      draft_vocab=_draft_vocab(self.cfg, train_data, self.target))
+
+
+class DFlashTask(BlockDiffusionTask):
+    """The block-diffusion drafter in DFlash's layout: q/k norms and a mask token of the target's vocabulary,
+    so that vLLM and SGLang can serve it (drafters/dflash.py). Taps must lie in 1..L-1 (DFlash ids 0..L-2)."""
+
+    kind = "dflash"
+
+    def layout(self, cfg, target) -> dict:
+        bad = [t for t in self.tap_layers if not 1 <= t <= target.num_layers - 1]
+        if bad:
+            raise DiffdraftError(f"a dflash drafter taps layers 1..{target.num_layers - 1} only, got {bad}")
+        mask = cfg.mask_token_id if cfg.mask_token_id is not None else choose_mask_token(target.tokenizer,
+                                                                                          target.vocab_size)
+        if not 0 <= mask < target.vocab_size:
+            raise DiffdraftError(f"mask token id {mask} is outside the target's vocabulary of {target.vocab_size}")
+        return {"qk_norm": True, "mask_token_id": mask}
 
 
 class MaskedDiffusionTask:
@@ -159,4 +181,4 @@ def _draft_vocab(cfg, train_data, target) -> torch.Tensor | None:
     return frequent_tokens(train_data, cfg.draft_vocab, target.vocab_size) if cfg.draft_vocab > 0 else None
 
 
-TASKS = {task.kind: task for task in (BlockDiffusionTask, MaskedDiffusionTask)}
+TASKS = {task.kind: task for task in (DFlashTask, BlockDiffusionTask, MaskedDiffusionTask)}

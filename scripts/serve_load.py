@@ -1,0 +1,184 @@
+"""Load on `diffdraft serve` over loopback: concurrent OpenAI clients, streaming and not, then the same
+with the queue limit forced small. A benchmark that prints figures, not a timed test.
+
+    .venv/bin/python scripts/serve_load.py                      # SmolLM2, 8 clients x 25 requests
+    .venv/bin/python scripts/serve_load.py --model DIR --clients 2 --requests 3 --max-tokens 8
+
+Each run starts `diffdraft serve` as its own process on a free loopback port, waits for
+/health, and sends MT-Bench first turns (cycled) from `--clients` threads, `--requests`
+each, every other request streaming. A 429 is retried after its Retry-After, at most
+`--retries` times; anything else that is not a 200 counts as failed. Reported per run:
+requests served, failed and lost (never answered), 429s seen, p50/p95 latency and time
+to first token (streaming: the first text chunk; otherwise the whole answer), completion
+tokens per second over the run's wall time, and the server's own /metrics figures (tau).
+Run 1 uses the server's default queue; run 2 forces --queue-limit small. Bounded: every
+request has a client timeout, and the whole script a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, queue_limit: int, port: int, log: Path) -> subprocess.Popen:
+    cmd = [str(ROOT / ".venv/bin/diffdraft"), "serve", "--port", str(port), "--queue-limit", str(queue_limit),
+           "--served-model-name", "load", "--log-level", "warning", "--threads", str(args.threads)]
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.drafter:
+        cmd += ["--drafter", args.drafter]
+    server = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with {server.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise SystemExit("the server did not come up in 10 minutes")
+
+
+def prompts() -> list[str]:
+    from diffdraft.suites import load_mtbench
+
+    return [p.turns[0] for p in load_mtbench()]
+
+
+def one_request(client: openai.OpenAI, prompt: str, stream: bool, max_tokens: int, retries: int) -> dict:
+    """Send one chat request, retrying 429s; returns what happened."""
+    seen_429 = 0
+    for _ in range(retries + 1):
+        start = time.monotonic()
+        try:
+            if stream:
+                first, text, usage = None, [], None
+                for chunk in client.chat.completions.create(
+                        model="load", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                        temperature=0, stream=True, stream_options={"include_usage": True}):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        first = first or time.monotonic()
+                        text.append(chunk.choices[0].delta.content)
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                end = time.monotonic()
+                tokens = usage.completion_tokens if usage else 0
+                return {"ok": True, "stream": True, "latency": end - start, "ttft": (first or end) - start,
+                        "tokens": tokens, "429": seen_429}
+            answer = client.chat.completions.create(model="load", messages=[{"role": "user", "content": prompt}],
+                                                    max_tokens=max_tokens, temperature=0)
+            end = time.monotonic()
+            return {"ok": True, "stream": False, "latency": end - start, "ttft": end - start,
+                    "tokens": answer.usage.completion_tokens, "429": seen_429}
+        except openai.RateLimitError as err:
+            seen_429 += 1
+            time.sleep(float(err.response.headers.get("retry-after", "1")))
+        except openai.APIError as err:
+            return {"ok": False, "error": f"{type(err).__name__}: {err}", "429": seen_429}
+    return {"ok": False, "error": f"still 429 after {retries} retries", "429": seen_429}
+
+
+def run_load(args, queue_limit: int, label: str, out: Path) -> dict:
+    port = free_port()
+    server = start_server(args, queue_limit, port, out / f"server-{label}.log")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                               timeout=args.timeout)
+        texts = prompts()
+        results: list[dict] = []
+        lock = threading.Lock()
+
+        def worker(c: int) -> None:
+            for i in range(args.requests):
+                prompt = texts[(c * args.requests + i) % len(texts)]
+                result = one_request(client, prompt, stream=(c + i) % 2 == 0, max_tokens=args.max_tokens,
+                                     retries=args.retries)
+                with lock:
+                    results.append(result)
+
+        start = time.monotonic()
+        threads = [threading.Thread(target=worker, args=(c,)) for c in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.monotonic() - start
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+    finally:
+        server.terminate()
+        server.wait(30)
+    ok = [r for r in results if r["ok"]]
+    sent = args.clients * args.requests
+
+    def pct(values: list[float], q: float) -> float:
+        return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else 0.0)
+
+    tau = next((float(line.split()[1]) for line in metrics.splitlines() if line.startswith("diffdraft_tau ")), 0.0)
+    summary = {
+        "run": label, "queue_limit": queue_limit, "clients": args.clients, "requests_sent": sent,
+        "served": len(ok), "failed": len(results) - len(ok), "lost": sent - len(results),
+        "rejected_429": sum(r["429"] for r in results), "wall_s": round(wall, 2),
+        "latency_p50_s": round(pct([r["latency"] for r in ok], 50), 3),
+        "latency_p95_s": round(pct([r["latency"] for r in ok], 95), 3),
+        "ttft_stream_p50_s": round(pct([r["ttft"] for r in ok if r["stream"]], 50), 3),
+        "ttft_stream_p95_s": round(pct([r["ttft"] for r in ok if r["stream"]], 95), 3),
+        "completion_tokens": sum(r["tokens"] for r in ok),
+        "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2), "server_tau": tau,
+        "errors": sorted({r["error"] for r in results if not r["ok"]})[:5],
+    }
+    (out / f"metrics-{label}.txt").write_text(metrics)
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="default: smollm2")
+    parser.add_argument("--drafter", default=None, help="default: the server's (auto)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=25, help="per client")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--small-queue", type=int, default=2, help="the queue limit of run 2")
+    parser.add_argument("--retries", type=int, default=50, help="429 retries per request")
+    parser.add_argument("--timeout", type=float, default=600.0, help="client timeout per request (s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="server torch threads")
+    parser.add_argument("--out", default="results/serve-load")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [run_load(args, 16, "default-queue", out), run_load(args, args.small_queue, "small-queue", out)]
+    (out / "load.json").write_text(json.dumps({"command": " ".join(sys.argv), "runs": runs}, indent=2) + "\n")
+    for r in runs:
+        print(f"{r['run']:14s} queue {r['queue_limit']:2d}: served {r['served']}/{r['requests_sent']}, failed "
+              f"{r['failed']}, lost {r['lost']}, 429s {r['rejected_429']}; latency p50 {r['latency_p50_s']:.2f} s "
+              f"p95 {r['latency_p95_s']:.2f} s; TTFT (stream) p50 {r['ttft_stream_p50_s']:.2f} s p95 "
+              f"{r['ttft_stream_p95_s']:.2f} s; {r['tokens_per_s']:.1f} tok/s; tau {r['server_tau']:.2f}"
+              + (f"; errors {r['errors']}" if r["errors"] else ""))
+    return 0 if all(r["failed"] == 0 and r["lost"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
