@@ -170,6 +170,48 @@ def test_training_forward_equals_decode_time_drafter(tiny_model, tiny_tokenizer,
         assert torch.allclose(draft.probs, expected, atol=1e-5), f"block {j} at anchor {anchor}"
 
 
+def test_the_distillation_teacher_is_the_targets_next_token_law(tiny_model, tiny_tokenizer, tmp_path):
+    """Slot k of a block at anchor a is the token a+k; its teacher is the target's own logits at a+k-1."""
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
+    trainer = trainer_for(target, tmp_path, kind="dflash", distill_weight=1.0)
+    seq = toy_sequences(target)[4]
+    from diffdraft.train.trainer import make_batch
+
+    batch = make_batch([seq], 64, 0)
+    with torch.no_grad():
+        _, labels, teacher = trainer.task.logits_and_labels(batch, torch.Generator().manual_seed(0), training=False,
+                                                            teacher=True)
+        full = tiny_model(torch.tensor([seq.tokens])).logits[0]  # [L, V]
+    anchors, _ = sample_anchors(batch["lengths"], batch["starts"], 3, torch.Generator().manual_seed(0))
+    for j, anchor in enumerate(anchors[0].tolist()):
+        for k in range(G - 1):
+            if labels[0, j, k] != IGNORE:
+                assert torch.allclose(teacher[0, j, k], full[anchor + k], atol=1e-4), (j, k)
+
+
+def test_distillation_loss_by_hand():
+    from diffdraft.train.losses import distillation_loss
+
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 3, 4, 7, generator=gen)
+    labels = torch.randint(0, 7, (2, 3, 4), generator=gen)
+    labels[0, 0, 2:] = IGNORE
+    weights = positional_weights(4, 7.0)
+    assert float(distillation_loss(teacher * 1.0, teacher, labels, weights)) == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(2, 3, 4, 7, generator=gen)
+    p, log_q = teacher.log_softmax(-1), other.log_softmax(-1)
+    kl = (p.exp() * (p - log_q)).sum(-1)  # [2, 3, 4]
+    w = weights.expand_as(kl) * (labels != IGNORE)
+    assert float(distillation_loss(other, teacher, labels, weights)) == pytest.approx(float((kl * w).sum() / w.sum()))
+
+
+def test_training_with_distillation_lowers_the_loss(tiny_model, tiny_tokenizer, tmp_path):
+    target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
+    trainer = trainer_for(target, tmp_path, steps=12, kind="dflash", distill_weight=1.0)
+    losses = [trainer.train_step() for _ in range(12)]
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
 def test_context_cache_grows_through_observe(tiny_model, tiny_tokenizer):
     """Filling the context cache in pieces (begin + observe) equals filling it at once."""
     target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)

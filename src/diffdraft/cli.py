@@ -262,6 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         kind=args.kind, mask_token_id=args.mask_token_id, init_from=args.init_from, eval_data=args.eval_data,
         focal_lambda=args.focal_lambda, chain_weight=args.chain_weight,
         align_fraction=args.align_fraction, align_alpha=args.align_alpha, align_max_masked=args.align_max_masked,
+        distill_weight=args.distill_weight,
     )
     result = train(cfg)
     print(f"drafter written to {args.out}/drafter  (simulated tau {result.get('sim_tau', float('nan')):.3f})")
@@ -460,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"extra weight on each block's first error (default {best['focal_lambda']:g}; 0 for none)")
     objective.add_argument("--chain-weight", type=float, default=None,
                            help=f"weight of the chain loss (default {best['chain_weight']:g}; 0 for none)")
+    objective.add_argument("--distill-weight", type=float, default=0.0,
+                           help="weight of the KL to the target's full next-token distribution at each slot "
+                                "(soft labels beside the hard ones; default 0)")
     objective.add_argument("--align-fraction", type=float, default=0.0,
                            help="last fraction of the steps run as stage II of the two-stage alignment")
     objective.add_argument("--align-alpha", type=float, default=1.01)

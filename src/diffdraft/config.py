@@ -163,6 +163,7 @@ class TrainConfig:
     align_fraction: float = 0.0  # last fraction of the steps run as stage II of the two-stage alignment
     align_alpha: float = 1.01
     align_max_masked: int = 96
+    distill_weight: float = 0.0  # weight of the KL to the target's full next-token law (soft labels)
 
     def __post_init__(self) -> None:
         if self.block_size < 2 or self.block_size > 64:
@@ -176,7 +177,7 @@ class TrainConfig:
         for name, best in BEST_OBJECTIVE.items():
             if getattr(self, name) is None:  # the masked-diffusion objective has no such terms
                 object.__setattr__(self, name, best if self.kind != "masked-diffusion" else 0.0)
-        for name in ("focal_lambda", "chain_weight"):
+        for name in ("focal_lambda", "chain_weight", "distill_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise DiffdraftError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {value!r}")

@@ -35,6 +35,20 @@ def weighted_block_loss(logits: torch.Tensor, labels: torch.Tensor, weights: tor
     return (nll * w).sum() / w.sum().clamp(min=1e-8)
 
 
+def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                      weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean KL(p || q) of the target's next-token law p (teacher logits) from the drafter's q.
+
+    logits, teacher: [B, nb, g-1, V]; labels: [B, nb, g-1] (only slots with a label count); weights:
+    [g-1] or [B, nb, g-1]. Zero exactly when q = p on every counted slot.
+    """
+    log_q = logits.float().log_softmax(dim=-1)
+    log_p = teacher.float().log_softmax(dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # [B, nb, g-1]
+    w = weights.to(kl.device).expand_as(kl) * (labels != IGNORE)
+    return (kl * w).sum() / w.sum().clamp(min=1e-8)
+
+
 def first_error_weights(logits: torch.Tensor, labels: torch.Tensor, focal_lambda: float) -> torch.Tensor:
     """1 everywhere, 1 + lambda on each block's first scorable slot whose argmax is wrong.
 

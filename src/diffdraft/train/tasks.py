@@ -80,16 +80,22 @@ class BlockDiffusionTask:
         """Network options of this kind (the original layout: a learned MASK vector, no q/k norms)."""
         return {}
 
-    def logits_and_labels(self, batch: dict[str, torch.Tensor], generator: torch.Generator, training: bool):
-        """-> logits [B, nb, g-1, V], labels [B, nb, g-1]."""
+    def logits_and_labels(self, batch: dict[str, torch.Tensor], generator: torch.Generator, training: bool,
+                          teacher: bool = False):
+        """-> logits [B, nb, g-1, V], labels [B, nb, g-1]; with teacher=True also the target's own logits
+        for each slot's token (its next-token law at the position before), [B, nb, g-1, V], no gradient."""
         g, nb = self.cfg.block_size, self.cfg.blocks_per_sequence
         device = self.net.fuse.weight.device
         tokens = batch["tokens"].to(device)  # [B, L]
         lengths, starts = batch["lengths"], batch["starts"]
         batch_size, length = tokens.shape
+        layers = self.tap_layers + ((self.target.num_layers,) if teacher else ())  # the last: final-normed
         with torch.no_grad():
             mask = (torch.arange(length)[None] < lengths[:, None]).long().to(device)
-            taps = self.target.batch_taps(tokens, mask, self.tap_layers)  # [B, L, n_taps*D]
+            taps = self.target.batch_taps(tokens, mask, layers)  # [B, L, n_layers*D]
+            if teacher:
+                width = self.target.hidden_size
+                taps, final = taps[..., :-width], taps[..., -width:]  # [B, L, n_taps*D], [B, L, D]
         anchors, valid = sample_anchors(lengths, starts, nb, generator)  # [B, nb]
         anchors, valid = anchors.to(device), valid.to(device)
         labels = block_labels(tokens, lengths.to(device), anchors, valid, g)  # [B, nb, g-1]
@@ -103,7 +109,13 @@ class BlockDiffusionTask:
             hidden = self.module(block, block_positions(anchors, g), ctx_kv, attn_mask)  # [B, nb*g, D]
             hidden = hidden.view(batch_size, nb, g, -1)[:, :, 1:]  # masked slots only
             logits = self.target.lm_head(hidden.to(self.target.dtype))  # [B, nb, g-1, V]
-        return logits, labels
+        if not teacher:
+            return logits, labels
+        with torch.no_grad():  # slot k (token anchor+k) is predicted by the target at position anchor+k-1
+            where = (anchors[:, :, None] + torch.arange(g - 1, device=device)).clamp(max=length - 1)  # [B, nb, g-1]
+            before = final.gather(1, where.flatten(1)[:, :, None].expand(-1, -1, final.shape[-1]))  # [B, nb*(g-1), D]
+            teacher_logits = self.target.lm_head(before.view(batch_size, nb, g - 1, -1))  # [B, nb, g-1, V]
+        return logits, labels, teacher_logits
 
     def export(self, folder: Path, train_data, extra: dict, dtype: torch.dtype) -> None:
         save_drafter(folder, self.net, self.tap_layers, recorded_signature(self.target), extra, dtype=dtype,

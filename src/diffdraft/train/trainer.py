@@ -98,9 +98,10 @@ class DrafterTrainer:
         self.eval_data = eval_data[: cfg.eval_sequences]
         if not self.train_data:
             raise DiffdraftError("no training sequence has a response of at least 2 tokens")
-        if cfg.kind == "masked-diffusion" and (cfg.focal_lambda or cfg.chain_weight or cfg.align_fraction):
+        if cfg.kind == "masked-diffusion" and (cfg.focal_lambda or cfg.chain_weight or cfg.align_fraction
+                                               or cfg.distill_weight):
             raise DiffdraftError("the masked-diffusion drafter trains with the masked-diffusion objective: "
-                                 "focal, chain and alignment terms assume fully masked blocks")
+                                 "focal, chain, distillation and alignment terms assume fully masked blocks")
         self.task = TASKS[cfg.kind](cfg, target, self._autocast)
         self.net = self.task.net
         self.net.to(self.device)
@@ -131,8 +132,12 @@ class DrafterTrainer:
         self.model.train()
         batch = make_batch([self.train_data[i] for i in self.batch_indices(self.step)], self.cfg.max_len, self.pad_id)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 17 + self.rank)
-        logits, labels = self.task.logits_and_labels(batch, generator, training=True)
-        loss = self.objective.loss(logits, labels, self.objective.stage(self.step, self.cfg.steps), generator)
+        if self.objective.distill_weight:
+            logits, labels, teacher = self.task.logits_and_labels(batch, generator, training=True, teacher=True)
+        else:
+            (logits, labels), teacher = self.task.logits_and_labels(batch, generator, training=True), None
+        loss = self.objective.loss(logits, labels, self.objective.stage(self.step, self.cfg.steps), generator,
+                                   teacher=teacher)
         optimizer_step(loss, self.net, self.optimizer, learning_rate(self.cfg, self.step), self.cfg.grad_clip)
         self.step += 1
         return float(loss.detach())
