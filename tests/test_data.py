@@ -66,3 +66,51 @@ def test_both_response_sources_split_prompts_alike(smol_tokenizer, tmp_path):
     assert all(any(p in text for p in held_out) for text in eval_prompts)
     assert not any(p in text for p in held_out for text in train_prompts)
     assert len(train_prompts) + len(eval_prompts) == sum(1 for _, a in exchanges if a)
+
+
+def test_every_turn_of_a_conversation(monkeypatch, tmp_path):
+    """turns="all": each user turn after the conversation so far; banned or broken conversations dropped."""
+    from diffdraft.train import data
+
+    conversations = [
+        {"conversations": [{"from": "human", "value": "First question?"}, {"from": "gpt", "value": "First answer."},
+                           {"from": "human", "value": "A follow-up?"}, {"from": "gpt", "value": "Second answer."},
+                           {"from": "human", "value": "And a last one?"}]},
+        {"conversations": [{"from": "human", "value": "A banned prompt"}, {"from": "gpt", "value": "x"},
+                           {"from": "human", "value": "Other question"}]},
+        {"conversations": [{"from": "gpt", "value": "starts with the model"}]},
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(conversations))
+    monkeypatch.setattr(data, "sharegpt_file", lambda: path)
+    monkeypatch.setattr(data, "benchmark_prompts", lambda: {"A banned prompt"})
+    assert data.load_sharegpt_exchanges(turns="first") == [("First question?", "First answer.")]
+    every = data.load_sharegpt_exchanges(turns="all")
+    assert every == [
+        ("First question?", "First answer."),
+        ((("user", "First question?"), ("assistant", "First answer."), ("user", "A follow-up?")), "Second answer."),
+        ((("user", "First question?"), ("assistant", "First answer."), ("user", "A follow-up?"),
+          ("assistant", "Second answer."), ("user", "And a last one?")), None),
+    ]
+    with pytest.raises(DiffdraftError, match="turns"):
+        data.load_sharegpt_exchanges(turns="some")
+
+
+def test_a_conversation_stays_on_one_side_of_the_split():
+    from diffdraft.train.data import split_prompts
+
+    prompts = []
+    for c in range(30):
+        first = f"Conversation {c}?"
+        prompts += [first, (("user", first), ("assistant", "ok"), ("user", "more?"))]
+    train, held_out = split_prompts(prompts, 0.2, seed=1)
+    firsts = lambda part: {p if isinstance(p, str) else p[0][1] for p in part}  # noqa: E731
+    assert not firsts(train) & firsts(held_out) and len(train) + len(held_out) == 60 and len(held_out) == 12
+
+
+def test_a_multi_turn_prompt_goes_through_the_chat_template(smol_tokenizer):
+    prompt = (("user", "Name a colour."), ("assistant", "Blue."), ("user", "Another?"))
+    seq = answer_sequence(smol_tokenizer, prompt, "Red.", max_prompt_tokens=256, max_new_tokens=64)
+    text = smol_tokenizer.decode(seq.tokens[: seq.prompt_len])
+    assert text.count("<|im_start|>user") == 2 and "Blue." in text and text.rstrip().endswith("<|im_start|>assistant")
+    assert smol_tokenizer.decode(seq.tokens[seq.prompt_len :]).startswith("Red.")

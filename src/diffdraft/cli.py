@@ -242,7 +242,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         args.out, model, tokenizer, num_prompts=args.num_prompts, temperatures=temperatures,
         eval_fraction=args.eval_fraction, shard_size=args.shard_size, batch_size=args.batch_size,
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        prompts=prompts, responses=args.responses,
+        prompts=prompts, responses=args.responses, turns=args.turns,
     )
     print(f"train: {manifest['train']}  eval: {manifest['eval']}  ->  {args.out}")
     return 0
@@ -412,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--responses", default="regenerate", choices=["regenerate", "sharegpt"],
                       help="regenerate: the target answers (default); sharegpt: ShareGPT's own answers, "
                            "tokenised only (fast, more text, not the target's distribution)")
+    data.add_argument("--turns", default="first", choices=["first", "all"],
+                      help="first: each conversation's first user turn (default); all: every user turn, after the "
+                           "conversation so far (more, longer-context data; a conversation stays on one side of "
+                           "the train/held-out split)")
     data.add_argument("--eval-fraction", type=float, default=0.02)
     data.add_argument("--shard-size", type=int, default=256)
     data.add_argument("--batch-size", type=int, default=32)

@@ -69,26 +69,70 @@ def benchmark_prompts() -> set[str]:
     return texts
 
 
-def load_sharegpt_exchanges(min_chars: int = 8, max_chars: int = 2000) -> list[tuple[str, str | None]]:
-    """Distinct first user turns of ShareGPT with the answer that follows (None if none), benchmark
-    prompts removed, in file order."""
+# A prompt is a user turn (str), or a conversation so far ending with a user turn: a tuple of
+# (role, text) pairs (hashable, so prompts can key dicts and sets).
+Prompt = "str | tuple[tuple[str, str], ...]"
+TURN_CHOICES = ("first", "all")
+
+
+def to_messages(prompt) -> list[dict]:
+    """Chat messages of a prompt (see Prompt)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": role, "content": text} for role, text in prompt]
+
+
+def first_turn(prompt) -> str:
+    """The conversation's first user turn: what keeps its turns together in a split."""
+    return prompt if isinstance(prompt, str) else prompt[0][1]
+
+
+def _conversation_turns(conv: dict) -> list[tuple[str, str]]:
+    """A ShareGPT conversation as (role, text) pairs, from its first human turn, roles alternating."""
+    pairs = []
+    for turn in conv.get("conversations") or []:
+        role = {"human": "user", "gpt": "assistant"}.get(turn.get("from"))
+        text = turn.get("value")
+        if role is None or not isinstance(text, str) or not text.strip():
+            break
+        if (not pairs and role != "user") or (pairs and pairs[-1][0] == role):
+            break
+        pairs.append((role, text.strip()))
+    return pairs
+
+
+def load_sharegpt_exchanges(min_chars: int = 8, max_chars: int = 2000,
+                            turns: str = "first") -> list[tuple[object, str | None]]:
+    """ShareGPT prompts with the answer that follows (None if none), benchmark prompts removed, in file
+    order. turns "first": each conversation's first user turn (a str), distinct; "all": also every later
+    user turn, with the conversation so far as its prompt (a tuple, see Prompt). A conversation whose
+    user turns include a benchmark prompt is dropped whole."""
+    if turns not in TURN_CHOICES:
+        raise DiffdraftError(f"turns must be one of {', '.join(TURN_CHOICES)}, got {turns!r}")
     text = sharegpt_file().read_text(encoding="utf-8")
     banned = benchmark_prompts()
     seen, exchanges = set(), []
     for conv in iter_json_array(text):
-        turns = conv.get("conversations") or []
-        first = next((i for i, t in enumerate(turns) if t.get("from") == "human"), None)
-        prompt = turns[first].get("value", "").strip() if first is not None else ""
-        if min_chars <= len(prompt) <= max_chars and prompt not in seen and prompt not in banned:
-            seen.add(prompt)
-            answer = next((t.get("value") for t in turns[first + 1 :] if t.get("from") == "gpt"), None)
-            exchanges.append((prompt, answer.strip() if isinstance(answer, str) and answer.strip() else None))
+        pairs = _conversation_turns(conv)
+        users = [i for i, (role, _) in enumerate(pairs) if role == "user"]
+        if not users or any(pairs[i][1] in banned for i in users):
+            continue
+        first = pairs[0][1]
+        if not min_chars <= len(first) <= max_chars or first in seen:
+            continue
+        seen.add(first)
+        for n, i in enumerate(users if turns == "all" else users[:1]):
+            if n and not min_chars <= len(pairs[i][1]) <= max_chars:
+                break  # later turns stop at the first that is out of bounds
+            prompt = first if i == 0 else tuple(pairs[: i + 1])
+            answer = pairs[i + 1][1] if i + 1 < len(pairs) else None
+            exchanges.append((prompt, answer))
     return exchanges
 
 
-def load_sharegpt_prompts(min_chars: int = 8, max_chars: int = 2000) -> list[str]:
-    """Distinct first user turns of ShareGPT, benchmark prompts removed, in file order."""
-    return [prompt for prompt, _ in load_sharegpt_exchanges(min_chars, max_chars)]
+def load_sharegpt_prompts(min_chars: int = 8, max_chars: int = 2000, turns: str = "first") -> list:
+    """The prompts of load_sharegpt_exchanges."""
+    return [prompt for prompt, _ in load_sharegpt_exchanges(min_chars, max_chars, turns)]
 
 
 def load_prompts_file(path: str | Path) -> list[str]:
@@ -104,12 +148,16 @@ def load_prompts_file(path: str | Path) -> list[str]:
     return [p for p in prompts if p.strip() not in banned]
 
 
-def split_prompts(prompts: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded shuffle, then (train, held-out)."""
-    order = list(prompts)
+def split_prompts(prompts: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded shuffle of the conversations, then (train, held-out): the turns of one conversation stay
+    on one side. With one turn per conversation this is a shuffle of the prompts."""
+    groups: dict[str, list] = {}
+    for prompt in prompts:
+        groups.setdefault(first_turn(prompt), []).append(prompt)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(len(order) * eval_fraction))
-    return order[n_eval:], order[:n_eval]
+    return [p for g in order[n_eval:] for p in g], [p for g in order[:n_eval] for p in g]
 
 
 # ----- shards -----
@@ -148,24 +196,22 @@ def read_split(folder: Path, split: str) -> list[Sequence]:
 
 
 # ----- responses -----
-def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
-    """A user prompt through the chat template, ready for the answer; an over-long one loses its middle
-    (the template's end, the assistant header, stays)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+def encode_prompt(tokenizer, prompt, max_prompt_tokens: int) -> list[int]:
+    """A prompt (see Prompt) through the chat template, ready for the answer; an over-long one loses its
+    middle (the template's end, the assistant header, stays)."""
+    text = tokenizer.apply_chat_template(to_messages(prompt), tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) > max_prompt_tokens:
         ids = ids[: max_prompt_tokens // 2] + ids[-(max_prompt_tokens - max_prompt_tokens // 2):]
     return ids
 
 
-def answer_sequence(tokenizer, prompt: str, answer: str, max_prompt_tokens: int, max_new_tokens: int) -> Sequence:
-    """A given answer (not the target's) after its prompt, formatted as the chat template writes an
-    assistant turn, cut after its end-of-turn token or at max_new_tokens."""
-    head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    whole = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-                                          tokenize=False)
+def answer_sequence(tokenizer, prompt, answer: str, max_prompt_tokens: int, max_new_tokens: int) -> Sequence:
+    """A given answer (not the target's) after its prompt (see Prompt), formatted as the chat template
+    writes an assistant turn, cut after its end-of-turn token or at max_new_tokens."""
+    messages = to_messages(prompt)
+    head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
     if not whole.startswith(head):
         raise DiffdraftError("the chat template does not write an answer after its generation prompt")
     response = tokenizer(whole[len(head):], add_special_tokens=False)["input_ids"]
@@ -178,7 +224,7 @@ def answer_sequence(tokenizer, prompt: str, answer: str, max_prompt_tokens: int,
 
 @torch.inference_mode()
 def regenerate(
-    model, tokenizer, prompts: list[str], max_prompt_tokens: int, max_new_tokens: int, temperature: float, seed: int
+    model, tokenizer, prompts: list, max_prompt_tokens: int, max_new_tokens: int, temperature: float, seed: int
 ) -> list[Sequence]:
     """The target's own answers to a batch of prompts (left-padded batched generation)."""
     encoded = [encode_prompt(tokenizer, prompt, max_prompt_tokens) for prompt in prompts]
@@ -232,6 +278,7 @@ def _build_dataset(
     prompts: list[str] | None = None,
     responses: str = "regenerate",
     exchanges: list[tuple[str, str]] | None = None,
+    turns: str = "first",
 ) -> dict:
     """Responses for `num_prompts` ShareGPT prompts, in train-/eval- shards under `out`.
 
@@ -251,10 +298,10 @@ def _build_dataset(
     if responses == "sharegpt":
         if prompts is not None:
             raise DiffdraftError("a prompts file has no answers: use it with regenerated responses")
-        exchanges = load_sharegpt_exchanges() if exchanges is None else exchanges
+        exchanges = load_sharegpt_exchanges(turns=turns) if exchanges is None else exchanges
         prompts = [prompt for prompt, _ in exchanges]
     else:
-        prompts = load_sharegpt_prompts() if prompts is None else prompts
+        prompts = load_sharegpt_prompts(turns=turns) if prompts is None else prompts
     if num_prompts > len(prompts):
         raise DiffdraftError(f"asked for {num_prompts} prompts; there are {len(prompts)} usable ones")
     # The split depends on the prompts only, so both response sources put a prompt on the same side.
@@ -284,7 +331,7 @@ def _build_dataset(
             bar.set_postfix(tokens=sum(len(s.tokens) - s.prompt_len for s in sequences))
         write_shard(path, sequences)
     bar.close()
-    manifest = {"num_prompts": num_prompts, "responses": responses,
+    manifest = {"num_prompts": num_prompts, "responses": responses, "turns": turns,
                 "temperatures": list(temperatures) if responses == "regenerate" else None, "eval_fraction": eval_fraction,
                 "shard_size": shard_size, "max_prompt_tokens": max_prompt_tokens, "max_new_tokens": max_new_tokens,
                 "seed": seed}
