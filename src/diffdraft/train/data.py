@@ -87,15 +87,20 @@ def first_turn(prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt[0][1]
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
+                  "bing": "assistant", "assistant": "assistant"}
+
+
 def _conversation_turns(conv: dict) -> list[tuple[str, str]]:
-    """A ShareGPT conversation as (role, text) pairs, from its first human turn, roles alternating."""
+    """A ShareGPT conversation as (role, text) pairs from its first human turn (what comes before, a
+    greeting of the model say, is skipped), up to the first turn that breaks the user/assistant
+    alternation or is empty."""
     pairs = []
     for turn in conv.get("conversations") or []:
-        role = {"human": "user", "gpt": "assistant"}.get(turn.get("from"))
-        text = turn.get("value")
-        if role is None or not isinstance(text, str) or not text.strip():
-            break
-        if (not pairs and role != "user") or (pairs and pairs[-1][0] == role):
+        role, text = SHAREGPT_ROLES.get(turn.get("from")), turn.get("value")
+        if not pairs and role != "user":
+            continue
+        if role is None or not isinstance(text, str) or not text.strip() or (pairs and pairs[-1][0] == role):
             break
         pairs.append((role, text.strip()))
     return pairs
