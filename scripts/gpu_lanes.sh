@@ -7,6 +7,10 @@
 #           drafter, with the default objective (positional + focal + chain); the shipped one
 #           came from this lane started from the first drafter, when focal was not yet a default
 #   lane 4, 5: the issue-7 dLLM conversions (b = 4, 8), each followed by its dLLM drafter
+#   lane 6, 7, 8: issue 15's DFlash drafters of 2, 3 and 5 layers (the depth choice): stage 1 on
+#           ShareGPT's own answers of every turn (lane 6 tokenises them, 7 and 8 wait), stage 2
+#           on the regenerated data, both with the chain loss and distillation; resumable
+#           across leases (finished runs are skipped, unfinished ones resume from checkpoint)
 #
 # The machine has torch and transformers but no gguf, no model and no data. The GGUF travels
 # in three pieces because every call also carries the ~20 MB work tree and a call carries
@@ -15,7 +19,7 @@
 #   call 1:  bash scripts/gpu_lanes.sh part 1               carry .gpu/p1
 #   call 2:  bash scripts/gpu_lanes.sh part 2               carry .gpu/p2
 #   call 3:  bash scripts/gpu_lanes.sh launch 500           carry .gpu/p3: set up, start the lanes, watch
-#            (LANES="4 5" bash scripts/gpu_lanes.sh launch 500: only those lanes)
+#            (lanes 6 7 8 by default; LANES="4 5" bash scripts/gpu_lanes.sh launch 500: only those)
 #       or:  bash scripts/gpu_lanes.sh data [N]             carry .gpu/p3: regenerate N prompts' answers -> $OUT/data.tgz
 #   call 4+: bash scripts/gpu_lanes.sh watch 540            watch; export the runs that finished
 #   here:    bash scripts/gpu_lanes.sh unpack FILES_AT      # exported runs -> runs/gpu/
@@ -69,6 +73,15 @@ lane() {  # lane N: the runs of lane N, one after another
        if [ -f "$W/runs/adapter-b$b/adapter/drafter.json" ]; then
          dllm "drafter-b$b" --block-size "$b" --layers 4 --init-from "$W/runs/adapter-b$b/adapter" --steps 600
        fi ;;
+    6|7|8) local depth=$(( $1 == 6 ? 2 : ( $1 == 7 ? 3 : 5 ) ))
+       local DF="--kind dflash --layers $depth --batch-size 64 --blocks 32 --save-dtype bfloat16 --chain-weight 1 --distill-weight 1 --eval-every 250 --save-every 250"
+       if [ "$1" = 6 ] && [ ! -f "$W/sharegpt-all/manifest.json" ]; then
+         python3 -m diffdraft.cli data --out "$W/sharegpt-all" --model "$GGUF" --responses sharegpt --turns all \
+           --num-prompts 45000 --max-prompt-tokens 384 --max-new-tokens 256 > "$W/logs/sharegpt-all.txt" 2>&1
+       fi
+       while [ ! -f "$W/sharegpt-all/manifest.json" ]; do sleep 10; done
+       bd "df16-l$depth-s1" --data "$W/sharegpt-all" --eval-data "$W/data" $DF --steps 3000 --lr 6e-4 --seed $1
+       bd "df16-l$depth-s2" $D --init-from "$W/runs/df16-l$depth-s1/drafter" $DF --steps 1500 --lr 3e-4 --seed $1 ;;
   esac
   echo "lane $1 done" >> "$W/logs/done"
 }
@@ -144,13 +157,13 @@ case "${1:-}" in
     ;;
   launch)
     mkdir -p "$W/logs" "$W/runs"
-    echo ${LANES:-1 2 3 4 5} | wc -w > "$W/logs/lanes"
+    echo ${LANES:-6 7 8} | wc -w > "$W/logs/lanes"
     setup
     tar xzf .gpu/p3/data.tgz -C "$W"
     [ -f .gpu/p3/sharegpt-answers.tgz ] && tar xzf .gpu/p3/sharegpt-answers.tgz -C "$W"
     tar xzf .gpu/p3/shipped-bd16.tgz -C "$W" && mv "$W/smollm2-bd16" "$W/shipped-bd16"
     python3 -c "from diffdraft.loading import load_model; m, _ = load_model('$GGUF'); print(m.config.num_hidden_layers, 'layers')"
-    for n in ${LANES:-1 2 3 4 5}; do
+    for n in ${LANES:-6 7 8}; do
       setsid nohup bash "$0" lane "$n" > "$W/logs/lane$n.out" 2>&1 < /dev/null &
     done
     watch_lanes "${2:-480}"
