@@ -131,7 +131,7 @@ class _Recording(Drafter):
     """Passes through another drafter and keeps what it was asked and what it drafted."""
 
     def __init__(self, inner: Drafter):
-        self.inner, self.name, self.wants_taps = inner, inner.name, inner.wants_taps
+        self.inner, self.name, self.wants_taps, self.states_q = inner, inner.name, inner.wants_taps, inner.states_q
         self.tokens: list[int] = []
         self.draft = None
 

@@ -284,11 +284,12 @@ class FixedDrafter(Drafter):
 
 
 def test_rejection_mode_needs_a_drafter_with_q(tiny_target):
-    engine = SpeculativeEngine(
-        tiny_target, FixedDrafter(), DraftConfig(draft_len=4, verify="rejection", **FIXED), SamplingConfig(temperature=1.0)
-    )
+    """Refused when the engine is made, before any token: a stream never starts and then fails."""
     with pytest.raises(DiffdraftError, match="rejection"):
-        engine.generate(encode(tiny_target, PROMPTS[1]), max_new_tokens=20)
+        SpeculativeEngine(tiny_target, FixedDrafter(), DraftConfig(draft_len=4, verify="rejection", **FIXED),
+                          SamplingConfig(temperature=1.0))
+    greedy = SpeculativeEngine(tiny_target, FixedDrafter(), DraftConfig(draft_len=4, verify="rejection", **FIXED))
+    assert len(greedy.generate(encode(tiny_target, PROMPTS[1]), max_new_tokens=8).tokens) == 8  # greedy needs no q
 
 
 @pytest.mark.parametrize("drafter_kind", ["early-exit-1", "none"])

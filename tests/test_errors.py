@@ -368,7 +368,8 @@ def test_early_exit_save_load_round_trip(tmp_path, tiny_model, tiny_tokenizer, d
     loaded = EarlyExitDrafter.load(drafter_dir, target)
     assert loaded.num_layers == 2
     config = json.loads((drafter_dir / "drafter.json").read_text())
-    assert config == {"kind": "early-exit", "num_layers": 2, "hidden_size": 64, "vocab_size": 300}
+    assert config == {"kind": "early-exit", "num_layers": 2, "hidden_size": 64, "vocab_size": 300,
+                      "target_name": "model"}
     # the same head as saved (the fixture perturbed it away from the identity)
     from safetensors.torch import load_file
 
