@@ -233,7 +233,8 @@ def test_train_export_and_draft_end_to_end(tiny_model_dir, tmp_path, capsys):
                  str(tmp_path / "exported")]) == 0
     assert "target_layer_ids [0, 2], mask_token_id 299" in capsys.readouterr().out
     assert check_dflash_folder(tmp_path / "exported") == []
-    net, taps, signature = load_dflash(tmp_path / "exported")
+    net, taps, signature, q_scale = load_dflash(tmp_path / "exported")
+    assert q_scale == 1.0
     assert taps == TAPS and net.cfg.dflash_layout and signature["name"] == tiny_model_dir
     assert main(["generate", "hello", "--model", tiny_model_dir, "--drafter", str(tmp_path / "exported"),
                  "--max-new-tokens", "8", "--threads", "1"]) == 0

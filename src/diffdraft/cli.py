@@ -1,4 +1,5 @@
-"""Command line: `diffdraft generate`, `chat`, `serve`, `bench`, `data`, `train`, `export` and `dllm-train`.
+"""Command line: `diffdraft generate`, `chat`, `serve`, `bench`, `data`, `train`, `calibrate`, `export` and
+`dllm-train`.
 
 Thin: parses arguments into the config dataclasses and calls the API. A DiffdraftError
 becomes one line on stderr and exit code 2; nothing else is caught.
@@ -269,6 +270,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from diffdraft.backends import build_target
+    from diffdraft.drafters import BlockDiffusionDrafter, build_drafter, required_tap_layers
+    from diffdraft.drafters.checkpoint import is_checkpoint, update_config
+    from diffdraft.loading import load_model
+    from diffdraft.train.calibrate import calibrate
+    from diffdraft.train.data import read_split
+
+    if not is_checkpoint(args.drafter):
+        raise DiffdraftError(f"{args.drafter} is not a diffdraft drafter folder (calibration is stored in drafter.json)")
+    if args.sequences < 1:
+        raise DiffdraftError(f"--sequences must be at least 1, got {args.sequences}")
+    sequences = read_split(args.data, "eval")[: args.sequences]
+    model, tokenizer = load_model(args.model)
+    taps = required_tap_layers([args.drafter], num_layers=model.config.num_hidden_layers)
+    target = build_target(model, tokenizer, tap_layers=taps, name=args.model or "smollm2")
+    drafter = build_drafter(args.drafter, target)
+    if not isinstance(drafter, BlockDiffusionDrafter):
+        raise DiffdraftError(f"calibration is for block-diffusion drafters, {args.drafter} holds a {drafter.name} one")
+    best, curve = calibrate(drafter, target, sequences, temperature=args.temperature, seed=args.seed)
+    for scale, value in curve.items():
+        print(f"q scale {scale:5.3f}: expected accepted draft tokens per block {value:.4f}"
+              f"{'  <- best' if scale == best else ''}")
+    update_config(args.drafter, {"q_scale": best, "q_scale_curve": {f"{s:.4f}": round(v, 5) for s, v in curve.items()},
+                                 "q_scale_temperature": args.temperature})
+    print(f"q scale {best:.3f} written to {args.drafter} (was {drafter.q_scale:.3f}; 1.0 is uncalibrated)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from diffdraft.drafters import SHIPPED_DRAFTER
     from diffdraft.drafters.dflash import check_dflash_folder, export_dflash
@@ -473,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     objective.add_argument("--align-alpha", type=float, default=1.01)
     objective.add_argument("--align-max-masked", type=int, default=96)
     tr.set_defaults(func=cmd_train)
+
+    cal = commands.add_parser("calibrate", help="fit a block-diffusion drafter's q for sampling on held-out data")
+    cal.add_argument("drafter", help="a drafter folder (the scale is written into its drafter.json)")
+    cal.add_argument("--data", required=True, help="a `diffdraft data` folder: its held-out shards are used")
+    cal.add_argument("--model", default=None, help="target: smollm2 (default), a .gguf file or an HF folder")
+    cal.add_argument("--temperature", type=float, default=1.0, help="the sampling temperature to fit for (default 1)")
+    cal.add_argument("--sequences", type=int, default=64, help="held-out sequences to use (default 64)")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.set_defaults(func=cmd_calibrate)
 
     ex = commands.add_parser("export", help="write a drafter in another engine's format (DFlash: vLLM, SGLang)")
     ex.add_argument("drafter", help="a drafter folder (from `diffdraft train --kind dflash`)")

@@ -82,7 +82,11 @@ class BlockDiffusionDrafter(HeadedDrafter):
         tap_layers: tuple[int, ...],
         signature: dict | None = None,
         draft_vocab: torch.Tensor | None = None,  # [N] target token ids the drafter may propose
+        q_scale: float = 1.0,  # logits are divided by it: the calibration of q for sampling (train/calibrate.py)
     ):
+        if not (isinstance(q_scale, (int, float)) and 0 < q_scale < float("inf")):
+            raise DiffdraftError(f"the drafter's q scale must be a positive number, got {q_scale!r}")
+        self.q_scale = float(q_scale)
         self.target = target
         # Decoding runs a copy whose linears are prepared once for the fastest kernel (the net passed
         # in may still be training); `net` stays the plain network, for saving and inspection.
@@ -115,7 +119,7 @@ class BlockDiffusionDrafter(HeadedDrafter):
             raise DiffdraftError(f"drafter mask token {mask_id} is outside the target's vocabulary of {target.vocab_size}")
 
     def cost_id(self) -> str:
-        vocab = 0 if self.draft_vocab is None else self.draft_vocab.numel()
+        vocab = 0 if self.draft_vocab is None else self.draft_vocab.numel()  # (q_scale costs nothing)
         return f"{KIND}:{self.net.cfg.to_dict()}:vocab={vocab}"
 
     # ----- context cache -----
@@ -146,17 +150,14 @@ class BlockDiffusionDrafter(HeadedDrafter):
 
     # ----- drafting -----
     @torch.inference_mode()
-    def propose(
-        self, tokens: list[int], num_tokens: int, sampling: SamplingConfig, generator: torch.Generator | None
-    ) -> Draft:
+    def slot_logits(self, tokens: list[int], count: int) -> torch.Tensor:
+        """The head's logits for the next `count` slots after `tokens` (the context cache holds all but the
+        last), q_scale applied: [count, N] float32."""
         if self._ctx_len != len(tokens) - 1:
             raise RuntimeError(
                 f"drafter context holds {self._ctx_len} tokens, expected {len(tokens) - 1}: begin/observe were skipped"
             )
         g = self.block_size
-        count = min(num_tokens, g - 1)
-        if count <= 0:
-            return Draft.empty()
         device = self.target.device
         known = self.target.embed_tokens(torch.tensor([[tokens[-1]]], device=device))  # [1, 1, D]
         block = self._fast.block_inputs(known, self._fast.mask_vector(self.target.embed_tokens))  # [1, g, D]
@@ -164,6 +165,16 @@ class BlockDiffusionDrafter(HeadedDrafter):
         context = [(k[:, :, : self._ctx_len], v[:, :, : self._ctx_len]) for k, v in zip(self._ctx_k, self._ctx_v)]
         hidden = self._fast(block, positions, context, mask=None)[0, 1 : 1 + count]  # [count, D]
         logits = self.head.logits(hidden).float()  # [count, N]
+        return logits if self.q_scale == 1.0 else logits / self.q_scale
+
+    @torch.inference_mode()
+    def propose(
+        self, tokens: list[int], num_tokens: int, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> Draft:
+        count = min(num_tokens, self.block_size - 1)
+        if count <= 0:
+            return Draft.empty()
+        logits = self.slot_logits(tokens, count)  # [count, N]
         law = logits_to_probs(logits, sampling)  # [count, N]: each token's exact q
         picked = law.argmax(dim=-1) if sampling.greedy else sample(law, generator)  # [count]
         # [count] how sure the drafter is per slot: its unsharpened top probability (at T=1 with no
@@ -178,15 +189,15 @@ class BlockDiffusionDrafter(HeadedDrafter):
     @classmethod
     def load(cls, folder: str | Path, target) -> "BlockDiffusionDrafter":
         net, tap_layers, signature, config, draft_vocab = load_net(folder)
-        return cls(target, net, tap_layers, signature, draft_vocab=draft_vocab)
+        return cls(target, net, tap_layers, signature, draft_vocab=draft_vocab, q_scale=config.get("q_scale", 1.0))
 
     @classmethod
     def load_dflash(cls, folder: str | Path, target) -> "BlockDiffusionDrafter":
         """A drafter from a DFlash folder (exported here, or trained by SpecForge or z-lab)."""
         from diffdraft.drafters.dflash import load_dflash
 
-        net, tap_layers, signature = load_dflash(folder)
-        return cls(target, net, tap_layers, signature)
+        net, tap_layers, signature, q_scale = load_dflash(folder)
+        return cls(target, net, tap_layers, signature, q_scale=q_scale)
 
 
 def save_drafter(

@@ -30,6 +30,17 @@ def write_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
+def update_config(folder: str | Path, changes: dict) -> dict:
+    """Set keys of a drafter folder's config, rewriting only drafter.json, atomically; returns the config."""
+    config = read_config(folder)
+    config.update(changes)
+    path = Path(folder) / CONFIG_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(path)
+    return config
+
+
 def is_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / CONFIG_FILE).is_file()
 

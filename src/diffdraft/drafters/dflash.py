@@ -98,7 +98,8 @@ def dflash_tensors(net: BlockDiffusionNet) -> dict[str, torch.Tensor]:
     return out
 
 
-def dflash_config(cfg: BlockDiffusionConfig, tap_layers: tuple[int, ...], signature: dict, dtype: str) -> dict:
+def dflash_config(cfg: BlockDiffusionConfig, tap_layers: tuple[int, ...], signature: dict, dtype: str,
+                  q_scale: float = 1.0) -> dict:
     """config.json for a network in DFlash's layout (see the module docstring for the layer ids)."""
     num_target_layers = int(signature["num_layers"])
     ids = [t - 1 for t in tap_layers]
@@ -130,8 +131,9 @@ def dflash_config(cfg: BlockDiffusionConfig, tap_layers: tuple[int, ...], signat
         "num_target_layers": num_target_layers,
         "dflash_config": {"target_layer_ids": ids, "mask_token_id": cfg.mask_token_id, "block_size": cfg.block_size,
                           "num_target_layers": num_target_layers},
-        # Ours, ignored by the engines: what import needs to check the target exactly.
-        "diffdraft": {"target": signature, "tap_layers": list(tap_layers)},
+        # Ours, ignored by the engines: what import needs to check the target exactly, and the calibrated
+        # q scale (the engines sample q unscaled; greedy drafts are the same either way).
+        "diffdraft": {"target": signature, "tap_layers": list(tap_layers), "q_scale": q_scale},
     }
 
 
@@ -141,7 +143,7 @@ def export_dflash(drafter_folder: str | Path, out: str | Path, dtype: str = "bfl
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in dtypes:
         raise DiffdraftError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    net, tap_layers, signature, _, draft_vocab = load_net(drafter_folder)
+    net, tap_layers, signature, source_config, draft_vocab = load_net(drafter_folder)
     cfg = net.cfg
     why = []
     if not cfg.qk_norm:
@@ -158,7 +160,7 @@ def export_dflash(drafter_folder: str | Path, out: str | Path, dtype: str = "bfl
     if why:
         raise DiffdraftError(f"the drafter in {drafter_folder} has no DFlash equivalent: {'; '.join(why)} "
                              "(train one with `diffdraft train --kind dflash`)")
-    config = dflash_config(cfg, tap_layers, signature, dtype)
+    config = dflash_config(cfg, tap_layers, signature, dtype, q_scale=float(source_config.get("q_scale", 1.0)))
     tensors = {k: v.to(dtypes[dtype]).contiguous() for k, v in dflash_tensors(net).items()}
     with atomic_folder(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -294,9 +296,9 @@ def check_dflash_folder(folder: str | Path) -> list[str]:
 
 
 # ----- import -----
-def load_dflash(folder: str | Path) -> tuple[BlockDiffusionNet, tuple[int, ...], dict]:
-    """A DFlash folder as our network: (net, tap layers, target signature). A folder that fails the
-    checks is refused with its first problem."""
+def load_dflash(folder: str | Path) -> tuple[BlockDiffusionNet, tuple[int, ...], dict, float]:
+    """A DFlash folder as our network: (net, tap layers, target signature, q scale). A folder that fails
+    the checks is refused with its first problem."""
     problems = check_dflash_folder(folder)
     if problems:
         raise DiffdraftError(f"{folder} is not a usable DFlash drafter: {problems[0]}")
@@ -329,5 +331,8 @@ def load_dflash(folder: str | Path) -> tuple[BlockDiffusionNet, tuple[int, ...],
     signature = dict(mine.get("target") or {"hidden_size": config["hidden_size"], "vocab_size": config["vocab_size"],
                                              "num_layers": config["num_target_layers"]})
     tap_layers = tuple(i + 1 for i in sub["target_layer_ids"])
-    return net, tap_layers, signature
+    q_scale = mine.get("q_scale", 1.0)
+    if isinstance(q_scale, bool) or not isinstance(q_scale, (int, float)) or not q_scale > 0:
+        raise DiffdraftError(f"{folder}: diffdraft.q_scale must be a positive number, got {q_scale!r}")
+    return net, tap_layers, signature, float(q_scale)
 

@@ -249,9 +249,8 @@ def _model_card(name: str) -> dict:
 
 
 def _retry_after(metrics: Metrics) -> int:
-    """Seconds a refused client should wait: the mean latency so far times the requests ahead."""
-    mean = metrics.latency.total / metrics.latency.count if metrics.latency.count else 1.0
-    return max(1, math.ceil(mean * max(1, metrics.queue_depth)))
+    """Seconds a refused client should wait: the mean generation time so far times the requests ahead."""
+    return max(1, math.ceil(metrics.mean_service_s() * max(1, metrics.queue_depth)))
 
 
 def _error(err: ApiError) -> JSONResponse:

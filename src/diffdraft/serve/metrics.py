@@ -51,6 +51,7 @@ class Metrics:
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttft = Histogram(TTFT_BUCKETS)
         self.queue_depth = 0  # requests waiting or running
+        self.service_s, self.served = 0.0, 0  # generation time on the worker (no waiting), for Retry-After
 
     def request(self, endpoint: str, status: int, latency_s: float | None = None) -> None:
         with self._lock:
@@ -66,12 +67,19 @@ class Metrics:
         with self._lock:
             self.prompt_tokens += prompt_tokens
             self.completion_tokens += stats.new_tokens
+            self.service_s += stats.total_s
+            self.served += 1
             self.steps += stats.steps
             self.emitted += sum(stats.emitted)
             for proposed, accepted in zip(stats.proposed, stats.accepted):
                 for position in range(1, proposed + 1):
                     self.proposed_at[position] += 1
                     self.accepted_at[position] += position <= accepted
+
+    def mean_service_s(self) -> float:
+        """Mean generation time of a request on the worker so far (1 s before the first)."""
+        with self._lock:
+            return self.service_s / self.served if self.served else 1.0
 
     def queue(self, change: int) -> None:
         with self._lock:
