@@ -60,9 +60,6 @@ class _Answering:
         for raw text as a completion prompt. Refuses what prompting refuses."""
         return chat_ids(self.target, prompt) if chat else text_ids(self.target, prompt)
 
-    def chat_ids(self, prompt: str | list[dict]) -> list[int]:
-        return self.prompt_ids(prompt)
-
     def generate(
         self,
         prompt: str | list[dict],

@@ -271,10 +271,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from diffdraft.backends import build_target
-    from diffdraft.drafters import BlockDiffusionDrafter, build_drafter, required_tap_layers
+    from diffdraft.api import load
+    from diffdraft.drafters import BlockDiffusionDrafter
     from diffdraft.drafters.checkpoint import is_checkpoint, update_config
-    from diffdraft.loading import load_model
     from diffdraft.train.calibrate import calibrate
     from diffdraft.train.data import read_split
 
@@ -283,13 +282,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.sequences < 1:
         raise DiffdraftError(f"--sequences must be at least 1, got {args.sequences}")
     sequences = read_split(args.data, "eval")[: args.sequences]
-    model, tokenizer = load_model(args.model)
-    taps = required_tap_layers([args.drafter], num_layers=model.config.num_hidden_layers)
-    target = build_target(model, tokenizer, tap_layers=taps, name=args.model or "smollm2")
-    drafter = build_drafter(args.drafter, target)
+    pipe = load(args.model, drafter=args.drafter)
+    drafter = pipe.drafter
     if not isinstance(drafter, BlockDiffusionDrafter):
         raise DiffdraftError(f"calibration is for block-diffusion drafters, {args.drafter} holds a {drafter.name} one")
-    best, curve = calibrate(drafter, target, sequences, temperature=args.temperature, seed=args.seed)
+    best, curve = calibrate(drafter, pipe.target, sequences, temperature=args.temperature, seed=args.seed)
     for scale, value in curve.items():
         print(f"q scale {scale:5.3f}: expected accepted draft tokens per block {value:.4f}"
               f"{'  <- best' if scale == best else ''}")

@@ -22,6 +22,7 @@ from diffdraft.costs import cost_curve
 from diffdraft.draft_length import LengthPolicy
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
+from diffdraft.prompting import check_started
 from diffdraft.sampling import logits_to_probs, sample
 from diffdraft.stats import Stats
 from diffdraft.target import TargetBackend
@@ -104,12 +105,7 @@ class SpeculativeEngine:
         stop reason."""
         if not prompt:
             raise DiffdraftError("the prompt is empty")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise DiffdraftError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if len(prompt) >= self.target.max_context:
-            raise DiffdraftError(
-                f"the prompt has {len(prompt)} tokens; the model context holds {self.target.max_context}"
-            )
+        check_started(self.target, len(prompt), max_new_tokens)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise DiffdraftError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         generator = torch.Generator().manual_seed(seed)

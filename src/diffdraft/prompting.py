@@ -69,15 +69,24 @@ def text_ids(target: TargetBackend, text: str) -> list[int]:
     return target.encode_text(text)
 
 
-def check_fits(target: TargetBackend, prompt_tokens: int, max_new_tokens: object,
-               param: str = "max_new_tokens") -> int:
-    """max_new_tokens, refused unless it is a positive integer and the prompt plus that many tokens
-    fit the model's context."""
+def check_started(target: TargetBackend, prompt_tokens: int, max_new_tokens: object,
+                  param: str = "max_new_tokens") -> int:
+    """max_new_tokens, refused unless it is a positive integer and the prompt leaves room for a first
+    new token. The engine asks no more: it stops by itself when the context fills."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise RequestError(f"{param} must be a positive integer, got {max_new_tokens!r}", param)
+    if prompt_tokens >= target.max_context:
+        raise RequestError(f"the prompt has {prompt_tokens} tokens; the model context holds {target.max_context}",
+                           "messages")
+    return max_new_tokens
+
+
+def check_fits(target: TargetBackend, prompt_tokens: int, max_new_tokens: object,
+               param: str = "max_new_tokens") -> int:
+    """max_new_tokens, refused unless check_started passes and the prompt plus that many tokens fit
+    the model's context (what a request promises before it runs)."""
+    check_started(target, prompt_tokens, max_new_tokens, param)
     context = target.max_context
-    if prompt_tokens >= context:
-        raise RequestError(f"the prompt has {prompt_tokens} tokens; the model context holds {context}", "messages")
     room = context - prompt_tokens
     if max_new_tokens > room:
         raise RequestError(

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.drafters.block_diffusion import BlockDiffusionDrafter, target_signature
 from diffdraft.drafters.checkpoint import is_checkpoint, read_config
-from diffdraft.drafters.dflash import is_dflash_folder
+from diffdraft.drafters.dflash import folder_tap_layers, is_dflash_folder
 from diffdraft.drafters.early_exit import EarlyExitDrafter
 from diffdraft.drafters.handoff import HandoffDrafter
 from diffdraft.drafters.masked_diffusion import MaskedDiffusionDrafter, denoise_from_dict
@@ -58,8 +57,7 @@ def required_tap_layers(specs, num_layers: int | None = None) -> tuple[int, ...]
             base, _ = parse_options(spec)
             folder = SHIPPED_DRAFTER if base in ("block-diffusion", AUTO) else Path(base)
             if folder.is_dir() and is_dflash_folder(folder):
-                ids = json.loads((folder / "config.json").read_text())["dflash_config"]["target_layer_ids"]
-                layers.update(int(i) + 1 for i in ids)  # DFlash ids count from 0: see drafters/dflash.py
+                layers.update(folder_tap_layers(folder))
                 continue
             if not (folder.is_dir() and is_checkpoint(folder)):
                 continue

@@ -152,7 +152,7 @@ class BlockDiffusionDrafter(HeadedDrafter):
     @torch.inference_mode()
     def slot_logits(self, tokens: list[int], count: int) -> torch.Tensor:
         """The head's logits for the next `count` slots after `tokens` (the context cache holds all but the
-        last), q_scale applied: [count, N] float32."""
+        last), before q_scale: [count, N] float32."""
         if self._ctx_len != len(tokens) - 1:
             raise RuntimeError(
                 f"drafter context holds {self._ctx_len} tokens, expected {len(tokens) - 1}: begin/observe were skipped"
@@ -164,8 +164,7 @@ class BlockDiffusionDrafter(HeadedDrafter):
         positions = torch.arange(len(tokens) - 1, len(tokens) - 1 + g, device=device)[None]  # [1, g]
         context = [(k[:, :, : self._ctx_len], v[:, :, : self._ctx_len]) for k, v in zip(self._ctx_k, self._ctx_v)]
         hidden = self._fast(block, positions, context, mask=None)[0, 1 : 1 + count]  # [count, D]
-        logits = self.head.logits(hidden).float()  # [count, N]
-        return logits if self.q_scale == 1.0 else logits / self.q_scale
+        return self.head.logits(hidden).float()  # [count, N]
 
     @torch.inference_mode()
     def propose(
@@ -175,6 +174,8 @@ class BlockDiffusionDrafter(HeadedDrafter):
         if count <= 0:
             return Draft.empty()
         logits = self.slot_logits(tokens, count)  # [count, N]
+        if self.q_scale != 1.0:
+            logits = logits / self.q_scale
         law = logits_to_probs(logits, sampling)  # [count, N]: each token's exact q
         picked = law.argmax(dim=-1) if sampling.greedy else sample(law, generator)  # [count]
         # [count] how sure the drafter is per slot: its unsharpened top probability (at T=1 with no

@@ -61,6 +61,21 @@ def is_dflash_folder(folder: str | Path) -> bool:
         return False
 
 
+def layer_ids(tap_layers) -> list[int]:
+    """Our tap layers (layers done) as DFlash's target_layer_ids (the layer whose output is tapped)."""
+    return [int(t) - 1 for t in tap_layers]
+
+
+def tap_layers_of(ids) -> tuple[int, ...]:
+    """DFlash's target_layer_ids as our tap layers."""
+    return tuple(int(i) + 1 for i in ids)
+
+
+def folder_tap_layers(folder: str | Path) -> tuple[int, ...]:
+    """The target layers a DFlash folder reads (cheap: its config only, unchecked)."""
+    return tap_layers_of(json.loads((Path(folder) / CONFIG_FILE).read_text())["dflash_config"]["target_layer_ids"])
+
+
 # ----- the mask token -----
 def choose_mask_token(tokenizer, vocab_size: int) -> int:
     """A mask token id for a DFlash drafter of this target: the tokenizer's mask token; else the first
@@ -102,7 +117,7 @@ def dflash_config(cfg: BlockDiffusionConfig, tap_layers: tuple[int, ...], signat
                   q_scale: float = 1.0) -> dict:
     """config.json for a network in DFlash's layout (see the module docstring for the layer ids)."""
     num_target_layers = int(signature["num_layers"])
-    ids = [t - 1 for t in tap_layers]
+    ids = layer_ids(tap_layers)
     return {
         "architectures": [ARCHITECTURE],
         "model_type": "qwen3",
@@ -330,7 +345,7 @@ def load_dflash(folder: str | Path) -> tuple[BlockDiffusionNet, tuple[int, ...],
     mine = config.get("diffdraft") or {}
     signature = dict(mine.get("target") or {"hidden_size": config["hidden_size"], "vocab_size": config["vocab_size"],
                                              "num_layers": config["num_target_layers"]})
-    tap_layers = tuple(i + 1 for i in sub["target_layer_ids"])
+    tap_layers = tap_layers_of(sub["target_layer_ids"])
     q_scale = mine.get("q_scale", 1.0)
     if isinstance(q_scale, bool) or not isinstance(q_scale, (int, float)) or not q_scale > 0:
         raise DiffdraftError(f"{folder}: diffdraft.q_scale must be a positive number, got {q_scale!r}")

@@ -26,8 +26,9 @@ from diffdraft.config import DraftConfig
 from diffdraft.errors import DiffdraftError
 from diffdraft.prompting import check_fits
 from diffdraft.serve.metrics import Metrics
-from diffdraft.serve.protocol import (FINISH_REASONS, ApiError, GenerationRequest, answer_json, chunk_json,
-                                      diffdraft_block, new_id, parse_body, parse_request, usage, usage_chunk_json)
+from diffdraft.serve.protocol import (FINISH_REASONS, ApiError, GenerationRequest, answer_json, bad_request,
+                                      chunk_json, diffdraft_block, new_id, parse_body, parse_request, usage,
+                                      usage_chunk_json)
 from diffdraft.serve.worker import Job, Worker
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
@@ -141,8 +142,7 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
             max_tokens = req.max_tokens if req.max_tokens is not None else min(settings.default_max_tokens, room)
             check_fits(pipeline.target, len(ids), max_tokens, param=req.max_tokens_param)
         except DiffdraftError as err:
-            raise ApiError(400, " ".join(str(err).split()), param=getattr(err, "param", None),
-                           code="context_length_exceeded" if "context" in str(err) else None) from None
+            raise bad_request(err, code="context_length_exceeded" if "context" in str(err) else None) from None
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         return Job(request=req, ids=ids, max_tokens=max_tokens, seed=seed,
                    deadline=start + settings.request_timeout_s, loop=asyncio.get_running_loop())

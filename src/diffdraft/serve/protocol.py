@@ -39,6 +39,12 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def bad_request(err: DiffdraftError, code: str | None = None) -> ApiError:
+    """A user error from the shared checks or the pipeline as a 400 on one line, naming its field
+    where the check said which (prompting.RequestError.param)."""
+    return ApiError(400, " ".join(str(err).split()), param=getattr(err, "param", None), code=code)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 

@@ -22,7 +22,7 @@ from diffdraft.api import Answer
 from diffdraft.config import DraftConfig
 from diffdraft.errors import DiffdraftError
 from diffdraft.serve.metrics import Metrics
-from diffdraft.serve.protocol import ApiError, GenerationRequest
+from diffdraft.serve.protocol import ApiError, GenerationRequest, bad_request
 from diffdraft.serve.stops import StopMatcher
 
 
@@ -99,7 +99,7 @@ class Worker:
             answer: Answer = self.pipeline.generate_ids(job.ids, job.max_tokens, job.request.sampling, self.draft,
                                                         job.seed, on_text=on_text, should_stop=should_stop)
         except DiffdraftError as err:
-            job.emit("error", ApiError(400, " ".join(str(err).split()), param=getattr(err, "param", None)))
+            job.emit("error", bad_request(err))
             return
         except Exception:  # a bug: logged here, never sent to the client
             traceback.print_exc(file=sys.stderr)

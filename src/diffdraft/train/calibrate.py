@@ -31,24 +31,20 @@ def expected_accepted(alpha: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def slot_evidence(drafter: BlockDiffusionDrafter, target, sequences, anchors_per_sequence: int,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """For random anchors a in the answers of `sequences`: the drafter's raw slot logits (q_scale 1) and the
-    target's logits for the same slots given the true prefix. -> [n, g-1, N], [n, g-1, V]."""
+    """For random anchors a in the answers of `sequences`: the drafter's slot logits (before its q_scale) and
+    the target's logits for the same slots given the true prefix. -> [n, g-1, N], [n, g-1, V]."""
     g = drafter.block_size
-    saved, drafter.q_scale = drafter.q_scale, 1.0
     logits, laws = [], []
-    try:
-        for seq in sequences:
-            low, high = max(seq.prompt_len, 1), len(seq.tokens) - g  # a full block of true continuation
-            if high <= low:
-                continue
-            picks = torch.randint(low, high, (anchors_per_sequence,), generator=generator).tolist()
-            for a in sorted(set(picks)):
-                out = target.prefill(torch.tensor([seq.tokens[:a]]), want_taps=drafter.wants_taps)
-                drafter.begin(seq.tokens[:a], out.taps)
-                logits.append(drafter.slot_logits(seq.tokens[: a + 1], g - 1))  # [g-1, N]
-                laws.append(target.forward(torch.tensor([seq.tokens[a : a + g - 1]])).logits[0].float())  # [g-1, V]
-    finally:
-        drafter.q_scale = saved
+    for seq in sequences:
+        low, high = max(seq.prompt_len, 1), len(seq.tokens) - g  # a full block of true continuation
+        if high <= low:
+            continue
+        picks = torch.randint(low, high, (anchors_per_sequence,), generator=generator).tolist()
+        for a in sorted(set(picks)):
+            out = target.prefill(torch.tensor([seq.tokens[:a]]), want_taps=drafter.wants_taps)
+            drafter.begin(seq.tokens[:a], out.taps)
+            logits.append(drafter.slot_logits(seq.tokens[: a + 1], g - 1))  # [g-1, N]
+            laws.append(target.forward(torch.tensor([seq.tokens[a : a + g - 1]])).logits[0].float())  # [g-1, V]
     if not logits:
         raise DiffdraftError(f"no held-out answer is long enough for a block of {g}: calibration needs longer data")
     return torch.stack(logits), torch.stack(laws)

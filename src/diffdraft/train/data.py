@@ -71,12 +71,11 @@ def benchmark_prompts() -> set[str]:
 
 # A prompt is a user turn (str), or a conversation so far ending with a user turn: a tuple of
 # (role, text) pairs (hashable, so prompts can key dicts and sets).
-Prompt = "str | tuple[tuple[str, str], ...]"
 TURN_CHOICES = ("first", "all")
 
 
 def to_messages(prompt) -> list[dict]:
-    """Chat messages of a prompt (see Prompt)."""
+    """Chat messages of a prompt: a user turn (str) or a conversation tuple of (role, text) pairs."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     return [{"role": role, "content": text} for role, text in prompt]
@@ -110,7 +109,7 @@ def load_sharegpt_exchanges(min_chars: int = 8, max_chars: int = 2000,
                             turns: str = "first") -> list[tuple[object, str | None]]:
     """ShareGPT prompts with the answer that follows (None if none), benchmark prompts removed, in file
     order. turns "first": each conversation's first user turn (a str), distinct; "all": also every later
-    user turn, with the conversation so far as its prompt (a tuple, see Prompt). A conversation whose
+    user turn, with the conversation so far as its prompt (a tuple of (role, text) pairs). A conversation whose
     user turns include a benchmark prompt is dropped whole."""
     if turns not in TURN_CHOICES:
         raise DiffdraftError(f"turns must be one of {', '.join(TURN_CHOICES)}, got {turns!r}")
@@ -202,7 +201,7 @@ def read_split(folder: Path, split: str) -> list[Sequence]:
 
 # ----- responses -----
 def encode_prompt(tokenizer, prompt, max_prompt_tokens: int) -> list[int]:
-    """A prompt (see Prompt) through the chat template, ready for the answer; an over-long one loses its
+    """A prompt (see to_messages) through the chat template, ready for the answer; an over-long one loses its
     middle (the template's end, the assistant header, stays)."""
     text = tokenizer.apply_chat_template(to_messages(prompt), tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -212,7 +211,7 @@ def encode_prompt(tokenizer, prompt, max_prompt_tokens: int) -> list[int]:
 
 
 def answer_sequence(tokenizer, prompt, answer: str, max_prompt_tokens: int, max_new_tokens: int) -> Sequence:
-    """A given answer (not the target's) after its prompt (see Prompt), formatted as the chat template
+    """A given answer (not the target's) after its prompt (see to_messages), formatted as the chat template
     writes an assistant turn, cut after its end-of-turn token or at max_new_tokens."""
     messages = to_messages(prompt)
     head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
