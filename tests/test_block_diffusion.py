@@ -386,19 +386,19 @@ def test_reduced_draft_vocabulary(tiny_model, tiny_tokenizer, tmp_path):
         BlockDiffusionDrafter(target, net, (1, 3), draft_vocab=bad)
 
 
-@pytest.mark.parametrize("draft_vocab", [None, [0, 2]])
-def test_sampling_law_through_the_engine(draft_vocab):
+@pytest.mark.parametrize("draft_vocab, sharpness, q_scale", [(None, 30, 1.0), ([0, 2], 30, 1.0), (None, 8, 4.0)])
+def test_sampling_law_through_the_engine(draft_vocab, sharpness, q_scale):
     """T = 1 with rejection sampling (the drafter's q is exact, with the full or a reduced draft
-    vocabulary): the first 3 tokens follow the target's law computed by enumeration
-    (chi-square, alpha 1e-4, N = 600 seeded runs)."""
+    vocabulary, and with a calibrated q scale): the first 3 tokens follow the target's law computed
+    by enumeration (chi-square, alpha 1e-4, N = 600 seeded runs)."""
     from test_engine import LAW_PROMPT, engine_samples, exact_law, make_small_target
 
     target = make_small_target()
     net = tiny_net(target, num_taps=2)
-    with torch.no_grad():  # a confident, often-wrong drafter makes rejections common
-        net.norm.weight.mul_(30)
+    with torch.no_grad():  # a confident, often-wrong drafter makes rejections common; a q scale softens it
+        net.norm.weight.mul_(sharpness)
     vocab = torch.tensor(draft_vocab) if draft_vocab else None
-    drafter = BlockDiffusionDrafter(target, net, (1, 2), draft_vocab=vocab)
+    drafter = BlockDiffusionDrafter(target, net, (1, 2), draft_vocab=vocab, q_scale=q_scale)
     sampling = SamplingConfig(temperature=1.0)
     engine = SpeculativeEngine(target, drafter, DraftConfig(3, **FIXED), sampling)
     samples, accepted = engine_samples(engine, 600)
