@@ -21,10 +21,11 @@ CONTEXT = 20
 
 def k_token_vs_one_token(target, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [1, k, V] (and taps) of one forward over k tokens, and of k one-token forwards, after CONTEXT."""
-    target.prefill(ids[:, :CONTEXT])
-    full = target.forward(ids[:, CONTEXT : CONTEXT + k], want_taps=True)
-    target.crop(CONTEXT)
-    ones = [target.forward(ids[:, CONTEXT + i : CONTEXT + i + 1], want_taps=True) for i in range(k)]
+    state = target.new_state()
+    target.prefill(state, ids[:, :CONTEXT])
+    full = target.forward(state, ids[:, CONTEXT : CONTEXT + k], want_taps=True)
+    target.crop(state, CONTEXT)
+    ones = [target.forward(state, ids[:, CONTEXT + i : CONTEXT + i + 1], want_taps=True) for i in range(k)]
     return (torch.cat([full.logits, full.taps], -1),
             torch.cat([torch.cat([o.logits for o in ones], 1), torch.cat([o.taps for o in ones], 1)], -1))
 
@@ -55,12 +56,13 @@ def test_lean_logits_and_taps_match_the_hf_path(tiny_model, tiny_tokenizer, ids)
     """Stated tolerance: 1e-4 absolute on logits and taps in float32 (seen: ~2e-7 on this model)."""
     taps = (0, 1, 4)  # the embedding, a middle layer and the last (HF's last hidden state is normed)
     lean, hf = LeanLlamaTarget(tiny_model, tiny_tokenizer, taps), HFTarget(tiny_model, tiny_tokenizer, taps)
-    for target in (lean, hf):
-        target.prefill(ids[:, :CONTEXT], want_taps=True)
-    a, b = lean.prefill(ids[:, :CONTEXT], want_taps=True), hf.prefill(ids[:, :CONTEXT], want_taps=True)
+    on_lean, on_hf = lean.new_state(), hf.new_state()
+    for target, state in ((lean, on_lean), (hf, on_hf)):
+        target.prefill(state, ids[:, :CONTEXT], want_taps=True)  # prefilled twice: the second restarts it
+    a, b = lean.prefill(on_lean, ids[:, :CONTEXT], want_taps=True), hf.prefill(on_hf, ids[:, :CONTEXT], want_taps=True)
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
     torch.testing.assert_close(a.taps, b.taps, rtol=0, atol=1e-4)
-    a, b = lean.forward(ids[:, CONTEXT:], want_taps=True), hf.forward(ids[:, CONTEXT:], want_taps=True)
+    a, b = lean.forward(on_lean, ids[:, CONTEXT:], want_taps=True), hf.forward(on_hf, ids[:, CONTEXT:], want_taps=True)
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
     torch.testing.assert_close(a.taps, b.taps, rtol=0, atol=1e-4)
     assert a.logits.shape == (1, MAX_K, lean.vocab_size) and a.taps.shape == (1, MAX_K, 3 * lean.hidden_size)
@@ -70,8 +72,11 @@ def test_a_long_prefill_takes_the_batched_path_and_still_agrees(tiny_model, tiny
     prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(1))
     lean = LeanLlamaTarget(tiny_model, tiny_tokenizer, invariant_rows=8)
     hf = HFTarget(tiny_model, tiny_tokenizer)
-    torch.testing.assert_close(lean.prefill(prompt).logits, hf.prefill(prompt).logits, rtol=0, atol=1e-4)
-    torch.testing.assert_close(lean.forward(prompt[:, :3]).logits, hf.forward(prompt[:, :3]).logits, rtol=0, atol=1e-4)
+    on_lean, on_hf = lean.new_state(), hf.new_state()
+    torch.testing.assert_close(lean.prefill(on_lean, prompt).logits, hf.prefill(on_hf, prompt).logits,
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(lean.forward(on_lean, prompt[:, :3]).logits, hf.forward(on_hf, prompt[:, :3]).logits,
+                               rtol=0, atol=1e-4)
 
 
 def tiny_mistral() -> MistralForCausalLM:
@@ -97,14 +102,15 @@ def test_a_prompt_that_fills_the_cache(tiny_tokenizer, backend):
     model = make_llama(max_positions=32)
     target = build_target(model, tiny_tokenizer, backend=backend)
     full = torch.arange(32)[None] % 200
-    assert target.prefill(full).logits.shape == (1, 1, target.vocab_size)
-    assert target.length == 32
+    state = target.new_state()
+    assert target.prefill(state, full).logits.shape == (1, 1, target.vocab_size)
+    assert state.length == 32
     with pytest.raises(DiffdraftError, match="exceed the model context of 32"):
-        target.forward(full[:, :1])
-    target.crop(30)
-    assert target.forward(full[:, 30:]).logits.shape == (1, 2, target.vocab_size)
+        target.forward(state, full[:, :1])
+    target.crop(state, 30)
+    assert target.forward(state, full[:, 30:]).logits.shape == (1, 2, target.vocab_size)
     with pytest.raises(DiffdraftError, match="exceed"):
-        target.prefill(torch.zeros(1, 33, dtype=torch.long))
+        target.prefill(state, torch.zeros(1, 33, dtype=torch.long))
 
 
 @pytest.mark.parametrize("backend", ["lean", "hf"])
@@ -120,16 +126,19 @@ def test_generation_stops_when_the_context_is_full(tiny_tokenizer, backend):
 
 def test_crop_is_a_change_of_length_and_refuses_growth(tiny_model, tiny_tokenizer, ids):
     target = LeanLlamaTarget(tiny_model, tiny_tokenizer)
-    target.prefill(ids[:, :10])
-    before = target.forward(ids[:, 10:12]).logits
-    target.crop(10)
-    assert target.length == 10
-    assert torch.equal(target.forward(ids[:, 10:12]).logits, before)  # the rewritten slots read alike
+    state = target.new_state()
+    target.prefill(state, ids[:, :10])
+    before = target.forward(state, ids[:, 10:12]).logits
+    target.crop(state, 10)
+    assert state.length == 10
+    assert torch.equal(target.forward(state, ids[:, 10:12]).logits, before)  # the rewritten slots read alike
     with pytest.raises(ValueError):
-        target.crop(13)
-    target.crop(0)
+        target.crop(state, 13)
+    target.crop(state, 0)
     with pytest.raises(RuntimeError, match="prefill"):
-        LeanLlamaTarget(tiny_model, tiny_tokenizer).forward(ids[:, :1])
+        target.forward(target.new_state(), ids[:, :1])
+    with pytest.raises(ValueError, match="another target"):
+        LeanLlamaTarget(tiny_model, tiny_tokenizer).forward(state, ids[:, :1])
 
 
 def test_cache_size_caps_the_context(tiny_model, tiny_tokenizer):

@@ -163,9 +163,10 @@ def test_training_forward_equals_decode_time_drafter(tiny_model, tiny_tokenizer,
     drafter = BlockDiffusionDrafter(target, trainer.net, trainer.task.tap_layers)
     for j, anchor in enumerate(anchors[0].tolist()):
         prefix = seq.tokens[: anchor + 1]  # context = tokens before the anchor; the anchor is the known token
-        out = target.prefill(torch.tensor([prefix[:-1]]), want_taps=True)
-        drafter.begin(prefix[:-1], out.taps)
-        draft = drafter.propose(prefix, G - 1, SamplingConfig(temperature=1.0), torch.Generator().manual_seed(0))
+        out = target.prefill(target.new_state(), torch.tensor([prefix[:-1]]), want_taps=True)
+        state = drafter.new_state()
+        drafter.begin(state, prefix[:-1], out.taps)
+        draft = drafter.propose(state, prefix, G - 1, SamplingConfig(temperature=1.0), torch.Generator().manual_seed(0))
         expected = torch.softmax(logits[0, j].float(), dim=-1)  # [G-1, V]
         assert torch.allclose(draft.probs, expected, atol=1e-5), f"block {j} at anchor {anchor}"
 
@@ -217,15 +218,17 @@ def test_context_cache_grows_through_observe(tiny_model, tiny_tokenizer):
     target = build_target(tiny_model, tiny_tokenizer, tap_layers=TAPS)
     net = tiny_net(target, num_taps=2)
     tokens = list(range(40, 60))
-    one = BlockDiffusionDrafter(target, net, (1, 3))
-    out = target.prefill(torch.tensor([tokens[:-1]]), want_taps=True)
-    one.begin(tokens[:-1], out.taps)
-    whole = one.propose(tokens, G - 1, SamplingConfig(temperature=1.0), None).probs
-    pieces = BlockDiffusionDrafter(target, net, (1, 3))
-    pieces.begin(tokens[:8], out.taps[:, :8])
-    pieces.observe(out.taps[:, 8:13])
-    pieces.observe(out.taps[:, 13:])
-    assert torch.allclose(pieces.propose(tokens, G - 1, SamplingConfig(temperature=1.0), None).probs, whole, atol=1e-6)
+    drafter = BlockDiffusionDrafter(target, net, (1, 3))
+    out = target.prefill(target.new_state(), torch.tensor([tokens[:-1]]), want_taps=True)
+    one = drafter.new_state()
+    drafter.begin(one, tokens[:-1], out.taps)
+    whole = drafter.propose(one, tokens, G - 1, SamplingConfig(temperature=1.0), None).probs
+    pieces = drafter.new_state()
+    drafter.begin(pieces, tokens[:8], out.taps[:, :8])
+    drafter.observe(pieces, out.taps[:, 8:13])
+    drafter.observe(pieces, out.taps[:, 13:])
+    assert torch.allclose(drafter.propose(pieces, tokens, G - 1, SamplingConfig(temperature=1.0), None).probs, whole,
+                          atol=1e-6)
 
 
 # ------------------------------------------------------------------ training
@@ -370,9 +373,10 @@ def test_reduced_draft_vocabulary(tiny_model, tiny_tokenizer, tmp_path):
     net = tiny_net(target, num_taps=2)
     drafter = BlockDiffusionDrafter(target, net, (1, 3), draft_vocab=vocab)
     prompt = tiny_tokenizer("abcabc")["input_ids"]
-    out = target.prefill(torch.tensor([prompt[:-1]]), want_taps=True)
-    drafter.begin(prompt[:-1], out.taps)
-    draft = drafter.propose(prompt, G - 1, SamplingConfig(temperature=1.0), torch.Generator().manual_seed(0))
+    out = target.prefill(target.new_state(), torch.tensor([prompt[:-1]]), want_taps=True)
+    state = drafter.new_state()
+    drafter.begin(state, prompt[:-1], out.taps)
+    draft = drafter.propose(state, prompt, G - 1, SamplingConfig(temperature=1.0), torch.Generator().manual_seed(0))
     assert set(draft.tokens.tolist()) <= set(vocab.tolist())
     outside = torch.ones(target.vocab_size, dtype=torch.bool)
     outside[vocab] = False

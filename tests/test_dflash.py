@@ -93,9 +93,10 @@ def test_split_then_fused_weights_are_the_same_numbers(target):
 
 
 def drafts(drafter, target, tokens, sampling, seed):
-    out = target.prefill(torch.tensor([tokens[:-1]]), want_taps=True)
-    drafter.begin(tokens[:-1], out.taps)
-    return drafter.propose(tokens, G - 1, sampling, torch.Generator().manual_seed(seed))
+    out = target.prefill(target.new_state(), torch.tensor([tokens[:-1]]), want_taps=True)
+    state = drafter.new_state()
+    drafter.begin(state, tokens[:-1], out.taps)
+    return drafter.propose(state, tokens, G - 1, sampling, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -58,8 +58,8 @@ class CutOnDrawnToken(BlockDiffusionDrafter):
     """Negative control: reports the drawn token's own probability as its confidence, so the cut
     depends on the value drawn and the kept tokens no longer follow q."""
 
-    def propose(self, tokens, num_tokens, sampling, generator):
-        draft = super().propose(tokens, num_tokens, sampling, generator)
+    def propose(self, state, tokens, num_tokens, sampling, generator):
+        draft = super().propose(state, tokens, num_tokens, sampling, generator)
         drawn = draft.probs.gather(1, draft.tokens[:, None]).squeeze(1)
         return Draft(tokens=draft.tokens, probs=draft.probs, confidence=drawn)
 

@@ -135,14 +135,17 @@ class _Recording(Drafter):
         self.tokens: list[int] = []
         self.draft = None
 
-    def begin(self, prompt, taps):
-        self.inner.begin(prompt, taps)
+    def new_state(self):
+        return self.inner.new_state()
 
-    def observe(self, taps):
-        self.inner.observe(taps)
+    def begin(self, state, prompt, taps):
+        self.inner.begin(state, prompt, taps)
 
-    def propose(self, tokens, num_tokens, sampling, generator):
-        self.tokens, self.draft = list(tokens), self.inner.propose(tokens, num_tokens, sampling, generator)
+    def observe(self, state, taps):
+        self.inner.observe(state, taps)
+
+    def propose(self, state, tokens, num_tokens, sampling, generator):
+        self.tokens, self.draft = list(tokens), self.inner.propose(state, tokens, num_tokens, sampling, generator)
         return self.draft
 
 

@@ -72,7 +72,7 @@ class ScriptedDrafter(Drafter):
         self.calls = 0
         self.expected_accepts: list[int] = []
 
-    def propose(self, tokens, num_tokens, sampling, generator) -> Draft:
+    def propose(self, state, tokens, num_tokens, sampling, generator) -> Draft:
         n = len(tokens)
         assert tokens == self.reference[:n], "the engine's sequence left the greedy path"
         continuation = list(self.reference[n : n + num_tokens])
@@ -126,7 +126,8 @@ GREEDY_CASES = [(kind, g) for kind in DRAFTERS for g in (1, 4)] + [
 def test_greedy_matches_plain_decoding(tiny_target, kind, draft_len):
     forwards = []
     real_forward = tiny_target.forward
-    tiny_target.forward = lambda ids, want_taps=False: forwards.append(ids.shape[1]) or real_forward(ids, want_taps)
+    tiny_target.forward = lambda state, ids, want_taps=False: (forwards.append(ids.shape[1])
+                                                               or real_forward(state, ids, want_taps))
     totals = [0, 0]  # accepted, proposed over all prompts
     for text in PROMPTS:
         prompt = encode(tiny_target, text)
@@ -279,7 +280,7 @@ class FixedDrafter(Drafter):
 
     name = "fixed"
 
-    def propose(self, tokens, num_tokens, sampling, generator) -> Draft:
+    def propose(self, state, tokens, num_tokens, sampling, generator) -> Draft:
         return Draft(tokens=torch.full((num_tokens,), 7, dtype=torch.long), probs=None)
 
 
@@ -307,40 +308,44 @@ def test_rejection_mode_with_empty_draft(tiny_target, drafter_kind):
 # ---------------------------------------------------------------------------------- the target
 def test_crop_then_refeed_equals_fresh_prefill(tiny_target):
     prompt = encode(tiny_target, PROMPTS[0])
-    tiny_target.prefill(torch.tensor([prompt]))
-    tiny_target.forward(torch.tensor([[10, 11, 12, 13, 14]]))
-    assert tiny_target.length == len(prompt) + 5
-    tiny_target.crop(len(prompt) + 2)
-    assert tiny_target.length == len(prompt) + 2
-    after_crop = tiny_target.forward(torch.tensor([[20, 21, 22]])).logits[0]  # [3, V]
+    state = tiny_target.new_state()
+    tiny_target.prefill(state, torch.tensor([prompt]))
+    tiny_target.forward(state, torch.tensor([[10, 11, 12, 13, 14]]))
+    assert state.length == len(prompt) + 5
+    tiny_target.crop(state, len(prompt) + 2)
+    assert state.length == len(prompt) + 2
+    after_crop = tiny_target.forward(state, torch.tensor([[20, 21, 22]])).logits[0]  # [3, V]
 
-    fresh = build_target(tiny_target.module, tiny_target.tokenizer)
-    fresh.prefill(torch.tensor([prompt]))
-    full = fresh.forward(torch.tensor([[10, 11, 20, 21, 22]])).logits[0, -3:]
+    fresh = tiny_target.new_state()
+    tiny_target.prefill(fresh, torch.tensor([prompt]))
+    full = tiny_target.forward(fresh, torch.tensor([[10, 11, 20, 21, 22]])).logits[0, -3:]
     torch.testing.assert_close(after_crop, full, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(after_crop[0], fresh.prefill(torch.tensor([prompt + [10, 11, 12]])).logits[0, -1])
+    again = tiny_target.prefill(fresh, torch.tensor([prompt + [10, 11, 12]])).logits[0, -1]
+    assert not torch.allclose(after_crop[0], again)
 
 
 def test_crop_to_zero_and_limits(tiny_target):
     prompt = encode(tiny_target, PROMPTS[2])
-    first = tiny_target.prefill(torch.tensor([prompt])).logits
-    tiny_target.crop(tiny_target.length)  # no-op
-    assert tiny_target.length == len(prompt)
-    tiny_target.crop(0)
-    again = tiny_target.forward(torch.tensor([prompt])).logits
+    state = tiny_target.new_state()
+    first = tiny_target.prefill(state, torch.tensor([prompt])).logits
+    tiny_target.crop(state, state.length)  # no-op
+    assert state.length == len(prompt)
+    tiny_target.crop(state, 0)
+    again = tiny_target.forward(state, torch.tensor([prompt])).logits
     assert first.shape == (1, 1, tiny_target.vocab_size)  # a prefill returns the last position's logits only
     torch.testing.assert_close(first, again[:, -1:], rtol=1e-4, atol=1e-4)
     for bad in (-1, len(prompt) + 1):
         with pytest.raises(ValueError):
-            tiny_target.crop(bad)
+            tiny_target.crop(state, bad)
     with pytest.raises(DiffdraftError):
-        tiny_target.forward(torch.zeros(1, tiny_target.max_context, dtype=torch.long))
+        tiny_target.forward(state, torch.zeros(1, tiny_target.max_context, dtype=torch.long))
 
 
 def test_taps_are_hidden_states_of_the_tap_layers(tiny_target):
     prompt = encode(tiny_target, PROMPTS[0])
-    out = tiny_target.prefill(torch.tensor([prompt[:-4]]), want_taps=True)
-    more = tiny_target.forward(torch.tensor([prompt[-4:]]), want_taps=True)
+    state = tiny_target.new_state()
+    out = tiny_target.prefill(state, torch.tensor([prompt[:-4]]), want_taps=True)
+    more = tiny_target.forward(state, torch.tensor([prompt[-4:]]), want_taps=True)
     taps = torch.cat([out.taps, more.taps], dim=1)  # [1, T, n_taps * D]
     assert taps.shape == (1, len(prompt), len(tiny_target.tap_layers) * tiny_target.hidden_size)
     with torch.no_grad():
@@ -352,28 +357,30 @@ def test_taps_are_hidden_states_of_the_tap_layers(tiny_target):
 # --------------------------------------------------------------------------------- the drafters
 def test_early_exit_cache_rollback_matches_a_fresh_drafter(tiny_target):
     """Proposing after a different earlier sequence (cache cropped to the shared prefix) gives
-    the same draft and the same q as a fresh drafter."""
+    the same draft and the same q as a fresh state."""
     base = encode(tiny_target, PROMPTS[0])
+    drafter = EarlyExitDrafter(tiny_target, num_layers=2)
     # a sequence that branches off, and one that is a prefix of what the drafter has cached
     for other in (base[:-5] + [7, 8, 9], base[:-3]):
-        used = EarlyExitDrafter(tiny_target, num_layers=2)
-        used.begin(base, None)
-        used.propose(base, 6, SamplingConfig(), None)
+        used = drafter.new_state()
+        drafter.begin(used, base, None)
+        drafter.propose(used, base, 6, SamplingConfig(), None)
         for sampling in (SamplingConfig(), SamplingConfig(temperature=0.9, top_k=20)):
-            fresh = EarlyExitDrafter(tiny_target, num_layers=2)
-            fresh.begin(other, None)
-            want = fresh.propose(other, 5, sampling, torch.Generator().manual_seed(1))
-            got = used.propose(other, 5, sampling, torch.Generator().manual_seed(1))
+            fresh = drafter.new_state()
+            drafter.begin(fresh, other, None)
+            want = drafter.propose(fresh, other, 5, sampling, torch.Generator().manual_seed(1))
+            got = drafter.propose(used, other, 5, sampling, torch.Generator().manual_seed(1))
             assert got.tokens.tolist() == want.tokens.tolist()
             torch.testing.assert_close(got.probs, want.probs, rtol=1e-4, atol=1e-5)
-            used.propose(base + [3, 4], 4, sampling, torch.Generator().manual_seed(2))  # move elsewhere again
+            drafter.propose(used, base + [3, 4], 4, sampling, torch.Generator().manual_seed(2))  # move elsewhere again
 
 
 def test_early_exit_untrained_is_plain_early_exit(tiny_target):
     """With its identity head, the drafter's logits are the LM head over the final norm of layer n."""
     prompt = encode(tiny_target, PROMPTS[2])
     drafter = EarlyExitDrafter(tiny_target, num_layers=2)
-    draft = drafter.propose(prompt, 1, SamplingConfig(temperature=1.0), torch.Generator().manual_seed(0))
+    draft = drafter.propose(drafter.new_state(), prompt, 1, SamplingConfig(temperature=1.0),
+                            torch.Generator().manual_seed(0))
     model = tiny_target.module
     with torch.no_grad():
         hidden = model(torch.tensor([prompt]), output_hidden_states=True).hidden_states[2][0, -1]

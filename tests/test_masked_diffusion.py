@@ -100,9 +100,10 @@ def test_training_forward_equals_decode_time_drafter(tiny_model, tiny_tokenizer,
 
     anchors, _ = sample_anchors(batch["lengths"], batch["starts"], 3, torch.Generator().manual_seed(4))
     drafter = MaskedDiffusionDrafter(target, trainer.net)
-    drafter.begin(seq.tokens[: seq.prompt_len], None)
+    state = drafter.new_state()
+    drafter.begin(state, seq.tokens[: seq.prompt_len], None)
     for j, anchor in enumerate(anchors[0].tolist()):
-        draft = drafter.propose(seq.tokens[: anchor + 1], G - 1, SamplingConfig(temperature=1.0), None)
+        draft = drafter.propose(state, seq.tokens[: anchor + 1], G - 1, SamplingConfig(temperature=1.0), None)
         assert torch.allclose(draft.probs, logits[0, j].softmax(-1), atol=1e-5), j
 
 
@@ -113,20 +114,22 @@ def test_cache_follows_the_token_list(tiny_model, tiny_tokenizer):
     greedy = SamplingConfig()
     long = tiny_tokenizer("abcdefghij")["input_ids"]
     other = long[:6] + tiny_tokenizer("xyz")["input_ids"]
-    warm = MaskedDiffusionDrafter(target, net)
-    warm.begin(long[:3], None)
-    warm.propose(long, G - 1, greedy, None)
-    got = warm.propose(other, G - 1, greedy, None).tokens
-    fresh = MaskedDiffusionDrafter(target, net)
-    fresh.begin(other[:3], None)
-    assert torch.equal(got, fresh.propose(other, G - 1, greedy, None).tokens)
+    drafter = MaskedDiffusionDrafter(target, net)
+    warm = drafter.new_state()
+    drafter.begin(warm, long[:3], None)
+    drafter.propose(warm, long, G - 1, greedy, None)
+    got = drafter.propose(warm, other, G - 1, greedy, None).tokens
+    fresh = drafter.new_state()
+    drafter.begin(fresh, other[:3], None)
+    assert torch.equal(got, drafter.propose(fresh, other, G - 1, greedy, None).tokens)
 
 
 # ------------------------------------------------------------------ decoding paths
 def draft_once(target, net, denoise, sampling, prompt, seed=0) -> Draft:
     drafter = MaskedDiffusionDrafter(target, net, denoise=denoise)
-    drafter.begin(prompt, None)
-    return drafter.propose(prompt, G - 1, sampling, torch.Generator().manual_seed(seed))
+    state = drafter.new_state()
+    drafter.begin(state, prompt, None)
+    return drafter.propose(state, prompt, G - 1, sampling, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("steps, order, exact", [(1, "confidence", True), (3, "left-to-right", True),
@@ -144,9 +147,10 @@ def test_which_drafts_state_an_exact_q(tiny_model, tiny_tokenizer, steps, order,
 def candidate(target, net, prompt, steps, sampling, generator=None, order="confidence"):
     """One denoising candidate: (tokens, score = log expected accepted length under the drafter's own q)."""
     drafter = MaskedDiffusionDrafter(target, net, denoise=DenoiseConfig(steps=steps, order=order))
-    drafter.begin(prompt, None)
-    drafter._sync(prompt[:-1])
-    tokens, _, confidence, _ = drafter._denoise(prompt[-1], len(prompt) - 1, G - 1, steps, sampling, generator)
+    state = drafter.new_state()
+    drafter.begin(state, prompt, None)
+    drafter._sync(state, prompt[:-1])
+    tokens, _, confidence, _ = drafter._denoise(state, prompt[-1], len(prompt) - 1, G - 1, steps, sampling, generator)
     return tokens, float(log_expected_accepted_length(confidence))
 
 
@@ -171,8 +175,9 @@ def test_self_selection_among_samples(tiny_model, tiny_tokenizer):
     prompt = tiny_tokenizer("sample and select")["input_ids"]
     sampling = SamplingConfig(temperature=1.0)
     drafter = MaskedDiffusionDrafter(target, net, denoise=DenoiseConfig(steps=1, samples=4))
-    drafter.begin(prompt, None)
-    chosen = drafter.propose(prompt, G - 1, sampling, torch.Generator().manual_seed(3))
+    state = drafter.new_state()
+    drafter.begin(state, prompt, None)
+    chosen = drafter.propose(state, prompt, G - 1, sampling, torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)  # replay the same four samples
     samples = [candidate(target, net, prompt, 1, sampling, gen, order="left-to-right") for _ in range(4)]
     assert len({tuple(t.tolist()) for t, _ in samples}) > 1  # the samples differ, so the choice matters
@@ -185,7 +190,7 @@ class RecordingDrafter(Drafter):
     def __init__(self):
         self.calls = 0
 
-    def propose(self, tokens, num_tokens, sampling, generator):
+    def propose(self, state, tokens, num_tokens, sampling, generator):
         self.calls += 1
         return Draft.empty()
 
@@ -249,10 +254,11 @@ class SelectionClaimingExactQ(MaskedDiffusionDrafter):
     """Negative control: picks the best of 3 samples, then hands over that sample's q as if it
     were the law of the selected draft. Selection skews the law, so rejection sampling is lossy."""
 
-    def propose(self, tokens, num_tokens, sampling, generator):
-        self._sync(tokens[:-1])
+    def propose(self, state, tokens, num_tokens, sampling, generator):
+        self._sync(state, tokens[:-1])
         count = min(num_tokens, G - 1)
-        best = max((self._denoise(tokens[-1], len(tokens) - 1, count, 1, sampling, generator)[:3] for _ in range(3)),
+        best = max((self._denoise(state, tokens[-1], len(tokens) - 1, count, 1, sampling, generator)[:3]
+                    for _ in range(3)),
                    key=lambda c: float(log_expected_accepted_length(c[2])))
         return Draft(tokens=best[0], probs=best[1])
 

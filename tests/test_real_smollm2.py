@@ -192,14 +192,16 @@ def test_lean_verify_forwards_are_bit_identical_on_the_real_model(real_target, p
     prompt = torch.tensor([prompts[0]])
     context = prompt.shape[1] - 16
     ones = []
-    real_target.prefill(prompt[:, :context])
+    state = real_target.new_state()
+    real_target.prefill(state, prompt[:, :context])
     for i in range(16):
-        ones.append(real_target.forward(prompt[:, context + i : context + i + 1]).logits)
+        ones.append(real_target.forward(state, prompt[:, context + i : context + i + 1]).logits)
     ones = torch.cat(ones, dim=1)  # [1, 16, V]
     for k in (2, 3, 4, 8, 16):
-        real_target.crop(context)
-        batched = real_target.forward(prompt[:, context : context + k]).logits
+        real_target.crop(state, context)
+        batched = real_target.forward(state, prompt[:, context : context + k]).logits
         assert torch.equal(batched, ones[:, :k]), f"k = {k}"
     hf = HFTarget(real_target.module, real_target.tokenizer)
-    hf.prefill(prompt[:, :context])
-    torch.testing.assert_close(hf.forward(prompt[:, context:]).logits, ones, rtol=0, atol=1e-3)
+    on_hf = hf.new_state()
+    hf.prefill(on_hf, prompt[:, :context])
+    torch.testing.assert_close(hf.forward(on_hf, prompt[:, context:]).logits, ones, rtol=0, atol=1e-3)

@@ -83,14 +83,15 @@ def measure_target(target, max_tokens: int, rounds: int = 2 * REPEATS + 1) -> tu
     non-decreasing (a forward over more tokens never costs less; a dip is noise)."""
     ids = _context(target, max_tokens)
     context = ids.shape[1] - max_tokens
-    target.prefill(ids[:, :context])
-    target.forward(ids[:, context : context + max_tokens])  # warm up
+    state = target.new_state()
+    target.prefill(state, ids[:, :context])
+    target.forward(state, ids[:, context : context + max_tokens])  # warm up
     times: list[list[float]] = [[] for _ in range(max_tokens)]
     for _ in range(rounds):
         for k in range(1, max_tokens + 1):
-            target.crop(context)
+            target.crop(state, context)
             start = time.perf_counter()
-            target.forward(ids[:, context : context + k])
+            target.forward(state, ids[:, context : context + k])
             if target.device.type == "cuda":
                 torch.cuda.synchronize()
             times[k - 1].append(time.perf_counter() - start)
@@ -101,13 +102,14 @@ def measure_target(target, max_tokens: int, rounds: int = 2 * REPEATS + 1) -> tu
 def measure_drafter(target, drafter, max_tokens: int) -> float:
     """d: seconds of one drafter call for `max_tokens` tokens after CONTEXT tokens."""
     ids = _context(target, 1)
-    out = target.prefill(ids, want_taps=drafter.wants_taps)
+    out = target.prefill(target.new_state(), ids, want_taps=drafter.wants_taps)
     tokens = ids[0].tolist()
-    drafter.begin(tokens[:-1], None if out.taps is None else out.taps[:, :-1])
+    state = drafter.new_state()
+    drafter.begin(state, tokens[:-1], None if out.taps is None else out.taps[:, :-1])
     generator = torch.Generator().manual_seed(0)
     greedy = SamplingConfig()
-    drafter.propose(tokens, max_tokens, greedy, generator)  # warm up
-    return _median_time(lambda: drafter.propose(tokens, max_tokens, greedy, generator))
+    drafter.propose(state, tokens, max_tokens, greedy, generator)  # warm up
+    return _median_time(lambda: drafter.propose(state, tokens, max_tokens, greedy, generator))
 
 
 def cost_curve(target, drafter, max_tokens: int, use_cache: bool = True) -> CostCurve:

@@ -10,10 +10,10 @@ transformers, llama.cpp) live in bench.peers behind the same interface. Every de
 its reference: the decoder its speedup and its temperature-0 equality are measured against.
 
 What a decoder holds is loaded once and shared by every request: weights, the drafter, the
-length rule (its calibration carries across requests). What one request needs (the
-generator, the tokens so far) is made by run() and dropped when it returns. The target's
-KV cache and the drafter's context are still one per loaded target, so one decoder runs one
-request at a time. Knows nothing of text, prompt suites or HTTP.
+length rule (its calibration carries across requests). What one request needs (the target's
+KV cache, the drafter's context, the generator, the tokens so far) is made by run() and
+dropped when it returns, so requests on one decoder never touch each other, nested or in
+threads at once (tests/test_request_state.py). Knows nothing of text, prompt suites or HTTP.
 """
 
 from __future__ import annotations

@@ -6,7 +6,11 @@ target's own, and the target cache is cropped to what was accepted. With no draf
 g = 0) it is plain decoding, one target forward per token, through the same code.
 How many drafted tokens a step verifies is the length rule's choice (draft_length.py), made
 from the drafter's output and past steps only, or a fixed length, or the confidence cut.
-Batch size 1. The engine owns the generator; the drafter and verifier draw from it.
+Batch size 1. The engine holds what is shared by requests (the target and drafter with their
+weights, the settings, the length rule); each generate() call makes its own RequestState (the
+target's KV cache, the drafter's context, the tokens, the generator, the stats) and drops it
+when it returns, so any number of generations may run at once on one loaded target and drafter.
+The drafter and verifier draw from the request's generator.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from diffdraft.errors import DiffdraftError
 from diffdraft.prompting import check_started
 from diffdraft.sampling import logits_to_probs, sample
 from diffdraft.stats import Stats
-from diffdraft.target import TargetBackend
+from diffdraft.target import TargetBackend, TargetState
 from diffdraft.verify import Verdict, verify_greedy, verify_point_mass, verify_rejection
 
 
@@ -48,6 +52,17 @@ def length_policy(target: TargetBackend, drafter: Drafter | None, draft: DraftCo
     """The length rule for this drafter and config (costs measured, or read from the cache), or None
     where none is used. Made once and handed to every engine, it keeps its calibration across requests."""
     return LengthPolicy(cost_curve(target, drafter, draft.draft_len)) if uses_length_rule(drafter, draft) else None
+
+
+@dataclass
+class RequestState:
+    """Everything one generation changes as it runs; nothing of it outlives the request."""
+
+    tokens: list[int]  # prompt + tokens emitted so far
+    target: TargetState  # the target's KV cache of this sequence
+    drafter: object  # the drafter's own state of this sequence (its context cache), or None
+    generator: torch.Generator
+    stats: Stats
 
 
 @dataclass
@@ -108,17 +123,19 @@ class SpeculativeEngine:
         check_started(self.target, len(prompt), max_new_tokens)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise DiffdraftError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-        generator = torch.Generator().manual_seed(seed)
         stats = Stats(draft_len=self.draft_len, cost_curve=self.policy.costs.to_dict() if self.policy else None)
+        request = RequestState(tokens=list(prompt), target=self.target.new_state(),
+                               drafter=self.drafter.new_state() if self.drafter is not None else None,
+                               generator=torch.Generator().manual_seed(seed), stats=stats)
         want_taps = self.drafter is not None and self.drafter.wants_taps
         start = time.perf_counter()
 
-        out = self.target.prefill(torch.tensor([prompt], dtype=torch.long), want_taps=want_taps)
+        out = self.target.prefill(request.target, torch.tensor([prompt], dtype=torch.long), want_taps=want_taps)
         if self.drafter is not None:
-            self.drafter.begin(list(prompt), out.taps)
-        first = self._pick(out.logits[0, -1], generator)
+            self.drafter.begin(request.drafter, list(prompt), out.taps)
+        first = self._pick(out.logits[0, -1], request.generator)
         stats.ttft_s = time.perf_counter() - start
-        sequence = list(prompt) + [first]
+        request.tokens.append(first)
         new_tokens = [first]
         if on_tokens:
             on_tokens([first])
@@ -130,12 +147,12 @@ class SpeculativeEngine:
                 break
             if should_stop is not None and (stop_reason := should_stop()) is not None:
                 break
-            room = self.target.max_context - self.target.length - 1  # after feeding the last token
+            room = self.target.max_context - request.target.length - 1  # after feeding the last token
             if room < 1:
                 stop_reason = "context"
                 break
             g = min(self.draft_len, max_new_tokens - len(new_tokens) - 1, room - 1)
-            verdict, proposed = self._step(sequence, max(g, 0), generator, want_taps, stats)
+            verdict, proposed = self._step(request, max(g, 0), want_taps)
             emitted = verdict.tokens[: max_new_tokens - len(new_tokens)]
             for i, token in enumerate(emitted):
                 if token in self.target.eos_token_ids:
@@ -143,7 +160,7 @@ class SpeculativeEngine:
                     stop_reason = "eos"
                     break
             stats.record_step(proposed=proposed, accepted=verdict.num_accepted, emitted=len(emitted))
-            sequence.extend(emitted)
+            request.tokens.extend(emitted)
             new_tokens.extend(emitted)
             if on_tokens:
                 on_tokens(emitted)
@@ -158,16 +175,14 @@ class SpeculativeEngine:
             return int(logits.argmax())
         return int(sample(logits_to_probs(logits, self.sampling), generator))
 
-    def _step(
-        self, sequence: list[int], g: int, generator: torch.Generator, want_taps: bool, stats: Stats
-    ) -> tuple[Verdict, int]:
+    def _step(self, request: RequestState, g: int, want_taps: bool) -> tuple[Verdict, int]:
         """One draft-and-verify step. Returns the verdict and how many tokens were drafted."""
         tick = time.perf_counter()
         greedy = self.sampling.greedy
         if self.policy is not None:
             g = self.policy.longest_useful(g)  # the drafter computes only slots that could be verified
         if g > 0:
-            draft = self.drafter.propose(sequence, g, self.proposal_sampling, generator)
+            draft = self.drafter.propose(request.drafter, request.tokens, g, self.proposal_sampling, request.generator)
             if self.policy is not None:  # reads the drafter's confidences and past steps, never this step's target
                 keep = self.policy.choose(draft.confidence, draft.tokens.shape[0], greedy)
             else:
@@ -176,18 +191,18 @@ class SpeculativeEngine:
         else:
             draft = Draft.empty()
         tock = time.perf_counter()
-        stats.draft_s += tock - tick
+        request.stats.draft_s += tock - tick
 
         drafted = draft.tokens.shape[0]
-        block = torch.tensor([[sequence[-1]] + draft.tokens.tolist()], dtype=torch.long)  # [1, 1+g]
-        out = self.target.forward(block, want_taps=want_taps)
-        verdict = self._verify(draft, out.logits[0], generator)  # logits [1+g, V]
-        self.target.crop(self.target.length - (drafted - verdict.num_accepted))
+        block = torch.tensor([[request.tokens[-1]] + draft.tokens.tolist()], dtype=torch.long)  # [1, 1+g]
+        out = self.target.forward(request.target, block, want_taps=want_taps)
+        verdict = self._verify(draft, out.logits[0], request.generator)  # logits [1+g, V]
+        self.target.crop(request.target, request.target.length - (drafted - verdict.num_accepted))
         if self.policy is not None and drafted:
             self.policy.observe(draft.confidence, drafted, verdict.num_accepted, greedy)
         if self.drafter is not None and want_taps:
-            self.drafter.observe(out.taps[:, : 1 + verdict.num_accepted])
-        stats.verify_s += time.perf_counter() - tock
+            self.drafter.observe(request.drafter, out.taps[:, : 1 + verdict.num_accepted])
+        request.stats.verify_s += time.perf_counter() - tock
         return verdict, drafted
 
     def _verify(self, draft: Draft, target_logits: torch.Tensor, generator: torch.Generator) -> Verdict:

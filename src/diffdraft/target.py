@@ -1,17 +1,20 @@
 """The target backend interface: what the engine, the drafters, the trainer and the bench ask of a target.
 
-A backend decodes incrementally over one sequence: prefill(ids) starts it, forward(ids)
-appends k tokens and returns their logits (and, on request, the hidden states tapped from
-the layers fixed when the backend was built), crop(n) rolls the KV cache back to the first
-n tokens. It hands out the embedding and LM head for drafters to share, the EOS ids, the
-context length, and the tokenizer with the model's own rules for turning text into ids.
+A backend holds the loaded weights, shared by every request; what one sequence needs (its KV
+cache, how many tokens it holds) lives in a TargetState from new_state(), which the caller
+keeps and hands back: prefill(state, ids) starts the sequence, forward(state, ids) appends k
+tokens and returns their logits (and, on request, the hidden states tapped from the layers
+fixed when the backend was built), crop(state, n) rolls its KV cache back to the first n
+tokens. Any number of states may be alive at once on one backend. It hands out the embedding
+and LM head for drafters to share, the EOS ids, the context length, and the tokenizer with
+the model's own rules for turning text into ids.
 `module` is the Hugging Face causal LM the backend was built from, for the components that
 build on the module itself (the dLLM conversion, the early-exit drafter, training batches,
 the HF peers in the bench); decoding goes through the backend, never through the module.
 
 Implementations live in diffdraft.backends: `hf` (any HF causal LM) and `lean` (the Llama
 family, static cache, row-invariant kernels). Nothing here knows of drafting or verification.
-Batch size is 1 for now; tensors keep their batch dimension.
+Each state holds one sequence (batch size 1) for now; tensors keep their batch dimension.
 """
 
 from __future__ import annotations
@@ -37,12 +40,23 @@ def default_tap_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({1, num_layers // 2, max(1, num_layers - 3)}))
 
 
+class TargetState:
+    """One sequence's decoding state on one backend: its KV cache (the backend's own kind) and the
+    number of tokens the cache holds. Made by TargetBackend.new_state(); never shared by requests."""
+
+    def __init__(self, owner: "TargetBackend"):
+        self.owner = owner
+        self.cache = None  # made by the first prefill
+        self.length = 0  # tokens held in the cache
+
+
 class TargetBackend(ABC):
-    """Incremental decoding over one causal LM with a crop-able KV cache (see the module docstring)."""
+    """Incremental decoding over one causal LM with a crop-able KV cache per sequence (see the module
+    docstring). Holds no per-request state."""
 
     kind: str = "backend"  # "hf" or "lean"
 
-    def __init__(self, module: nn.Module, tokenizer, tap_layers: tuple[int, ...] | None, name: str):
+    def __init__(self, module: nn.Module, tokenizer, tap_layers: tuple[int, ...] | None = None, name: str = "model"):
         self.module = module
         self.tokenizer = tokenizer
         self.name = name
@@ -57,7 +71,6 @@ class TargetBackend(ABC):
         if bad:
             raise DiffdraftError(f"tap layers {bad} are outside 0..{self.num_layers} for this target")
         self.eos_token_ids = _eos_ids(module, tokenizer)
-        self._length = 0
 
     # ----- shared parts for drafters -----
     @property
@@ -93,30 +106,54 @@ class TargetBackend(ABC):
         return torch.cat([out.hidden_states[i] for i in layers], dim=-1)
 
     # ----- incremental decoding -----
-    @property
-    def length(self) -> int:
-        """Tokens held in the KV cache."""
-        return self._length
+    def new_state(self) -> TargetState:
+        """An empty sequence on this target; prefill() starts it."""
+        return TargetState(self)
 
-    @abstractmethod
-    def prefill(self, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
-        """Start a new sequence. ids: [B, T] int64 -> the last position's logits [B, 1, V] (+ taps [B, T, ...])."""
+    def prefill(self, state: TargetState, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
+        """Start (or restart) the sequence. ids: [B, T] int64 -> the last position's logits [B, 1, V]
+        (+ taps [B, T, ...])."""
+        self._check_owner(state)
+        state.cache = self._empty_cache(state.cache)
+        state.length = 0
+        return self._run(state, ids, want_taps, last_only=True)
 
-    @abstractmethod
-    def forward(self, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
+    def forward(self, state: TargetState, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
         """Append k tokens. ids: [B, k] int64 -> logits [B, k, V] (+ taps [B, k, n_taps*D])."""
+        self._check_owner(state)
+        if state.cache is None:
+            raise RuntimeError("call prefill() before forward()")
+        return self._run(state, ids, want_taps, last_only=False)
+
+    def crop(self, state: TargetState, n: int) -> None:
+        """Keep only the first n tokens in the sequence's KV cache."""
+        self._check_owner(state)
+        if not 0 <= n <= state.length:
+            raise ValueError(f"cannot crop a cache of {state.length} tokens to {n}")
+        if n < state.length:
+            self._crop_cache(state, n)
+            state.length = n
 
     @abstractmethod
-    def crop(self, n: int) -> None:
-        """Keep only the first n tokens in the KV cache."""
+    def _empty_cache(self, old):
+        """A cache holding nothing; `old` (the state's previous cache, or None) may be reused."""
 
-    def _check_room(self, k: int) -> None:
-        if self._length + k > self.max_context:
+    @abstractmethod
+    def _run(self, state: TargetState, ids: torch.Tensor, want_taps: bool, last_only: bool) -> TargetOutput:
+        """Run ids [B, k] at positions state.length.., write their keys/values into state.cache and
+        advance state.length; logits of the last position only when last_only."""
+
+    @abstractmethod
+    def _crop_cache(self, state: TargetState, n: int) -> None:
+        """Drop what the cache holds beyond the first n tokens (n < state.length; the length is set after)."""
+
+    def _check_owner(self, state: TargetState) -> None:
+        if state.owner is not self:
+            raise ValueError("this decoding state belongs to another target backend")
+
+    def _check_room(self, state: TargetState, k: int) -> None:
+        if state.length + k > self.max_context:
             raise DiffdraftError(f"sequence would exceed the model context of {self.max_context} tokens")
-
-    def _check_crop(self, n: int) -> None:
-        if not 0 <= n <= self._length:
-            raise ValueError(f"cannot crop a cache of {self._length} tokens to {n}")
 
     # ----- text -----
     def encode_chat(self, messages: list[dict]) -> list[int]:

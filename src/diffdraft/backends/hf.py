@@ -8,48 +8,32 @@ decoding is observed, not guaranteed, on this path.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import DynamicCache
 
-from diffdraft.target import TargetBackend, TargetOutput
+from diffdraft.target import TargetBackend, TargetOutput, TargetState
 
 
 class HFTarget(TargetBackend):
-    """Incremental decoding over one HF causal LM with a crop-able KV cache."""
+    """Incremental decoding over one HF causal LM; each sequence's cache is a crop-able DynamicCache."""
 
     kind = "hf"
 
-    def __init__(self, module: nn.Module, tokenizer, tap_layers: tuple[int, ...] | None = None, name: str = "model"):
-        super().__init__(module, tokenizer, tap_layers, name)
-        self._cache: DynamicCache | None = None
+    def _empty_cache(self, old) -> DynamicCache:
+        return DynamicCache(config=self.module.config)
 
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
-        self._cache = DynamicCache(config=self.module.config)
-        self._length = 0
-        return self._run(ids, want_taps, logits_to_keep=1)
-
-    @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
-        if self._cache is None:
-            raise RuntimeError("call prefill() before forward()")
-        return self._run(ids, want_taps, logits_to_keep=0)
-
-    def _run(self, ids: torch.Tensor, want_taps: bool, logits_to_keep: int) -> TargetOutput:
-        self._check_room(ids.shape[1])
+    def _run(self, state: TargetState, ids: torch.Tensor, want_taps: bool, last_only: bool) -> TargetOutput:
+        self._check_room(state, ids.shape[1])
         out = self.module(
             input_ids=ids.to(self.device),
-            past_key_values=self._cache,
+            past_key_values=state.cache,
             use_cache=True,
             output_hidden_states=want_taps,
-            logits_to_keep=logits_to_keep,
+            logits_to_keep=1 if last_only else 0,
         )
-        self._length += ids.shape[1]
+        state.length += ids.shape[1]
         taps = torch.cat([out.hidden_states[i] for i in self.tap_layers], dim=-1) if want_taps else None
         return TargetOutput(logits=out.logits, taps=taps)
 
-    def crop(self, n: int) -> None:
-        self._check_crop(n)
-        if n < self._length:
-            self._cache.crop(n - self._length)  # negative: drop that many from the end
-            self._length = n
+    def _crop_cache(self, state: TargetState, n: int) -> None:
+        state.cache.crop(n - state.length)  # negative: drop that many from the end

@@ -3,7 +3,8 @@
 Built from a loaded HF Llama (SmolLM2, any Llama-architecture folder or GGUF); its weights
 are read once and prepared for the fastest row-invariant kernel (backends/kernels.py),
 with q/k/v and gate/up fused into one linear each. The KV cache is one preallocated tensor
-per K and V, [layers, kv heads, capacity, head dim]; crop is a change of length. Only the
+per K and V, [layers, kv heads, capacity, head dim], in each sequence's TargetState; crop is a
+change of length. Only the
 tapped layers' hidden states are kept, and only when asked for.
 
 Batch invariance: for a forward over k <= `invariant_rows` tokens, every operation computes
@@ -15,7 +16,7 @@ speculative decoding equals plain decoding by construction. Longer forwards (a l
 prompt's prefill) attend in one masked call instead: plain and speculative decoding share
 that prefill, so equality does not depend on it.
 
-It knows nothing of drafting. Batch size 1. On CUDA the same module runs with `F.linear`
+It knows nothing of drafting. One sequence per state (batch size 1). On CUDA the same module runs with `F.linear`
 (no CUDA graphs yet: no GPU was lent to test them).
 """
 
@@ -28,7 +29,7 @@ from torch import nn
 from diffdraft.backends.kernels import PreparedLinear
 from diffdraft.errors import DiffdraftError
 from diffdraft.rope import apply_rope, rope_tables
-from diffdraft.target import TargetBackend, TargetOutput
+from diffdraft.target import TargetBackend, TargetOutput, TargetState
 
 # Verify forwards up to this many tokens are computed row by row (draft lengths are far below it).
 INVARIANT_ROWS = 32
@@ -116,8 +117,6 @@ class LeanLlamaTarget(TargetBackend):
         self.row_invariant = all(
             lin.row_invariant for layer in self._layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
         ) and self._head.row_invariant
-        self._k: torch.Tensor | None = None  # [L, Hkv, C, hd]
-        self._v: torch.Tensor | None = None
 
     def _rope_tables(self, rotary: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's own frequencies and scaling (as its rotary module holds them) at every position."""
@@ -126,32 +125,27 @@ class LeanLlamaTarget(TargetBackend):
         return cos.to(self.dtype), sin.to(self.dtype)
 
     # ----- incremental decoding -----
-    @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
-        if self._k is None:
-            shape = (self.num_layers, self.num_kv_heads, self.max_context, self.head_dim)
-            self._k = torch.empty(shape, device=self.device, dtype=self.dtype)
-            self._v = torch.empty(shape, device=self.device, dtype=self.dtype)
-        self._length = 0
-        return self._run(ids, want_taps, last_only=True)
+    def _empty_cache(self, old: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values, [L, Hkv, C, hd] each, for the whole context: a restarted sequence keeps its
+        own. Untouched pages cost nothing until written (SmolLM2: 377 MB reserved, ~3 ms per request)."""
+        if old is not None:
+            return old
+        shape = (self.num_layers, self.num_kv_heads, self.max_context, self.head_dim)
+        return (torch.empty(shape, device=self.device, dtype=self.dtype),
+                torch.empty(shape, device=self.device, dtype=self.dtype))
+
+    def _crop_cache(self, state: TargetState, n: int) -> None:
+        pass  # positions past the length are overwritten before they are read
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
-        if self._k is None:
-            raise RuntimeError("call prefill() before forward()")
-        return self._run(ids, want_taps, last_only=False)
-
-    def crop(self, n: int) -> None:
-        self._check_crop(n)
-        self._length = n
-
-    def _run(self, ids: torch.Tensor, want_taps: bool, last_only: bool) -> TargetOutput:
-        """ids: [1, k]. Writes the k tokens' keys/values at positions length..length+k-1."""
+    def _run(self, state: TargetState, ids: torch.Tensor, want_taps: bool, last_only: bool) -> TargetOutput:
+        """ids: [1, k]. Writes the k tokens' keys/values at positions length..length+k-1 of the state's cache."""
         if ids.shape[0] != 1:
             raise ValueError(f"the lean runtime decodes one sequence at a time, got a batch of {ids.shape[0]}")
         k = ids.shape[1]
-        self._check_room(k)
-        start = self._length
+        self._check_room(state, k)
+        start = state.length
+        cache_k, cache_v = state.cache
         x = F.embedding(ids[0].to(self.device), self._embed)  # [k, D]
         cos, sin = self._cos[None, start : start + k], self._sin[None, start : start + k]  # [1, k, hd]
         taps = {0: x} if want_taps and 0 in self.tap_layers else {}
@@ -160,15 +154,15 @@ class LeanLlamaTarget(TargetBackend):
             qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [k, (H + 2 Hkv) hd]
             q, key, value = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
             q = apply_rope(q.view(1, k, heads, hd).transpose(1, 2), cos, sin)[0]  # [H, k, hd]
-            self._k[index, :, start : start + k] = apply_rope(key.view(1, k, kv_heads, hd).transpose(1, 2), cos, sin)[0]
-            self._v[index, :, start : start + k] = value.view(k, kv_heads, hd).transpose(0, 1)
-            attended = self._attend(q, index, start)  # [k, H hd]
+            cache_k[index, :, start : start + k] = apply_rope(key.view(1, k, kv_heads, hd).transpose(1, 2), cos, sin)[0]
+            cache_v[index, :, start : start + k] = value.view(k, kv_heads, hd).transpose(0, 1)
+            attended = self._attend(q, cache_k[index], cache_v[index], start)  # [k, H hd]
             x = x + layer.o(attended)
             gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, self.eps)).split(layer.intermediate, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
             if want_taps and index + 1 in self.tap_layers and index + 1 < self.num_layers:
                 taps[index + 1] = x
-        self._length = start + k
+        state.length = start + k
         if want_taps and self.num_layers in self.tap_layers:
             taps[self.num_layers] = rms_norm(x, self._final_norm, self.eps)  # HF's last hidden state is normed
         hidden = x[-1:] if last_only else x
@@ -176,10 +170,10 @@ class LeanLlamaTarget(TargetBackend):
         tapped = torch.cat([taps[i] for i in self.tap_layers], dim=-1)[None] if want_taps else None
         return TargetOutput(logits=logits[None], taps=tapped)
 
-    def _attend(self, q: torch.Tensor, index: int, start: int) -> torch.Tensor:
-        """Causal attention of q [H, k, hd] (positions start..start+k-1) over the cache -> [k, H hd]."""
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+        """Causal attention of q [H, k, hd] (positions start..start+k-1) over one layer's cached keys and
+        values [Hkv, C, hd] -> [k, H hd]."""
         heads, k, hd = q.shape
-        keys, values = self._k[index], self._v[index]  # [Hkv, C, hd]
         if k <= self.invariant_rows:
             rows = [
                 F.scaled_dot_product_attention(

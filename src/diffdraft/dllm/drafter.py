@@ -33,13 +33,19 @@ class StepDraft:
     laws: torch.Tensor | None  # [S, b*V] float32: q_j given the steps before j; None if not stated
 
 
+@dataclass
+class DLLMDraftState:
+    """The drafter's own view of one sequence."""
+
+    session: Session  # its cache of the prompt and of the finished blocks
+    seen: int = 0  # finished blocks handed to the session so far
+
+
 class DLLMDrafter:
     """Drafts the current block's remaining steps with a small block-diffusion model."""
 
     def __init__(self, net: BlockDiffusionLM):
         self.net = net
-        self.session = Session(net)
-        self._seen = 0  # finished blocks handed to the session so far
 
     def check_compatible(self, target: BlockDiffusionLM) -> None:
         if self.net.block_size != target.block_size:
@@ -47,12 +53,16 @@ class DLLMDrafter:
         if self.net.vocab_size != target.vocab_size:
             raise DiffdraftError(f"drafter vocabulary {self.net.vocab_size} != target vocabulary {target.vocab_size}")
 
-    def begin(self, prompt: list[int], max_new_tokens: int) -> None:
-        self.session.begin(prompt, max_new_tokens)
-        self._seen = 0
+    def new_state(self) -> DLLMDraftState:
+        return DLLMDraftState(session=Session(self.net))
+
+    def begin(self, state: DLLMDraftState, prompt: list[int], max_new_tokens: int) -> None:
+        state.session.begin(prompt, max_new_tokens)
+        state.seen = 0
 
     def propose(
         self,
+        state: DLLMDraftState,
         finished: list[tuple[int, ...]],  # every block the target has finished so far, in order
         block: BlockState,
         counts: list[int],  # slots to reveal at each drafted step (len = S)
@@ -60,14 +70,14 @@ class DLLMDrafter:
         with_laws: bool,
         generator: torch.Generator | None,
     ) -> StepDraft:
-        for ids in finished[self._seen :]:
-            self.session.finish(ids)
-        self._seen = len(finished)
+        for ids in finished[state.seen :]:
+            state.session.finish(ids)
+        state.seen = len(finished)
         steps, laws = [], []
-        state = block
+        current = block
         for count in counts:
-            logits = self.session.block_logits(state)  # [b, V]
-            masked = masked_slots(list(state.ids))
+            logits = state.session.block_logits(current)  # [b, V]
+            masked = masked_slots(list(current.ids))
             if with_laws:
                 if count != 1:
                     raise DiffdraftError("rejection sampling needs one slot per step (steps per block = block size)")
@@ -77,9 +87,5 @@ class DLLMDrafter:
             else:
                 step = choose_step(logits, masked, count, sampling, generator)
             steps.append(step)
-            state = state.advance(step)
+            current = current.advance(step)
         return StepDraft(steps=steps, laws=torch.stack(laws) if laws else None)
-
-    @property
-    def forwards(self) -> int:
-        return self.session.forwards

@@ -122,13 +122,14 @@ def decode_simsd(
     start = time.perf_counter()
     session = Session(target)
     block = session.begin(prompt, max_new_tokens)
-    drafter.begin(prompt, max_new_tokens)
+    draft_state = drafter.new_state()
+    drafter.begin(draft_state, prompt, max_new_tokens)
     output = Output(max_new_tokens, eos_ids, on_tokens, should_stop)
     result = DLLMResult(tokens=[], forwards=0, seconds=0.0)
     while True:
         num_steps = min(steps - block.step, max_draft_steps or steps)
-        draft = drafter.propose(output.blocks, block, counts[block.step : block.step + num_steps], sampling,
-                                with_laws=mode == "rejection", generator=generator)
+        draft = drafter.propose(draft_state, output.blocks, block, counts[block.step : block.step + num_steps],
+                                sampling, with_laws=mode == "rejection", generator=generator)
         labels = reveal_labels(list(block.ids), [s.slots for s in draft.steps])
         tokens = list(block.ids)
         for step in draft.steps:
@@ -160,7 +161,7 @@ def decode_simsd(
             break
     result.tokens = output.tokens()
     result.forwards = session.forwards
-    result.draft_forwards = drafter.forwards
+    result.draft_forwards = draft_state.session.forwards
     result.seconds = time.perf_counter() - start
     result.first_block_s = output.first_at - start
     result.stopped = output.stopped

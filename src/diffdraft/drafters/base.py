@@ -6,6 +6,9 @@ earlier proposed ones, it returns those distributions too (then rejection sampli
 verify it); otherwise it returns None and verification falls back to point-mass matching.
 Drafters that read the target's hidden states set `wants_taps` and receive the taps of
 every token the target has committed through begin() and observe().
+A drafter holds its loaded weights only; what it keeps about one sequence (a context cache,
+the prompt's length) lives in the state new_state() makes, which the caller keeps per request
+and hands to begin(), observe() and propose(). Drafters that keep nothing return None.
 A drafter never sees the verifier's randomness except through the generator it is handed.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,14 +59,19 @@ class Drafter(ABC):
         size = sum(p.numel() for p in net.parameters()) if net is not None else 0
         return f"{type(self).__name__}:{self.name}:{size}"
 
-    def begin(self, prompt: list[int], taps: torch.Tensor | None) -> None:
+    def new_state(self) -> Any:
+        """What this drafter keeps about one sequence, fresh (None for a drafter that keeps nothing)."""
+        return None
+
+    def begin(self, state: Any, prompt: list[int], taps: torch.Tensor | None) -> None:
         """A new sequence starts. taps: [1, len(prompt), n_taps*D] when wants_taps."""
 
-    def observe(self, taps: torch.Tensor | None) -> None:
+    def observe(self, state: Any, taps: torch.Tensor | None) -> None:
         """The target committed more tokens. taps: [1, n, n_taps*D] for those tokens, in order."""
 
     @abstractmethod
     def propose(
-        self, tokens: list[int], num_tokens: int, sampling: SamplingConfig, generator: torch.Generator | None
+        self, state: Any, tokens: list[int], num_tokens: int, sampling: SamplingConfig,
+        generator: torch.Generator | None,
     ) -> Draft:
         """Propose up to num_tokens tokens that continue `tokens`."""

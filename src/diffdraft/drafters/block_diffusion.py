@@ -1,7 +1,7 @@
 """The conditioned block-diffusion drafter at decode time.
 
-Wraps BlockDiffusionNet with the target's frozen embedding and LM head and a context
-cache: per drafter layer, the keys/values of every token the target has committed
+Wraps BlockDiffusionNet with the target's frozen embedding and LM head. Each sequence's state
+is a context cache: per drafter layer, the keys/values of every token the target has committed
 (computed from the target's tapped hidden states as they arrive through begin/observe).
 A step drafts g-1 tokens in one parallel pass over [last token, MASK x (g-1)]. Each token
 is drawn independently from its own marginal, so that marginal is its exact q given the
@@ -15,6 +15,7 @@ width, vocabulary, layer count, tap layers and tokenizer; a mismatch is refused.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,6 +71,16 @@ def check_signature(signature: dict, target, checks=SIGNATURE_CHECKS) -> None:
                              f"{trained_for(signature)}, with a different tokenizer")
 
 
+@dataclass
+class ContextCache:
+    """One sequence's context for the drafter: per drafter layer, keys and values [1, Hkv, C, hd] of the
+    first `length` committed tokens."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = -1  # -1: begin() not called yet
+
+
 class BlockDiffusionDrafter(HeadedDrafter):
     name = KIND
     wants_taps = True
@@ -101,11 +112,6 @@ class BlockDiffusionDrafter(HeadedDrafter):
         self._tap_columns = None if index == list(range(len(target.tap_layers))) else torch.tensor(
             [i * width + j for i in index for j in range(width)], device=target.device)
         self.head = DraftHead(target, draft_vocab)
-        # The context cache: per drafter layer, keys and values of every committed token, written in
-        # place into buffers of the target's context length ([1, Hkv, C, hd] each), made on first use.
-        self._ctx_k: list[torch.Tensor] = []
-        self._ctx_v: list[torch.Tensor] = []
-        self._ctx_len = -1  # no sequence yet
 
     def check_compatible(self, target) -> None:
         check_signature(self.signature, target)
@@ -123,57 +129,62 @@ class BlockDiffusionDrafter(HeadedDrafter):
         return f"{KIND}:{self.net.cfg.to_dict()}:vocab={vocab}"
 
     # ----- context cache -----
-    def begin(self, prompt: list[int], taps: torch.Tensor | None) -> None:
-        if not self._ctx_k:
-            cfg = self.net.cfg
-            shape = (1, cfg.num_kv_heads, self.target.max_context, cfg.head_dim)
-            for _ in range(cfg.num_layers):
-                self._ctx_k.append(torch.empty(shape, device=self.target.device, dtype=self.target.dtype))
-                self._ctx_v.append(torch.empty(shape, device=self.target.device, dtype=self.target.dtype))
-        self._ctx_len = 0
-        self.observe(taps)
+    def new_state(self) -> ContextCache:
+        """A context cache for one sequence: buffers of the target's context length ([1, Hkv, C, hd] per
+        layer for keys and for values), written in place as tokens are committed."""
+        cfg = self.net.cfg
+        shape = (1, cfg.num_kv_heads, self.target.max_context, cfg.head_dim)
+        keys = [torch.empty(shape, device=self.target.device, dtype=self.target.dtype) for _ in range(cfg.num_layers)]
+        return ContextCache(keys=keys, values=[torch.empty_like(k) for k in keys])
+
+    def begin(self, state: ContextCache, prompt: list[int], taps: torch.Tensor | None) -> None:
+        state.length = 0
+        self.observe(state, taps)
 
     @torch.inference_mode()
-    def observe(self, taps: torch.Tensor | None) -> None:
+    def observe(self, state: ContextCache, taps: torch.Tensor | None) -> None:
         """taps: [1, n, n_taps*D] of newly committed tokens."""
+        if state.length < 0:
+            raise RuntimeError("call begin() before observe()")
         if taps is None or taps.shape[1] == 0:
             return
         if self._tap_columns is not None:
             taps = taps.index_select(-1, self._tap_columns)  # [1, n, n_our_taps*D]
-        n, start = taps.shape[1], self._ctx_len
+        n, start = taps.shape[1], state.length
         positions = torch.arange(start, start + n, device=taps.device)[None]  # [1, n]
         new_kv = self._fast.context_kv(self._fast.fuse_context(taps.to(self.target.dtype)), positions)
-        for (k, v), k_cache, v_cache in zip(new_kv, self._ctx_k, self._ctx_v):
+        for (k, v), k_cache, v_cache in zip(new_kv, state.keys, state.values):
             k_cache[:, :, start : start + n] = k
             v_cache[:, :, start : start + n] = v
-        self._ctx_len += n
+        state.length += n
 
     # ----- drafting -----
     @torch.inference_mode()
-    def slot_logits(self, tokens: list[int], count: int) -> torch.Tensor:
+    def slot_logits(self, state: ContextCache, tokens: list[int], count: int) -> torch.Tensor:
         """The head's logits for the next `count` slots after `tokens` (the context cache holds all but the
         last), before q_scale: [count, N] float32."""
-        if self._ctx_len != len(tokens) - 1:
+        if state.length != len(tokens) - 1:
             raise RuntimeError(
-                f"drafter context holds {self._ctx_len} tokens, expected {len(tokens) - 1}: begin/observe were skipped"
+                f"drafter context holds {state.length} tokens, expected {len(tokens) - 1}: begin/observe were skipped"
             )
         g = self.block_size
         device = self.target.device
         known = self.target.embed_tokens(torch.tensor([[tokens[-1]]], device=device))  # [1, 1, D]
         block = self._fast.block_inputs(known, self._fast.mask_vector(self.target.embed_tokens))  # [1, g, D]
         positions = torch.arange(len(tokens) - 1, len(tokens) - 1 + g, device=device)[None]  # [1, g]
-        context = [(k[:, :, : self._ctx_len], v[:, :, : self._ctx_len]) for k, v in zip(self._ctx_k, self._ctx_v)]
+        context = [(k[:, :, : state.length], v[:, :, : state.length]) for k, v in zip(state.keys, state.values)]
         hidden = self._fast(block, positions, context, mask=None)[0, 1 : 1 + count]  # [count, D]
         return self.head.logits(hidden).float()  # [count, N]
 
     @torch.inference_mode()
     def propose(
-        self, tokens: list[int], num_tokens: int, sampling: SamplingConfig, generator: torch.Generator | None
+        self, state: ContextCache, tokens: list[int], num_tokens: int, sampling: SamplingConfig,
+        generator: torch.Generator | None,
     ) -> Draft:
         count = min(num_tokens, self.block_size - 1)
         if count <= 0:
             return Draft.empty()
-        logits = self.slot_logits(tokens, count)  # [count, N]
+        logits = self.slot_logits(state, tokens, count)  # [count, N]
         if self.q_scale != 1.0:
             logits = logits / self.q_scale
         law = logits_to_probs(logits, sampling)  # [count, N]: each token's exact q

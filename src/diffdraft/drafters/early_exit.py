@@ -1,7 +1,7 @@
 """Early-exit self drafter: the target's first n layers plus a small head of its own.
 
-It drafts autoregressively with its own KV cache, sharing the target's weights (nothing is
-copied). Its head is a D x D linear map (identity at start, so untrained it is plain
+It drafts autoregressively with its own KV cache (one per sequence, in its state), sharing
+the target's weights (nothing is copied). Its head is a D x D linear map (identity at start, so untrained it is plain
 early exit) followed by the target's final norm and LM head. Every token is drawn from
 logits_to_probs of its logits, so its q is exact and rejection sampling applies.
 Only decoder-only models whose body is `model.model` with `layers`, `norm` and a config
@@ -11,6 +11,7 @@ Only decoder-only models whose body is `model.model` with `layers`, `norm` and a
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +23,12 @@ from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.drafters.checkpoint import read_checkpoint, write_checkpoint
 from diffdraft.errors import DiffdraftError
 from diffdraft.sampling import logits_to_probs, sample
+
+@dataclass
+class EarlyExitState:
+    cache: DynamicCache  # the drafter's own layers' keys and values of `cached`
+    cached: list[int] = field(default_factory=list)  # the tokens whose keys and values are in the cache
+
 
 class EarlyExitDrafter(Drafter):
     name = "early-exit"
@@ -53,8 +60,6 @@ class EarlyExitDrafter(Drafter):
                 head.bias.zero_()
         self.head = head
         self.check_compatible(target)
-        self._cache: DynamicCache | None = None
-        self._cached: list[int] = []  # tokens whose K/V are in self._cache
 
     def check_compatible(self, target) -> None:
         if self.head.in_features != target.hidden_size or self.head.out_features != target.hidden_size:
@@ -62,37 +67,38 @@ class EarlyExitDrafter(Drafter):
                 f"drafter width {self.head.in_features} does not fit the target width {target.hidden_size}"
             )
 
-    def begin(self, prompt: list[int], taps: torch.Tensor | None) -> None:
-        self._cache = DynamicCache(config=self._body.config)
-        self._cached = []
+    def new_state(self) -> EarlyExitState:
+        return EarlyExitState(cache=DynamicCache(config=self._body.config))
+
+    def begin(self, state: EarlyExitState, prompt: list[int], taps: torch.Tensor | None) -> None:
+        state.cache, state.cached = DynamicCache(config=self._body.config), []
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, k, D] after num_layers layers -> logits [B, k, V]."""
         return self.target.lm_head(self._final_norm(self.head(hidden)))
 
-    def _forward(self, new_tokens: list[int]) -> torch.Tensor:
-        """Append tokens to the drafter cache; returns logits of the last one, [V]."""
+    def _forward(self, state: EarlyExitState, new_tokens: list[int]) -> torch.Tensor:
+        """Append tokens to the sequence's drafter cache; returns logits of the last one, [V]."""
         ids = torch.tensor([new_tokens], dtype=torch.long, device=self.target.device)  # [1, k]
-        hidden = self._body(input_ids=ids, past_key_values=self._cache, use_cache=True).last_hidden_state
-        self._cached.extend(new_tokens)
+        hidden = self._body(input_ids=ids, past_key_values=state.cache, use_cache=True).last_hidden_state
+        state.cached.extend(new_tokens)
         return self.logits(hidden[:, -1:])[0, 0]
 
     @torch.inference_mode()
     def propose(
-        self, tokens: list[int], num_tokens: int, sampling: SamplingConfig, generator: torch.Generator | None
+        self, state: EarlyExitState, tokens: list[int], num_tokens: int, sampling: SamplingConfig,
+        generator: torch.Generator | None,
     ) -> Draft:
-        if self._cache is None:
-            self.begin(tokens, None)
         # Roll the cache back to the longest prefix it shares with `tokens`, keeping at least
         # one token to feed so that we get logits for the next position.
         keep = 0
-        limit = min(len(self._cached), len(tokens) - 1)
-        while keep < limit and self._cached[keep] == tokens[keep]:
+        limit = min(len(state.cached), len(tokens) - 1)
+        while keep < limit and state.cached[keep] == tokens[keep]:
             keep += 1
-        if keep < len(self._cached):
-            self._cache.crop(keep - len(self._cached))
-            del self._cached[keep:]
-        logits = self._forward(tokens[keep:])  # [V]
+        if keep < len(state.cached):
+            state.cache.crop(keep - len(state.cached))
+            del state.cached[keep:]
+        logits = self._forward(state, tokens[keep:])  # [V]
         drafted, laws = [], []
         for i in range(num_tokens):
             probs = logits_to_probs(logits, sampling)  # [V]
@@ -100,7 +106,7 @@ class EarlyExitDrafter(Drafter):
             drafted.append(token)
             laws.append(probs)
             if i + 1 < num_tokens:
-                logits = self._forward([token])
+                logits = self._forward(state, [token])
         if not drafted:
             return Draft.empty()
         return Draft(tokens=torch.tensor(drafted, dtype=torch.long), probs=torch.stack(laws))  # [g], [g, V]

@@ -1,8 +1,8 @@
 """The standalone masked-diffusion drafter at decode time (no target features).
 
 Wraps MaskedDiffusionNet with the target's frozen embedding and LM head. It keeps its own
-causal cache of the committed tokens before the last one (synchronised from the token list
-it is handed, so it never needs the target's help), and drafts a block
+causal cache of the committed tokens before the last one, one per sequence in its state
+(synchronised from the token list it is handed, so it never needs the target's help), and drafts a block
 [last token, MASK x (g-1)] in T denoising steps: each step predicts every masked slot and
 reveals the next share of them, either left to right or by confidence (highest drafter
 probability first).
@@ -22,7 +22,7 @@ changes their law, so a selected draft also carries no q.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,6 +76,12 @@ def reveal_counts(num_slots: int, steps: int) -> list[int]:
     return [base + (1 if s < extra else 0) for s in range(steps)]
 
 
+@dataclass
+class MaskedDiffusionState:
+    cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: keys, values [1, Hkv, n, hd] of `cached`
+    cached: list[int] = field(default_factory=list)  # the committed tokens in the cache
+
+
 class MaskedDiffusionDrafter(HeadedDrafter):
     name = KIND
 
@@ -87,8 +93,6 @@ class MaskedDiffusionDrafter(HeadedDrafter):
         self.denoise = denoise or DenoiseConfig()
         self.check_compatible(target)
         self.head = DraftHead(target, draft_vocab)
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._cached: list[int] = []
 
     def check_compatible(self, target) -> None:
         check_signature(self.signature, target, checks=SIGNATURE_CHECKS[:2])  # any depth: it reads no layers
@@ -96,20 +100,23 @@ class MaskedDiffusionDrafter(HeadedDrafter):
             raise DiffdraftError("drafter config is inconsistent: its network width does not match its target")
 
     # ----- the drafter's own causal cache -----
-    def begin(self, prompt: list[int], taps: torch.Tensor | None) -> None:
-        self._cache, self._cached = None, []
+    def new_state(self) -> MaskedDiffusionState:
+        return MaskedDiffusionState()
+
+    def begin(self, state: MaskedDiffusionState, prompt: list[int], taps: torch.Tensor | None) -> None:
+        state.cache, state.cached = None, []
 
     @torch.inference_mode()
-    def _sync(self, context: list[int]) -> None:
+    def _sync(self, state: MaskedDiffusionState, context: list[int]) -> None:
         """Make the cache hold exactly `context`: keep the common prefix, drop the rest, append the new tail."""
         keep = 0
-        for a, b in zip(self._cached, context):
+        for a, b in zip(state.cached, context):
             if a != b:
                 break
             keep += 1
-        if keep < len(self._cached):
-            self._cache = None if keep == 0 else [(k[:, :, :keep], v[:, :, :keep]) for k, v in self._cache]
-            self._cached = self._cached[:keep]
+        if keep < len(state.cached):
+            state.cache = None if keep == 0 else [(k[:, :, :keep], v[:, :, :keep]) for k, v in state.cache]
+            state.cached = state.cached[:keep]
         new = context[keep:]
         if not new:
             return
@@ -119,17 +126,18 @@ class MaskedDiffusionDrafter(HeadedDrafter):
         m = len(new)
         mask = torch.ones(m, keep + m, dtype=torch.bool, device=device)
         mask[:, keep:] = torch.ones(m, m, dtype=torch.bool, device=device).tril()
-        _, new_kv = self.net(x, positions, self._cache, mask[None, None])
-        if self._cache is None:
-            self._cache = new_kv
+        _, new_kv = self.net(x, positions, state.cache, mask[None, None])
+        if state.cache is None:
+            state.cache = new_kv
         else:
-            self._cache = [(torch.cat([k, nk], dim=2), torch.cat([v, nv], dim=2))
-                           for (k, v), (nk, nv) in zip(self._cache, new_kv)]
-        self._cached = list(context)
+            state.cache = [(torch.cat([k, nk], dim=2), torch.cat([v, nv], dim=2))
+                           for (k, v), (nk, nv) in zip(state.cache, new_kv)]
+        state.cached = list(context)
 
     # ----- drafting -----
-    def _denoise(self, last: int, start: int, count: int, steps: int, sampling: SamplingConfig,
-                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _denoise(self, state: MaskedDiffusionState, last: int, start: int, count: int, steps: int,
+                 sampling: SamplingConfig, generator: torch.Generator | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One block in `steps` steps.
 
         Returns tokens [count] (target ids), q [count, V] (each slot's sampling law when it was
@@ -149,7 +157,7 @@ class MaskedDiffusionDrafter(HeadedDrafter):
         sureness = torch.zeros(count, device=device)
         for share in reveal_counts(count, steps):
             x = self.net.block_inputs(self.target.embed_tokens(ids[None]), masked[None])  # [1, g, D]
-            hidden, _ = self.net(x, positions, self._cache, None)
+            hidden, _ = self.net(x, positions, state.cache, None)
             open_slots = torch.nonzero(masked[1 : 1 + count]).flatten() + 1  # block indices still masked
             logits = self.head.logits(hidden[0, open_slots]).float()  # [n_open, N]
             own = logits.log_softmax(dim=-1)  # the drafter's own belief, whatever the sampling settings
@@ -176,16 +184,16 @@ class MaskedDiffusionDrafter(HeadedDrafter):
                                               or all(s == 1 for s in self.denoise.step_counts))
 
     @torch.inference_mode()
-    def propose(self, tokens: list[int], num_tokens: int, sampling: SamplingConfig,
+    def propose(self, state: MaskedDiffusionState, tokens: list[int], num_tokens: int, sampling: SamplingConfig,
                 generator: torch.Generator | None) -> Draft:
         count = min(num_tokens, self.block_size - 1)
         if count <= 0:
             return Draft.empty()
-        self._sync(tokens[:-1])
+        self._sync(state, tokens[:-1])
         best, best_score = None, -math.inf
         for steps in self.denoise.step_counts:
             for _ in range(self.denoise.samples):
-                drafted, q, token_logp, sureness = self._denoise(tokens[-1], len(tokens) - 1, count, steps,
+                drafted, q, token_logp, sureness = self._denoise(state, tokens[-1], len(tokens) - 1, count, steps,
                                                                  sampling, generator)
                 if not self.denoise.selects:
                     exact = steps == 1 or self.denoise.order == "left-to-right" or sampling.greedy

@@ -24,7 +24,8 @@ class NgramDrafter(Drafter):
         self.min_ngram = min_ngram
 
     def propose(
-        self, tokens: list[int], num_tokens: int, sampling: SamplingConfig, generator: torch.Generator | None
+        self, state: None, tokens: list[int], num_tokens: int, sampling: SamplingConfig,
+        generator: torch.Generator | None,
     ) -> Draft:
         continuation = lookup_continuation(tokens, num_tokens, self.max_ngram, self.min_ngram)
         return Draft(tokens=torch.tensor(continuation, dtype=torch.long), probs=None)

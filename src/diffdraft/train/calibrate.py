@@ -34,6 +34,7 @@ def slot_evidence(drafter: BlockDiffusionDrafter, target, sequences, anchors_per
     """For random anchors a in the answers of `sequences`: the drafter's slot logits (before its q_scale) and
     the target's logits for the same slots given the true prefix. -> [n, g-1, N], [n, g-1, V]."""
     g = drafter.block_size
+    sequence, context = target.new_state(), drafter.new_state()
     logits, laws = [], []
     for seq in sequences:
         low, high = max(seq.prompt_len, 1), len(seq.tokens) - g  # a full block of true continuation
@@ -41,10 +42,11 @@ def slot_evidence(drafter: BlockDiffusionDrafter, target, sequences, anchors_per
             continue
         picks = torch.randint(low, high, (anchors_per_sequence,), generator=generator).tolist()
         for a in sorted(set(picks)):
-            out = target.prefill(torch.tensor([seq.tokens[:a]]), want_taps=drafter.wants_taps)
-            drafter.begin(seq.tokens[:a], out.taps)
-            logits.append(drafter.slot_logits(seq.tokens[: a + 1], g - 1))  # [g-1, N]
-            laws.append(target.forward(torch.tensor([seq.tokens[a : a + g - 1]])).logits[0].float())  # [g-1, V]
+            out = target.prefill(sequence, torch.tensor([seq.tokens[:a]]), want_taps=drafter.wants_taps)
+            drafter.begin(context, seq.tokens[:a], out.taps)
+            logits.append(drafter.slot_logits(context, seq.tokens[: a + 1], g - 1))  # [g-1, N]
+            block = torch.tensor([seq.tokens[a : a + g - 1]])
+            laws.append(target.forward(sequence, block).logits[0].float())  # [g-1, V]
     if not logits:
         raise DiffdraftError(f"no held-out answer is long enough for a block of {g}: calibration needs longer data")
     return torch.stack(logits), torch.stack(laws)
