@@ -14,8 +14,9 @@ served, failed, lost (never answered) and still refused when the client stopped 
 streaming: the first text chunk, otherwise the whole answer), completion tokens per second
 over the run's wall time, and the server's own /metrics figures (tau). The clients run on
 the same machine as the server, so on a small CPU they take some of its time.
-Run 1 uses the server's default queue; run 2 forces --queue-limit small. Bounded: every
-request has a client timeout, and the whole script a deadline.
+Run 1 uses the server's default queue (once per `--workers` count, side by side, so their
+ratio is measured under the same conditions); run 2 forces --queue-limit small (skipped with
+--small-queue 0). Bounded: every request has a client timeout, and the whole script a deadline.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, queue_limit: int, port: int, log: Path) -> subprocess.Popen:
+def start_server(args, queue_limit: int, workers: int, port: int, log: Path) -> subprocess.Popen:
     cmd = [str(ROOT / ".venv/bin/diffdraft"), "serve", "--port", str(port), "--queue-limit", str(queue_limit),
-           "--served-model-name", "load", "--log-level", "warning", "--threads", str(args.threads)]
+           "--served-model-name", "load", "--log-level", "warning", "--workers", str(workers)]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
     if args.model:
         cmd += ["--model", args.model]
     if args.drafter:
@@ -107,9 +110,9 @@ def one_request(client: openai.OpenAI, prompt: str, stream: bool, max_tokens: in
             return {"ok": False, "error": f"{type(err).__name__}: {err}", "429": seen_429}
 
 
-def run_load(args, queue_limit: int, label: str, out: Path) -> dict:
+def run_load(args, queue_limit: int, workers: int, label: str, out: Path) -> dict:
     port = free_port()
-    server = start_server(args, queue_limit, port, out / f"server-{label}.log")
+    server = start_server(args, queue_limit, workers, port, out / f"server-{label}.log")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                timeout=args.timeout)
@@ -145,7 +148,7 @@ def run_load(args, queue_limit: int, label: str, out: Path) -> dict:
 
     tau = next((float(line.split()[1]) for line in metrics.splitlines() if line.startswith("diffdraft_tau ")), 0.0)
     summary = {
-        "run": label, "queue_limit": queue_limit, "clients": args.clients, "requests_sent": sent,
+        "run": label, "queue_limit": queue_limit, "workers": workers, "clients": args.clients, "requests_sent": sent,
         "served": len(ok), "failed": sum(1 for r in results if not r["ok"] and not r.get("refused")),
         "lost": sent - len(results), "refused_at_the_end": sum(1 for r in results if r.get("refused")),
         "rejected_429": sum(r["429"] for r in results), "wall_s": round(wall, 2),
@@ -173,15 +176,21 @@ def main() -> int:
     parser.add_argument("--small-queue", type=int, default=2, help="the queue limit of run 2")
     parser.add_argument("--retry-for", type=float, default=900.0, help="seconds a client retries a 429 (default 900)")
     parser.add_argument("--timeout", type=float, default=600.0, help="client timeout per request (s)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="server torch threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="server torch threads (default: the server's, every core split among its workers)")
+    parser.add_argument("--workers", default="1",
+                        help="server workers; a comma list runs the default-queue load once per count (default 1)")
     parser.add_argument("--out", default="results/serve-load")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [run_load(args, 16, "default-queue", out), run_load(args, args.small_queue, "small-queue", out)]
+    counts = [int(w) for w in args.workers.split(",")]
+    runs = [run_load(args, 16, w, "default-queue" + (f"-w{w}" if len(counts) > 1 else ""), out) for w in counts]
+    if args.small_queue > 0:
+        runs.append(run_load(args, args.small_queue, counts[0], "small-queue", out))
     (out / "load.json").write_text(json.dumps({"command": " ".join(sys.argv), "runs": runs}, indent=2) + "\n")
     for r in runs:
-        print(f"{r['run']:14s} queue {r['queue_limit']:2d}: served {r['served']}/{r['requests_sent']}, failed "
+        print(f"{r['run']:16s} queue {r['queue_limit']:2d}, {r['workers']} worker(s): served {r['served']}/{r['requests_sent']}, failed "
               f"{r['failed']}, lost {r['lost']}, refused at the end {r['refused_at_the_end']}, 429s "
               f"{r['rejected_429']}; latency p50 {r['latency_p50_s']:.2f} s "
               f"p95 {r['latency_p95_s']:.2f} s max {r['latency_max_s']:.1f} s; TTFT (stream) p50 {r['ttft_stream_p50_s']:.2f} s p95 "

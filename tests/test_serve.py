@@ -320,3 +320,40 @@ def test_dllm_serving(tiny_model_dir):
         assert text == answer.choices[0].message.content
     finally:
         running.close()
+
+
+def test_two_workers_answer_two_requests_at_once(pipe):
+    """With two workers both requests are generating at the same time (both pass the gate's
+    start line while it is closed), and each answer is the one a lone request gets: the
+    loaded weights are shared, the decoding state is not."""
+    prompts = {"rivers": PROMPT, "stars": "Name the brightest stars and how far away they are."}
+    alone = {name: pipe.generate(text, max_new_tokens=24).text for name, text in prompts.items()}
+    assert len(set(alone.values())) == 2
+    gated = GatedPipeline(pipe, step_s=0.005)
+    gated.gate.clear()
+    running = Running(gated, workers=2)
+    try:
+        results = {}
+
+        def send(name):
+            message = [{"role": "user", "content": prompts[name]}]
+            results[name] = running.raw("POST", "/v1/chat/completions", body(messages=message, max_tokens=24))
+
+        threads = [threading.Thread(target=send, args=(name,)) for name in prompts]
+        for thread in threads:
+            thread.start()
+        assert gated.started.acquire(timeout=30) and gated.started.acquire(timeout=30)  # both started, gate closed
+        gated.gate.set()
+        for thread in threads:
+            thread.join(60)
+        for name in prompts:
+            status, _, answer = results[name]
+            assert status == 200 and answer["choices"][0]["message"]["content"] == alone[name]
+    finally:
+        gated.gate.set()
+        running.close()
+
+
+def test_workers_must_be_positive(pipe):
+    with pytest.raises(Exception, match="workers must be a positive integer"):
+        ServerSettings(model_name="tiny", workers=0)

@@ -14,6 +14,7 @@ pipelines check a request by one path (diffdraft.prompting) and answer through a
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -107,6 +108,7 @@ class Pipeline(_Answering):
         self.drafter_spec = drafter_spec
         self.drafter = build_drafter(drafter_spec, target, early_exit_layers=early_exit_layers)
         self._decoders: dict[DraftConfig, EngineDecoder] = {}  # kept, so each length rule's calibration carries over
+        self._decoders_lock = threading.Lock()  # requests on several threads make each decoder once
 
     @property
     def drafter_name(self) -> str:
@@ -121,10 +123,11 @@ class Pipeline(_Answering):
     def decoder(self, draft: DraftConfig | None = None) -> EngineDecoder:
         """The engine decoder for this draft config (made once per config)."""
         draft = draft or DraftConfig()
-        if draft not in self._decoders:
-            self._decoders[draft] = EngineDecoder(self.drafter_name, self.target, self.drafter, draft,
-                                                  spec=self.drafter_spec)
-        return self._decoders[draft]
+        with self._decoders_lock:
+            if draft not in self._decoders:
+                self._decoders[draft] = EngineDecoder(self.drafter_name, self.target, self.drafter, draft,
+                                                      spec=self.drafter_spec)
+            return self._decoders[draft]
 
 
 class DLLMPipeline(_Answering):

@@ -153,11 +153,12 @@ def _lengths(stats) -> str:
 
 
 def _load_dllm(args: argparse.Namespace):
-    from diffdraft.api import load_dllm_pipeline
+    from diffdraft.api import load_dllm_pipeline, use_threads
 
     if args.drafter is not None:
         raise DiffdraftError("--drafter drafts for the autoregressive target; with --dllm use --dllm-drafter "
                              "or --dllm-drafter-layers")
+    use_threads(getattr(args, "threads", None))
     return load_dllm_pipeline(args.model, dllm=args.dllm, drafter=args.dllm_drafter,
                               drafter_layers=args.dllm_drafter_layers, block_size=args.dllm_block_size,
                               steps=args.dllm_steps, verify=args.verify, dtype=args.dtype)
@@ -215,14 +216,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("DIFFDRAFT_API_KEY")
     settings = ServerSettings(model_name=args.served_model_name or args.model or "smollm2", api_key=api_key or None,
                               queue_limit=args.queue_limit, request_timeout_s=args.request_timeout,
-                              max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens)
+                              max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
+                              workers=args.workers)
+    if args.threads is None:  # the cores are shared among the workers: no more torch threads than cores
+        args.threads = max(1, (os.cpu_count() or 1) // settings.workers)
     if args.dllm is not None:
         pipe = _load_dllm(args)
     else:
         pipe = _load(args)
         pipe.decoder(draft)  # measure the costs for the length rule now, not in the first request
     print(f"diffdraft serve: {settings.model_name} with {pipe.describe} on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if api_key else ''}", file=sys.stderr)
+          f"{' (API key required)' if api_key else ''}; {settings.workers} worker(s) x {args.threads} thread(s)",
+          file=sys.stderr)
     run(pipe, settings, draft, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -394,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="require 'Authorization: Bearer KEY' on /v1 (default: $DIFFDRAFT_API_KEY, else none)")
     net.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model or smollm2)")
     net.add_argument("--queue-limit", type=int, default=16, help="requests that may wait; beyond, 429 (default 16)")
+    net.add_argument("--workers", type=int, default=1,
+                     help="requests generated at once, each on its own thread sharing the loaded weights; the "
+                          "cores are split among them unless --threads is given (default 1)")
     net.add_argument("--request-timeout", type=float, default=600.0,
                      help="seconds a request may take, waiting included; generation stops there (default 600)")
     net.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")

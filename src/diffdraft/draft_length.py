@@ -20,6 +20,7 @@ Pure arithmetic on floats and small tensors; knows nothing of models.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -127,6 +128,7 @@ class LengthPolicy:
         self.costs = costs
         self.explore = explore
         self._calibration: dict[bool, AcceptanceCalibration] = {}
+        self._lock = threading.Lock()  # requests running at once share the calibration
 
     def calibration(self, greedy: bool) -> AcceptanceCalibration:
         return self._calibration.setdefault(greedy, AcceptanceCalibration())
@@ -136,7 +138,8 @@ class LengthPolicy:
 
     def rates(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> torch.Tensor:
         """Expected tokens per second for k = 0..available, optimistic where little is known: [available + 1]."""
-        acceptance = self.calibration(greedy).estimate(confidence, available, explore=self.explore)
+        with self._lock:
+            acceptance = self.calibration(greedy).estimate(confidence, available, explore=self.explore)
         cost = torch.tensor([self.costs.draft_s + self.costs.target(k + 1) for k in range(available + 1)],
                             dtype=torch.float64)
         return expected_emitted(acceptance) / cost
@@ -148,4 +151,5 @@ class LengthPolicy:
         return int(self.rates(confidence, available, greedy).argmax())
 
     def observe(self, confidence: torch.Tensor | None, verified: int, accepted: int, greedy: bool) -> None:
-        self.calibration(greedy).observe(confidence, verified, accepted)
+        with self._lock:
+            self.calibration(greedy).observe(confidence, verified, accepted)

@@ -5,7 +5,8 @@ ending with `data: [DONE]`), GET /v1/models, /health and /metrics (Prometheus te
 Every answer other than 200 is OpenAI's error JSON with a status from protocol's rules,
 401 for a wrong API key, 404 for an unknown model or path, 413 for an oversized body, 429
 (with Retry-After) when the queue is full, 500 for a bug; no traceback is ever sent. The
-model is loaded before the app is made; generation runs on the Worker, off the event loop.
+model is loaded before the app is made; generation runs on the Worker's threads, off the event
+loop.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks tha
 
 class ServerSettings:
     def __init__(self, model_name: str, api_key: str | None = None, queue_limit: int = 16,
-                 request_timeout_s: float = 600.0, max_body_bytes: int = 1 << 20, default_max_tokens: int = 512):
+                 request_timeout_s: float = 600.0, max_body_bytes: int = 1 << 20, default_max_tokens: int = 512,
+                 workers: int = 1):
         for name, value in (("queue limit", queue_limit), ("max body bytes", max_body_bytes),
-                            ("default max tokens", default_max_tokens)):
+                            ("default max tokens", default_max_tokens), ("workers", workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DiffdraftError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(request_timeout_s, (int, float)) and math.isfinite(request_timeout_s)
@@ -47,12 +49,13 @@ class ServerSettings:
         self.model_name, self.api_key, self.queue_limit = model_name, api_key, queue_limit
         self.request_timeout_s, self.max_body_bytes, self.default_max_tokens = (request_timeout_s, max_body_bytes,
                                                                                 default_max_tokens)
+        self.workers = workers  # requests generated at once, each on its own thread
 
 
 def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = None) -> FastAPI:
     """The app over a loaded pipeline (diffdraft.api Pipeline or DLLMPipeline)."""
     metrics = Metrics()
-    worker = Worker(pipeline, draft, metrics, settings.queue_limit)
+    worker = Worker(pipeline, draft, metrics, settings.queue_limit, threads=settings.workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -120,7 +123,7 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
             except queue.Full:
                 raise ApiError(429, f"the server is busy: {settings.queue_limit} requests are waiting; retry later",
                                type="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": str(_retry_after(metrics))}) from None
+                               headers={"Retry-After": str(_retry_after(metrics, settings.workers))}) from None
             kind_, value = await _next_event(job, request)
             if kind_ == "error":
                 raise value
@@ -248,9 +251,10 @@ def _model_card(name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "diffdraft"}
 
 
-def _retry_after(metrics: Metrics) -> int:
-    """Seconds a refused client should wait: the mean generation time so far times the requests ahead."""
-    return max(1, math.ceil(metrics.mean_service_s() * max(1, metrics.queue_depth)))
+def _retry_after(metrics: Metrics, workers: int) -> int:
+    """Seconds a refused client should wait: the mean generation time so far times the rounds of work
+    ahead (the requests ahead shared among the workers)."""
+    return max(1, math.ceil(metrics.mean_service_s() * max(1, math.ceil(metrics.queue_depth / workers))))
 
 
 def _error(err: ApiError) -> JSONResponse:

@@ -1,7 +1,8 @@
-"""One generation worker off the event loop, fed by a bounded queue.
+"""Generation workers off the event loop, fed by a bounded queue.
 
-The loaded pipeline answers one request at a time on a worker thread. Requests wait in a
-queue of fixed size: `submit` refuses when it is full (the server answers 429). Each job
+The loaded pipeline answers requests on worker threads, one request per thread at a time
+(one thread by default; each request's decoding state is its own, so several threads may
+share the loaded weights). Requests wait in a queue of fixed size: `submit` refuses when it is full (the server answers 429). Each job
 reports back to the event loop through an asyncio queue: "started", then "text" deltas
 (stop strings already applied), then "done" with the answer, or "error". A job ends early,
 at the next decoding step, when its client goes away (`cancel`), when its deadline passes,
@@ -46,15 +47,19 @@ class Job:
 
 
 class Worker:
-    """A thread that runs jobs one after another through `pipeline.generate_ids`."""
+    """`threads` threads that each run jobs one after another through `pipeline.generate_ids`."""
 
-    def __init__(self, pipeline, draft: DraftConfig | None, metrics: Metrics, queue_limit: int):
+    def __init__(self, pipeline, draft: DraftConfig | None, metrics: Metrics, queue_limit: int, threads: int = 1):
         if queue_limit < 1:
             raise DiffdraftError(f"the queue limit must be at least 1, got {queue_limit}")
+        if threads < 1:
+            raise DiffdraftError(f"the server needs at least 1 worker, got {threads}")
         self.pipeline, self.draft, self.metrics = pipeline, draft, metrics
         self.waiting: queue.Queue[Job | None] = queue.Queue(maxsize=queue_limit)
-        self.thread = threading.Thread(target=self._loop, name="diffdraft-worker", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._loop, name=f"diffdraft-worker-{i}", daemon=True)
+                        for i in range(threads)]
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, job: Job) -> None:
         """Queue a job; queue.Full when the queue is full."""
@@ -62,7 +67,8 @@ class Worker:
         self.metrics.queue(+1)
 
     def close(self) -> None:
-        self.waiting.put(None)
+        for _ in self.threads:
+            self.waiting.put(None)
 
     def _loop(self) -> None:
         while (job := self.waiting.get()) is not None:
