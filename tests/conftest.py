@@ -112,6 +112,15 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer) -> str:
     return str(folder)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts at one torch thread, whatever the one before it set (the CLI and load() set
+    the process's thread count, and a few results depend on it)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """Point DIFFDRAFT_CACHE at an empty folder for this test."""
