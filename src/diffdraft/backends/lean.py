@@ -2,10 +2,10 @@
 
 Built from a loaded HF Llama (SmolLM2, any Llama-architecture folder or GGUF); its weights
 are read once and prepared for the fastest row-invariant kernel (backends/kernels.py),
-with q/k/v and gate/up fused into one linear each. The KV cache is one preallocated tensor
-per K and V, [layers, kv heads, capacity, head dim], in each sequence's TargetState; crop is a
-change of length. Only the
-tapped layers' hidden states are kept, and only when asked for.
+with q/k/v and gate/up fused into one linear each. Each sequence's KV cache (in its
+TargetState) is one preallocated tensor per K and V, [layers, kv heads, capacity, head dim];
+crop is a change of length. Only the tapped layers' hidden states are kept, and only when
+asked for.
 
 Batch invariance: for a forward over k <= `invariant_rows` tokens, every operation computes
 each row exactly as a one-token forward at that position would. Linears, norms, RoPE and the
@@ -16,8 +16,8 @@ speculative decoding equals plain decoding by construction. Longer forwards (a l
 prompt's prefill) attend in one masked call instead: plain and speculative decoding share
 that prefill, so equality does not depend on it.
 
-It knows nothing of drafting. One sequence per state (batch size 1). On CUDA the same module runs with `F.linear`
-(no CUDA graphs yet: no GPU was lent to test them).
+It knows nothing of drafting. One sequence per state (batch size 1). On CUDA the same module
+runs with `F.linear` (no CUDA graphs yet: no GPU was lent to test them).
 """
 
 from __future__ import annotations
