@@ -190,7 +190,8 @@ def main() -> int:
         runs.append(run_load(args, args.small_queue, counts[0], "small-queue", out))
     (out / "load.json").write_text(json.dumps({"command": " ".join(sys.argv), "runs": runs}, indent=2) + "\n")
     for r in runs:
-        print(f"{r['run']:16s} queue {r['queue_limit']:2d}, {r['workers']} worker(s): served {r['served']}/{r['requests_sent']}, failed "
+        print(f"{r['run']:16s} queue {r['queue_limit']:2d}, {r['workers']} worker(s): served "
+              f"{r['served']}/{r['requests_sent']}, failed "
               f"{r['failed']}, lost {r['lost']}, refused at the end {r['refused_at_the_end']}, 429s "
               f"{r['rejected_429']}; latency p50 {r['latency_p50_s']:.2f} s "
               f"p95 {r['latency_p95_s']:.2f} s max {r['latency_max_s']:.1f} s; TTFT (stream) p50 {r['ttft_stream_p50_s']:.2f} s p95 "

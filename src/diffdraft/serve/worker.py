@@ -2,11 +2,11 @@
 
 The loaded pipeline answers requests on worker threads, one request per thread at a time
 (one thread by default; each request's decoding state is its own, so several threads may
-share the loaded weights). Requests wait in a queue of fixed size: `submit` refuses when it is full (the server answers 429). Each job
-reports back to the event loop through an asyncio queue: "started", then "text" deltas
-(stop strings already applied), then "done" with the answer, or "error". A job ends early,
-at the next decoding step, when its client goes away (`cancel`), when its deadline passes,
-or when a stop string appears. Knows nothing of HTTP; errors are ApiErrors for the app.
+share the loaded weights). Requests wait in a queue of fixed size: `submit` refuses when it
+is full (the server answers 429). Each job reports back to the event loop through an asyncio
+queue: "started", then "text" deltas (stop strings already applied), then "done" with the
+answer, or "error". A job ends early, at the next decoding step, when its client goes away
+(`cancel`), when its deadline passes, or when a stop string appears. Knows nothing of HTTP; errors are ApiErrors for the app.
 """
 
 from __future__ import annotations
