@@ -130,9 +130,9 @@ class LeanLlamaTarget(TargetBackend):
         own. Untouched pages cost nothing until written (SmolLM2: 377 MB reserved, ~3 ms per request)."""
         if old is not None:
             return old
-        shape = (self.num_layers, self.num_kv_heads, self.max_context, self.head_dim)
-        return (torch.empty(shape, device=self.device, dtype=self.dtype),
-                torch.empty(shape, device=self.device, dtype=self.dtype))
+        keys = torch.empty((self.num_layers, self.num_kv_heads, self.max_context, self.head_dim), device=self.device,
+                           dtype=self.dtype)
+        return keys, torch.empty_like(keys)
 
     def _crop_cache(self, state: TargetState, n: int) -> None:
         pass  # positions past the length are overwritten before they are read
@@ -154,7 +154,8 @@ class LeanLlamaTarget(TargetBackend):
             qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [k, (H + 2 Hkv) hd]
             q, key, value = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
             q = apply_rope(q.view(1, k, heads, hd).transpose(1, 2), cos, sin)[0]  # [H, k, hd]
-            cache_k[index, :, start : start + k] = apply_rope(key.view(1, k, kv_heads, hd).transpose(1, 2), cos, sin)[0]
+            key = apply_rope(key.view(1, k, kv_heads, hd).transpose(1, 2), cos, sin)[0]  # [Hkv, k, hd]
+            cache_k[index, :, start : start + k] = key
             cache_v[index, :, start : start + k] = value.view(k, kv_heads, hd).transpose(0, 1)
             attended = self._attend(q, cache_k[index], cache_v[index], start)  # [k, H hd]
             x = x + layer.o(attended)

@@ -1,9 +1,10 @@
 """Early-exit self drafter: the target's first n layers plus a small head of its own.
 
 It drafts autoregressively with its own KV cache (one per sequence, in its state), sharing
-the target's weights (nothing is copied). Its head is a D x D linear map (identity at start, so untrained it is plain
-early exit) followed by the target's final norm and LM head. Every token is drawn from
-logits_to_probs of its logits, so its q is exact and rejection sampling applies.
+the target's weights (nothing is copied). Its head is a D x D linear map (identity at start,
+so untrained it is plain early exit) followed by the target's final norm and LM head. Every
+token is drawn from logits_to_probs of its logits, so its q is exact and rejection sampling
+applies.
 Only decoder-only models whose body is `model.model` with `layers`, `norm` and a config
 `num_hidden_layers` (the Llama family and most HF causal LMs) are supported.
 """

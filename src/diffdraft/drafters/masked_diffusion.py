@@ -2,10 +2,10 @@
 
 Wraps MaskedDiffusionNet with the target's frozen embedding and LM head. It keeps its own
 causal cache of the committed tokens before the last one, one per sequence in its state
-(synchronised from the token list it is handed, so it never needs the target's help), and drafts a block
-[last token, MASK x (g-1)] in T denoising steps: each step predicts every masked slot and
-reveals the next share of them, either left to right or by confidence (highest drafter
-probability first).
+(synchronised from the token list it is handed, so it never needs the target's help), and
+drafts a block [last token, MASK x (g-1)] in T denoising steps: each step predicts every
+masked slot and reveals the next share of them, either left to right or by confidence
+(highest drafter probability first).
 
 Exact q: a slot's token is drawn from the slot's distribution at the step it is revealed.
 Left to right, that distribution depends only on tokens to its left, so it is the exact

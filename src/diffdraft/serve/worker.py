@@ -6,7 +6,8 @@ share the loaded weights). Requests wait in a queue of fixed size: `submit` refu
 is full (the server answers 429). Each job reports back to the event loop through an asyncio
 queue: "started", then "text" deltas (stop strings already applied), then "done" with the
 answer, or "error". A job ends early, at the next decoding step, when its client goes away
-(`cancel`), when its deadline passes, or when a stop string appears. Knows nothing of HTTP; errors are ApiErrors for the app.
+(`cancel`), when its deadline passes, or when a stop string appears. Knows nothing of HTTP;
+errors are ApiErrors for the app.
 """
 
 from __future__ import annotations
