@@ -127,7 +127,7 @@ class LeanLlamaTarget(TargetBackend):
     # ----- incremental decoding -----
     def _empty_cache(self, old: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values, [L, Hkv, C, hd] each, for the whole context: a restarted sequence keeps its
-        own. Untouched pages cost nothing until written (SmolLM2: 377 MB reserved, ~3 ms per request)."""
+        own. Untouched pages cost nothing until written (SmolLM2: 377 MB reserved, a few ms per request)."""
         if old is not None:
             return old
         keys = torch.empty((self.num_layers, self.num_kv_heads, self.max_context, self.head_dim), device=self.device,
