@@ -56,7 +56,7 @@ def test_run_report_resume_and_a_planted_mismatch(prompt_file, tiny_model_dir, t
         assert (out / f"results.{ext}").stat().st_size > 0
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "results.md").read_text()
-    assert "## Temperature 0 (3 prompts)" in md and "| ngram | engine | 4 |" in md
+    assert "## Temperature 0 (3 prompts)" in md and "| ngram | lean, float32 weights | engine | 4 |" in md
     # the cost anatomy: the length rule's measured curve (c(1..g+1), drafter) and the chosen lengths
     exit_figures = overall["early-exit@2"]
     assert len(exit_figures["cost_curve"]["target_ms"]) == 3 and exit_figures["cost_curve"]["draft_ms"] > 0
@@ -177,3 +177,23 @@ def test_cli_rejects_bad_input_in_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("diffdraft: error:") and message in err
+
+
+def test_two_weight_choices_run_side_by_side(prompt_file, tiny_model_dir, tmp_path):
+    """--weights int4 float32: every drafter on int4 weights under the usual names, plain:float32 beside them,
+    each group measured against its own plain decoding; the report names each decoder's runtime."""
+    out = tmp_path / "weights"
+    results = run_bench(tiny_config(prompt_file, tiny_model_dir, out, weights=("int4", "float32"), peers=(),
+                                    temperatures=(0.0,)))
+    t0 = results["temperatures"]["0"]
+    assert t0["decoders"] == [PLAIN, "ngram", "early-exit@2", "plain:float32"]
+    assert t0["references"]["plain:float32"] == "plain:float32" and t0["references"]["ngram"] == PLAIN
+    assert t0["bugs"] == [] and all(e["equal"] == 3 for e in t0["equality"].values())
+    assert results["decoders"]["ngram"]["runtime"] == "lean, int4 weights"
+    assert results["decoders"]["plain:float32"]["runtime"] == "lean, float32 weights"
+    md = (out / "results.md").read_text()
+    assert "| plain:float32 | lean, float32 weights | engine |" in md
+    with pytest.raises(DiffdraftError, match="weights must be distinct"):
+        run_bench(tiny_config(prompt_file, tiny_model_dir, tmp_path / "again", weights=("int4", "int4")))
+    with pytest.raises(DiffdraftError, match="not a GGUF file"):
+        run_bench(tiny_config(prompt_file, tiny_model_dir, tmp_path / "native", weights=("native",)))

@@ -239,4 +239,4 @@ def test_train_export_and_draft_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert taps == TAPS and net.cfg.dflash_layout and signature["name"] == tiny_model_dir
     assert main(["generate", "hello", "--model", tiny_model_dir, "--drafter", str(tmp_path / "exported"),
                  "--max-new-tokens", "8", "--threads", "1"]) == 0
-    assert "exported: block-diffusion, g=15]" in capsys.readouterr().err
+    assert "exported: block-diffusion, g=15; lean, float32 weights]" in capsys.readouterr().err

@@ -227,8 +227,8 @@ def test_bench_runs_the_dllm_and_simsd_side_by_side(capsys, folders, two_prompts
     assert simsd["speedup"]["median_time"] == pytest.approx(plain_time / simsd_time)  # against the dLLM, not plain
     assert "same_tokens_as_plain" in results["temperatures"]["1"]
     md = (out / "results.md").read_text()
-    assert "| decoder | kind | reference |" in md and "equal to reference" in md
-    assert "| simsd-b4 | dllm | dllm-b4 | 4 | 2 |" in md and "| 2/2 |" in md and "SimSD with a 4-layer drafter" in md
+    assert "| decoder | runtime | kind | reference |" in md and "equal to reference" in md
+    assert "| simsd-b4 | dLLM module, float32 | dllm | dllm-b4 | 4 | 2 |" in md and "| 2/2 |" in md and "SimSD with a 4-layer drafter" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "simsd-b4" in printed and "vs dllm-b4" in printed and "equal 2/2" in printed
     quality = results["dllm_quality"]

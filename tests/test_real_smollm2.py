@@ -138,7 +138,8 @@ def test_cli_generate_on_the_real_model():
     stats_lines = [line for line in done.stderr.splitlines() if "tau" in line]
     # the default drafter on SmolLM2 is the shipped block-diffusion one, with the cost-aware length
     assert len(stats_lines) == 1 and "16 tokens" in stats_lines[0], done.stderr
-    assert "[auto: block-diffusion, g=15]" in stats_lines[0] and "verified lengths" in stats_lines[0], done.stderr
+    assert "[auto: block-diffusion, g=15; lean, native weights]" in stats_lines[0], done.stderr
+    assert "verified lengths" in stats_lines[0] and "weights: native from" in done.stderr, done.stderr
 
 
 def test_serve_answers_like_generate_on_the_real_model(tmp_path):
@@ -205,3 +206,61 @@ def test_lean_verify_forwards_are_bit_identical_on_the_real_model(real_target, p
     on_hf = hf.new_state()
     hf.prefill(on_hf, prompt[:, :context])
     torch.testing.assert_close(hf.forward(on_hf, prompt[:, context:]).logits, ones, rtol=0, atol=1e-3)
+
+
+def test_the_real_gguf_maps_exactly_onto_the_dequantized_model(real_target):
+    """Every 4-bit linear of the shipped SmolLM2 GGUF, read from its blocks, equals transformers' dequantized
+    weight exactly (and, as the kernel holds it, within the bfloat16 rounding of scale and zero)."""
+    import torch
+
+    from diffdraft.backends.gguf_llama import MODULE_PATHS, read_native_linears
+    from diffdraft.loading import default_gguf_path
+    from test_native_weights import BF16_REL, kernel_weight
+
+    module = real_target.module
+    config = module.config
+    native = read_native_linears(default_gguf_path(), config.num_hidden_layers, config.num_attention_heads,
+                                 config.num_key_value_heads)
+    assert set(native.paths) == {"Q4_1", "Q8_0", "F32"} and native.paths["Q4_1"].startswith("int4 kernel")
+    for i, layer in enumerate(module.model.layers):
+        for key, path in MODULE_PATHS.items():
+            weight, dense = native.layers[i][key], layer.get_submodule(path).weight
+            assert torch.equal(weight.dequantize(), dense), (i, key)
+            if i % 10 == 0:
+                bound = (weight.q.float() - 8).abs().amax() * weight.scale.abs().amax() + weight.zero.abs().amax()
+                assert (kernel_weight(weight) - dense).abs().max() <= bound * BF16_REL
+
+
+@pytest.fixture(scope="module")
+def native_target(real_target) -> TargetBackend:
+    from diffdraft.loading import default_gguf_path
+
+    return build_target(real_target.module, real_target.tokenizer, name="smollm2", weights="native",
+                        gguf=default_gguf_path(), report=lambda line: None)
+
+
+def test_native_verify_forwards_are_bit_identical_on_the_real_model(native_target, prompts):
+    """The GGUF's own 4-bit weights through the int4 kernel: a forward over k tokens computes exactly what k
+    one-token forwards do, on SmolLM2."""
+    import torch
+
+    assert native_target.weights == "native" and native_target.row_invariant
+    prompt = torch.tensor([prompts[1]])
+    context = prompt.shape[1] - 16
+    state = native_target.new_state()
+    native_target.prefill(state, prompt[:, :context])
+    ones = torch.cat([native_target.forward(state, prompt[:, context + i : context + i + 1]).logits
+                      for i in range(16)], dim=1)  # [1, 16, V]
+    for k in (2, 5, 8, 16):
+        native_target.crop(state, context)
+        assert torch.equal(native_target.forward(state, prompt[:, context : context + k]).logits, ones[:, :k]), k
+
+
+def test_shipped_drafter_on_native_weights_greedy_equals_native_plain(native_target, prompts):
+    drafter = build_drafter("block-diffusion", native_target)
+    for prompt in prompts[:2]:
+        plain = SpeculativeEngine(native_target, None).generate(prompt, max_new_tokens=NEW_TOKENS)
+        result = SpeculativeEngine(native_target, drafter, DraftConfig(draft_len=15)).generate(
+            prompt, max_new_tokens=NEW_TOKENS)
+        assert result.tokens == plain.tokens, f"first difference at {first_difference(result.tokens, plain.tokens)}"
+        assert sum(result.stats.accepted) > 0

@@ -28,7 +28,7 @@ from diffdraft.dllm.runner import DLLMRunner
 from diffdraft.decoding import Decoder, DLLMDecoder, EngineDecoder
 from diffdraft.drafters import build_drafter, required_tap_layers
 from diffdraft.errors import DiffdraftError
-from diffdraft.loading import load_model
+from diffdraft.loading import gguf_path, load_model
 from diffdraft.prompting import chat_ids, check_fits, text_ids
 from diffdraft.stats import Stats
 from diffdraft.target import TargetBackend
@@ -179,17 +179,21 @@ def load(
     tap_layers: tuple[int, ...] | None = None,
     early_exit_layers: int = 4,
     threads: int | None = None,
+    weights: str = "auto",
 ) -> Pipeline:
     """Load a target (default SmolLM2-135M-Instruct) and a drafter (name or folder).
 
-    backend: auto (the lean runtime for the Llama family, HF otherwise), lean or hf. The
-    target taps the layers its drafter reads unless `tap_layers` says otherwise. threads:
-    torch threads for this process, all cores by default.
+    backend: auto (the lean runtime for the Llama family, HF otherwise), lean or hf. weights
+    (the lean runtime's decoder linears): auto (native for a GGUF target, float32 otherwise),
+    native (the GGUF's own 4-bit blocks), int4 (float weights rounded to 4 bits) or float32;
+    see diffdraft.backends. The target taps the layers its drafter reads unless `tap_layers`
+    says otherwise. threads: torch threads for this process, all cores by default.
     """
     use_threads(threads)
     hf_model, tokenizer = load_model(model, dtype=dtype)
     taps = tap_layers or required_tap_layers([drafter], num_layers=hf_model.config.num_hidden_layers)
-    target = build_target(hf_model, tokenizer, backend=backend, tap_layers=taps, name=model or "smollm2")
+    target = build_target(hf_model, tokenizer, backend=backend, tap_layers=taps, name=model or "smollm2",
+                          weights=weights, gguf=gguf_path(model))
     return Pipeline(target, drafter, early_exit_layers=early_exit_layers)
 
 

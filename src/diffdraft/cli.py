@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffdraft.backends import BACKENDS
+from diffdraft.backends import BACKENDS, WEIGHTS
 from diffdraft.config import (BEST_OBJECTIVE, LENGTH_MODES, PROPOSAL_MODES, TRAINABLE_KINDS, VERIFY_MODES,
                               DraftConfig, SamplingConfig)
 from diffdraft.drafters import DRAFTER_NAMES
@@ -27,6 +27,15 @@ def add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> Non
     group.add_argument("--backend", default="auto", choices=list(BACKENDS),
                        help="target runtime: lean (Llama family: static cache, row-invariant kernels), hf (any "
                             "model), or auto (lean where it can run the model; default)")
+    weights_help = ("the lean runtime's decoder linears: native (a GGUF file's own 4-bit weights, int4 kernel), "
+                    "int4 (float weights rounded to 4-bit groups of 32), float32 (the reference), or auto (native "
+                    "for a GGUF model, float32 otherwise; default)")
+    if drafter:
+        group.add_argument("--weights", default="auto", choices=list(WEIGHTS), help=weights_help)
+    else:  # the bench runs each choice side by side
+        group.add_argument("--weights", nargs="+", default=["auto"], choices=list(WEIGHTS), metavar="WEIGHTS",
+                           help=weights_help + "; several run side by side: the first with every drafter, "
+                                "the others as plain decoding named plain:WEIGHTS")
     if drafter:
         group.add_argument(
             "--drafter", default=None, help=f"one of {', '.join(DRAFTER_NAMES)}, or a drafter folder (default auto: the shipped block-diffusion "
@@ -96,7 +105,7 @@ def _load(args: argparse.Namespace):
     from diffdraft.api import DEFAULT_DRAFTER, load
 
     return load(args.model, drafter=args.drafter or DEFAULT_DRAFTER, dtype=args.dtype, backend=args.backend,
-                early_exit_layers=args.early_exit_layers, threads=getattr(args, "threads", None))
+                early_exit_layers=args.early_exit_layers, threads=getattr(args, "threads", None), weights=args.weights)
 
 
 def _dllm_only_options(args: argparse.Namespace) -> None:
@@ -106,6 +115,9 @@ def _dllm_only_options(args: argparse.Namespace) -> None:
              if value is not None]
     if given and args.dllm is None:
         raise DiffdraftError(f"{', '.join(given)} need --dllm")
+    weights = args.weights if isinstance(args.weights, list) else [args.weights]
+    if args.dllm is not None and set(weights) - {"auto", "float32"}:
+        raise DiffdraftError("--dllm runs the converted model's own module in float32: leave --weights out")
 
 
 STOP_REASONS = {"eos": "end of answer", "length": "--max-new-tokens reached", "context": "the model context is full"}
@@ -142,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         on_text=lambda text: print(text, end="", flush=True),
     )
     print()
-    print(f"[{pipe.drafter_name}, g={draft.draft_len}] {answer.stats.summary()}{_lengths(answer.stats)}"
+    print(f"[{pipe.drafter_name}, g={draft.draft_len}; {pipe.target.runtime}] {answer.stats.summary()}{_lengths(answer.stats)}"
           f"{stopped(answer.stop_reason)}", file=sys.stderr)
     return 0
 
@@ -225,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         pipe = _load(args)
         pipe.decoder(draft)  # measure the costs for the length rule now, not in the first request
-    print(f"diffdraft serve: {settings.model_name} with {pipe.describe} on http://{args.host}:{args.port}/v1"
+    print(f"diffdraft serve: {settings.model_name} with {pipe.describe} ({pipe.target.runtime}) on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}; {settings.workers} worker(s) x {args.threads} thread(s)",
           file=sys.stderr)
     run(pipe, settings, draft, host=args.host, port=args.port, log_level=args.log_level)
@@ -345,6 +357,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             suite=args.suite, out=args.out, limit=args.limit,
             categories=tuple(c for c in args.categories.split(",") if c) if args.categories else None,
             turn=args.turn, model=args.model, dtype=args.dtype, backend=args.backend, drafters=tuple(drafters),
+            weights=tuple(args.weights),
             peers=None if peers is None else tuple(p for p in peers if p != "none"),
             draft_len=args.draft_len, verify=args.verify, early_exit_layers=args.early_exit_layers,
             temperatures=tuple(args.temperatures), max_new_tokens=args.max_new_tokens, repeats=args.repeats,

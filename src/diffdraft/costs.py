@@ -1,7 +1,7 @@
 """Measure what a step costs on this machine: the target's forward over k tokens, and one drafter call.
 
 The length rule (draft_length.py) needs c(1..K) and d. They are properties of the machine,
-the model, the backend, the dtype and the thread count, so they are measured once (a few
+the model, the backend, the dtype, the weights and the thread count, so they are measured once (a few
 forwards per k, the median of a few rounds: seconds) and cached as JSON in the cache
 folder under a key made of all of those. The measurement runs on synthetic token ids over
 a short context; it touches no request. Knows nothing of verification.
@@ -24,7 +24,7 @@ from diffdraft.loading import cache_dir
 
 CONTEXT = 128  # tokens of context behind the timed forwards
 REPEATS = 3
-CURVE_VERSION = 3
+CURVE_VERSION = 4
 OPENMP_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
 
 
@@ -53,6 +53,7 @@ def _key(target, drafter, max_tokens: int) -> dict:
         "model": f"{target.name}:{target.num_layers}x{target.hidden_size}:{target.vocab_size}",
         "backend": target.kind,
         "dtype": str(target.dtype),
+        "weights": target.weights,  # 4-bit linears have their own cost curve
         "drafter": None if drafter is None else drafter.cost_id(),
         "max_tokens": max_tokens,
     }

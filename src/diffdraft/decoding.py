@@ -85,7 +85,7 @@ class EngineDecoder(Decoder):
         return DecodeRun(tokens=result.tokens, stop_reason=result.stop_reason, stats=result.stats)
 
     def describe(self) -> dict:
-        return {**super().describe(), "spec": self.spec, "verify": self.draft.verify,
+        return {**super().describe(), "spec": self.spec, "runtime": self.target.runtime, "verify": self.draft.verify,
                 "min_confidence": self.draft.min_confidence, "length": self.draft.length,
                 "proposals": self.draft.proposals}
 
@@ -111,6 +111,8 @@ class DLLMDecoder(Decoder):
     def describe(self) -> dict:
         net = self.runner.net
         drafter = self.runner.drafter
-        return {**super().describe(), "block_size": net.block_size, "steps": self.runner.steps,
+        dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
+        return {**super().describe(), "runtime": f"dLLM module, {dtype}", "block_size": net.block_size,
+                "steps": self.runner.steps,
                 "verify": self.runner.verify if drafter else None,
                 "drafter_layers": drafter.net.num_layers if drafter else None}

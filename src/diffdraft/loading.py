@@ -48,6 +48,16 @@ def default_gguf_path() -> Path:
     return path
 
 
+def gguf_path(spec: str | None) -> Path | None:
+    """The GGUF file a model spec loads from (the default model's included), or None for an HF folder."""
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        return default_gguf_path()
+    if spec.endswith(".gguf"):
+        return Path(spec)
+    return None
+
+
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
@@ -98,14 +108,9 @@ def load_model(spec: str | None = None, dtype: str = "float32"):
     _quiet_transformers()
     torch_dtype = parse_dtype(dtype)
     spec = spec or DEFAULT_MODEL
-    if spec == DEFAULT_MODEL:
-        gguf = default_gguf_path()
-    elif spec.endswith(".gguf"):
-        gguf = Path(spec)
-        if not gguf.is_file():
-            raise DiffdraftError(f"model file not found: {spec}")
-    else:
-        gguf = None
+    gguf = gguf_path(spec)
+    if gguf is not None and not gguf.is_file():
+        raise DiffdraftError(f"model file not found: {spec}")
 
     if gguf is not None:
         folder = _converted_folder(gguf)

@@ -2,7 +2,8 @@
 
 rope_tables turns integer positions into cos/sin tables, from a base theta or from given
 inverse frequencies (a loaded model's own, which may carry a scaling); apply_rope rotates
-queries or keys. Elementwise per row: nothing here mixes positions. Knows nothing of models.
+queries or keys; rotate_in_place does the same in three ops on a tensor it may overwrite,
+with the sine table signed once (signed_sin) instead of negating half of x at every call. Elementwise per row: nothing here mixes positions. Knows nothing of models.
 """
 
 from __future__ import annotations
@@ -31,3 +32,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """A sin table [..., hd] with its first half negated, for rotate_in_place."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
+    """x [..., hd] <- x * cos + rotate_half(x) * sin, written into x; cos / sin_signed broadcast against x.
+    rotate_half(x) * sin equals the halves of x swapped times signed_sin(sin), exactly."""
+    half = x.shape[-1] // 2
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # [..., hd]: (x2, x1), a copy
+    x.mul_(cos).addcmul_(swapped, sin_signed)

@@ -55,6 +55,7 @@ class TargetBackend(ABC):
     docstring). Holds no per-request state."""
 
     kind: str = "backend"  # "hf" or "lean"
+    weights: str = "float32"  # what its linears run on: the loaded weights, or 4-bit (lean: native, int4)
 
     def __init__(self, module: nn.Module, tokenizer, tap_layers: tuple[int, ...] | None = None, name: str = "model"):
         self.module = module
@@ -71,6 +72,12 @@ class TargetBackend(ABC):
         if bad:
             raise DiffdraftError(f"tap layers {bad} are outside 0..{self.num_layers} for this target")
         self.eos_token_ids = _eos_ids(module, tokenizer)
+
+    @property
+    def runtime(self) -> str:
+        """The backend and its weights in a few words, for stats lines and banners: "lean, native weights"."""
+        weights = self.weights if self.weights != "float32" else str(self.dtype).removeprefix("torch.")
+        return f"{self.kind}, {weights} weights"
 
     # ----- shared parts for drafters -----
     @property

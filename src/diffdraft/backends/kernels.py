@@ -6,23 +6,59 @@ that is 1.6x faster than `F.linear` (MKL) for one row and 2x for 16, and, what m
 each output row is bit-identical whatever the number of rows in the call, so a forward over
 k tokens computes exactly what k one-token forwards compute. `F.linear` has no such property.
 Elsewhere (CUDA, or when oneDNN is missing) the weight is kept as it is and `F.linear` runs.
-`row_invariant` says which of the two a layer got. This module knows nothing of models.
+`row_invariant` says which of the two a layer got.
+
+Int4Linear runs 4-bit weights (backends/int4.py) through PyTorch's int4 CPU kernel, with
+the activations rounded to bfloat16 on the way in and the output widened to float32 on the
+way out; its rows are invariant too (tested).
+
+Kernels are chosen by what the CPU can do, not by dtype alone: oneDNN's bfloat16 weight
+reorder needs AVX-512 (or AVX-NE-CONVERT) and raises on an AVX2-only CPU, so a bfloat16
+weight gets oneDNN only where `onednn_bf16_supported()` says so. DIFFDRAFT_CPU_CAPABILITY
+(for example AVX2) makes this process act as if its CPU could do no more than that, which
+is how the tests check the choice on any machine. This module knows nothing of models.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffdraft.backends.int4 import Int4Weight
+
+
+CAPABILITY_ENV = "DIFFDRAFT_CPU_CAPABILITY"
+# PyTorch's names for its CPU kernel levels, from least to most capable (x86).
+CAPABILITY_ORDER = ("DEFAULT", "AVX2", "AVX512")
+
+
+def cpu_capability() -> str:
+    """The vector level this process's kernels may use: PyTorch's own reading of the CPU, lowered (never
+    raised) by $DIFFDRAFT_CPU_CAPABILITY."""
+    found = torch.backends.cpu.get_cpu_capability()
+    forced = os.environ.get(CAPABILITY_ENV, "").strip().upper()
+    if forced in CAPABILITY_ORDER and found in CAPABILITY_ORDER:
+        return min(found, forced, key=CAPABILITY_ORDER.index)
+    return found
+
+
+def onednn_bf16_supported() -> bool:
+    """Whether oneDNN can reorder and run bfloat16 weights on this CPU (AVX-512 or AVX-NE-CONVERT)."""
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    return cpu_capability() not in ("DEFAULT", "AVX2")  # a lowered capability stands for a CPU without them
+
 
 def onednn_ready(weight: torch.Tensor) -> bool:
-    """True where the reordered oneDNN linear can serve `weight`: on the CPU, float32 or bfloat16."""
+    """True where the reordered oneDNN linear can serve `weight`: on the CPU, float32, or bfloat16 where the
+    CPU supports it."""
     return (
         weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
+        and (weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and onednn_bf16_supported()))
         and torch.backends.mkldnn.is_available()
     )
 
@@ -54,7 +90,8 @@ class PreparedLinear:
         """One linear over several weights stacked on the output side (q/k/v, gate/up): one call, not many."""
         return PreparedLinear(torch.cat([w.detach() for w in weights], dim=0), prefer_onednn=prefer_onednn)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        """`widen` is Int4Linear's; here the output is always in x's dtype."""
         if not self.row_invariant:
             return F.linear(x, self.weight, self.bias)
         pieces = x.split(self.splits, dim=-1) if len(self.parts) > 1 else (x,)
@@ -62,6 +99,33 @@ class PreparedLinear:
         for piece, part in zip(pieces[1:], self.parts[1:]):
             y = y + torch.ops.mkldnn._linear_pointwise(piece, part, None, "none", [], "")
         return y
+
+
+# The activation dtype the int4 kernel runs with: its vectorized paths take bfloat16 (float32 activations
+# take a scalar loop, about 10x slower; DESIGN table in docs/native-weights.md).
+INT4_ACTIVATIONS = torch.bfloat16
+
+
+class Int4Linear:
+    """y = x W^T (+ b) for 4-bit weights in groups of 32 (an Int4Weight). x: [..., in] float32 -> [..., out]
+    float32; the matmul reads x in bfloat16, and the scales and zeros are rounded to bfloat16. CPU only."""
+
+    row_invariant = True  # the int4 kernel computes each row alone (tests/test_native_weights.py)
+
+    def __init__(self, weight: "Int4Weight", bias: torch.Tensor | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32).contiguous(), 1)
+        self.scale_zero = torch.stack([weight.scale.T, weight.zero.T], dim=-1).to(INT4_ACTIVATIONS).contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()  # [K/32, N, 2] above
+
+    def __call__(self, x: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        """widen=False returns the kernel's bfloat16 output as it is, for a caller that adds it to a float32
+        tensor (the addition widens it exactly, in the same kernel)."""
+        rows = x.reshape(-1, self.in_features).to(INT4_ACTIVATIONS)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, 32, self.scale_zero)
+        if widen or self.bias is not None:
+            y = y.float() if self.bias is None else y.float() + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class PreparedLinearModule(nn.Module):

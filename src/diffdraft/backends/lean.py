@@ -16,6 +16,12 @@ speculative decoding equals plain decoding by construction. Longer forwards (a l
 prompt's prefill) attend in one masked call instead: plain and speculative decoding share
 that prefill, so equality does not depend on it.
 
+Weights (docs/native-weights.md): the decoder linears run either on the loaded float weights
+(oneDNN, `weights="float32"`) or as 4-bit groups through the int4 kernel (`int4_layers`:
+the GGUF file's own blocks, "native", or the float weights rounded, "int4"); a fused linear
+whose parts are not all 4-bit stays float. The residual stream, norms, attention and the
+LM head stay float32 either way; only the 4-bit matmuls read bfloat16 activations.
+
 It knows nothing of drafting. One sequence per state (batch size 1). On CUDA the same module
 runs with `F.linear` (no CUDA graphs yet: no GPU was lent to test them).
 """
@@ -26,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffdraft.backends.kernels import PreparedLinear
+from diffdraft.backends.int4 import Int4Weight
+from diffdraft.backends.kernels import Int4Linear, PreparedLinear, onednn_bf16_supported
 from diffdraft.errors import DiffdraftError
-from diffdraft.rope import apply_rope, rope_tables
+from diffdraft.rope import rope_tables, rotate_in_place, signed_sin
 from diffdraft.target import TargetBackend, TargetOutput, TargetState
 
 # Verify forwards up to this many tokens are computed row by row (draft lengths are far below it).
@@ -54,25 +61,41 @@ def lean_unsupported(module: nn.Module) -> str | None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm, row by row, in float32 like HF's. x: [k, D] -> [k, D] in weight's dtype."""
+    """Llama's RMSNorm, row by row, in float32 like HF's. x: [k, D] -> [k, D] in weight's dtype.
+    In float32 it is PyTorch's fused op (one call; the same bits as the four-op form here)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(weight.dtype)
 
 
-class _LeanLayer:
-    """One decoder layer's prepared weights."""
+def _linear(parts: list[nn.Linear], int4: list[Int4Weight | None], prefer_onednn: bool) -> PreparedLinear | Int4Linear:
+    """One linear over `parts` stacked on the output side: 4-bit when every part has 4-bit weights, else float."""
+    biases = [p.bias for p in parts]
+    bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+    if int4 and all(w is not None for w in int4):
+        return Int4Linear(Int4Weight.cat(int4), bias)
+    linear = PreparedLinear(torch.cat([p.weight.detach() for p in parts]), prefer_onednn=prefer_onednn)
+    if bias is not None:
+        linear.bias = bias
+    return linear
 
-    def __init__(self, layer: nn.Module, prefer_onednn: bool):
+
+class _LeanLayer:
+    """One decoder layer's prepared weights (4-bit ones by LINEARS key in `int4`, where given)."""
+
+    def __init__(self, layer: nn.Module, prefer_onednn: bool, int4: dict[str, Int4Weight | None] | None = None):
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        bias = [p.bias for p in qkv]
-        self.qkv = PreparedLinear.fused([p.weight for p in qkv], prefer_onednn)
-        if all(b is not None for b in bias):
-            self.qkv.bias = torch.cat([b.detach() for b in bias])
-        self.o = PreparedLinear(attn.o_proj.weight, attn.o_proj.bias, prefer_onednn)
-        self.gate_up = PreparedLinear.fused([mlp.gate_proj.weight, mlp.up_proj.weight], prefer_onednn)
-        self.down = PreparedLinear(mlp.down_proj.weight, mlp.down_proj.bias, prefer_onednn)
+        int4 = int4 or {}
+
+        def make(names: list[str], parts: list[nn.Linear]):
+            return _linear(parts, [int4.get(n) for n in names] if int4 else [], prefer_onednn)
+
+        self.qkv = make(["q", "k", "v"], [attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = make(["o"], [attn.o_proj])
+        self.gate_up = make(["gate", "up"], [mlp.gate_proj, mlp.up_proj])
+        self.down = make(["down"], [mlp.down_proj])
         self.attn_norm = layer.input_layernorm.weight.detach()
         self.mlp_norm = layer.post_attention_layernorm.weight.detach()
         self.intermediate = mlp.gate_proj.weight.shape[0]
@@ -92,11 +115,21 @@ class LeanLlamaTarget(TargetBackend):
         cache_tokens: int | None = None,
         invariant_rows: int = INVARIANT_ROWS,
         prefer_onednn: bool = True,
+        int4_layers: list[dict[str, Int4Weight | None]] | None = None,
+        weights: str = "float32",
     ):
         reason = lean_unsupported(module)
         if reason:
             raise DiffdraftError(f"the lean runtime cannot run this model: {reason}; use --backend hf")
+        dtype = module.get_output_embeddings().weight.dtype
+        if dtype == torch.bfloat16 and prefer_onednn and not onednn_bf16_supported():
+            raise DiffdraftError(
+                "bfloat16 weights need a CPU with AVX-512 or AVX-NE-CONVERT for the lean runtime's kernels, and "
+                "this one has neither: use --weights native (4-bit weights with bfloat16 activations) or float32")
+        if int4_layers is not None and (dtype != torch.float32 or len(int4_layers) != module.config.num_hidden_layers):
+            raise DiffdraftError("4-bit weights go with a float32 model of the same depth")
         super().__init__(module, tokenizer, tap_layers, name)
+        self.weights = weights  # what the decoder linears run on: float32, native (the GGUF's 4-bit) or int4
         cfg = module.config
         body = module.model
         if cache_tokens is not None:
@@ -109,30 +142,32 @@ class LeanLlamaTarget(TargetBackend):
         self.eps: float = cfg.rms_norm_eps
         self.invariant_rows = invariant_rows
         with torch.no_grad():
-            self._layers = [_LeanLayer(layer, prefer_onednn) for layer in body.layers]
+            self._layers = [_LeanLayer(layer, prefer_onednn, None if int4_layers is None else int4_layers[i])
+                            for i, layer in enumerate(body.layers)]
             self._final_norm = body.norm.weight.detach()
             self._embed = body.embed_tokens.weight.detach()  # [V, D]
             self._head = PreparedLinear(module.lm_head.weight, None, prefer_onednn)
-            self._cos, self._sin = self._rope_tables(body.rotary_emb)  # [C, hd] each
+            self._cos, self._sin_signed = self._rope_tables(body.rotary_emb)  # [C, hd] each
         self.row_invariant = all(
             lin.row_invariant for layer in self._layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
         ) and self._head.row_invariant
 
     def _rope_tables(self, rotary: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's own frequencies and scaling (as its rotary module holds them) at every position."""
+        """The model's own frequencies and scaling (as its rotary module holds them) at every position:
+        cos and the signed sin of rope.rotate_in_place, [C, hd] each."""
         positions = torch.arange(self.max_context, device=self.device)
         cos, sin = rope_tables(positions, self.head_dim, 0.0, inv_freq=rotary.inv_freq, scale=rotary.attention_scaling)
-        return cos.to(self.dtype), sin.to(self.dtype)
+        return cos.to(self.dtype), signed_sin(sin).to(self.dtype)
 
     # ----- incremental decoding -----
-    def _empty_cache(self, old: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values, [L, Hkv, C, hd] each, for the whole context: a restarted sequence keeps its
-        own. Untouched pages cost nothing until written (SmolLM2: 377 MB reserved, a few ms per request)."""
+    def _empty_cache(self, old: torch.Tensor | None) -> torch.Tensor:
+        """Keys and values, [L, 2, Hkv, C, hd] (index 0 the keys, 1 the values), for the whole context: a
+        restarted sequence keeps its own. One tensor, so a layer writes its new keys and values in one copy.
+        Untouched pages cost nothing until written (SmolLM2: 377 MB reserved, a few ms per request)."""
         if old is not None:
             return old
-        keys = torch.empty((self.num_layers, self.num_kv_heads, self.max_context, self.head_dim), device=self.device,
-                           dtype=self.dtype)
-        return keys, torch.empty_like(keys)
+        return torch.empty((self.num_layers, 2, self.num_kv_heads, self.max_context, self.head_dim),
+                           device=self.device, dtype=self.dtype)
 
     def _crop_cache(self, state: TargetState, n: int) -> None:
         pass  # positions past the length are overwritten before they are read
@@ -145,22 +180,21 @@ class LeanLlamaTarget(TargetBackend):
         k = ids.shape[1]
         self._check_room(state, k)
         start = state.length
-        cache_k, cache_v = state.cache
+        cache = state.cache  # [L, 2, Hkv, C, hd]
         x = F.embedding(ids[0].to(self.device), self._embed)  # [k, D]
-        cos, sin = self._cos[None, start : start + k], self._sin[None, start : start + k]  # [1, k, hd]
+        cos, sin = self._cos[start : start + k, None], self._sin_signed[start : start + k, None]  # [k, 1, hd]
         taps = {0: x} if want_taps and 0 in self.tap_layers else {}
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         for index, layer in enumerate(self._layers):
             qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [k, (H + 2 Hkv) hd]
-            q, key, value = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
-            q = apply_rope(q.view(1, k, heads, hd).transpose(1, 2), cos, sin)[0]  # [H, k, hd]
-            key = apply_rope(key.view(1, k, kv_heads, hd).transpose(1, 2), cos, sin)[0]  # [Hkv, k, hd]
-            cache_k[index, :, start : start + k] = key
-            cache_v[index, :, start : start + k] = value.view(k, kv_heads, hd).transpose(0, 1)
-            attended = self._attend(q, cache_k[index], cache_v[index], start)  # [k, H hd]
-            x = x + layer.o(attended)
+            rotate_in_place(qkv[:, : (heads + kv_heads) * hd].view(k, heads + kv_heads, hd), cos, sin)  # q and k
+            new_kv = qkv[:, heads * hd :].view(k, 2, kv_heads, hd)  # rotated keys, then values
+            cache[index, :, :, start : start + k] = new_kv.permute(1, 2, 0, 3)  # [2, Hkv, k, hd]
+            q = qkv[:, : heads * hd].view(k, heads, hd).transpose(0, 1)  # [H, k, hd]
+            attended = self._attend(q, cache[index, 0], cache[index, 1], start)  # [k, H hd]
+            x = x + layer.o(attended, widen=False)  # a bfloat16 output is widened by the addition
             gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, self.eps)).split(layer.intermediate, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + layer.down(F.silu(gate) * up, widen=False)
             if want_taps and index + 1 in self.tap_layers and index + 1 < self.num_layers:
                 taps[index + 1] = x
         state.length = start + k

@@ -89,12 +89,15 @@ def split_engine_options(spec: str) -> tuple[str, dict]:
 
 
 def engine_decoders(
-    entries: list[str], target: TargetBackend, draft_len: int, verify: str = "auto", early_exit_layers: int = 4
+    entries: list[str], target: TargetBackend, draft_len: int, verify: str = "auto", early_exit_layers: int = 4,
+    suffix: str = "",
 ) -> list[EngineDecoder]:
-    """Plain decoding first (always: it is the reference), then one decoder per drafter entry."""
+    """Plain decoding first (always: it is the reference), then one decoder per drafter entry. With a
+    suffix (a second weight choice, ":float32"), every name carries it and plain + suffix is their reference."""
     decoders: dict[str, EngineDecoder] = {}
     for entry in ["none", *entries]:
         name, spec, g = parse_drafter_spec(entry, draft_len)
+        name += suffix
         if name in decoders:
             if spec == "none":
                 continue  # "none" named again: plain is already there
@@ -103,4 +106,5 @@ def engine_decoders(
         draft = DraftConfig(draft_len=g, verify=verify, **settings)  # validates g and the settings
         drafter = build_drafter(spec, target, early_exit_layers=early_exit_layers)
         decoders[name] = EngineDecoder(name, target, drafter, draft, spec=spec)
+        decoders[name].reference = PLAIN + suffix
     return list(decoders.values())

@@ -25,7 +25,7 @@ import torch
 from diffdraft.decoding import DecodeRun, Decoder
 from diffdraft.config import SamplingConfig
 from diffdraft.errors import DiffdraftError
-from diffdraft.loading import DEFAULT_MODEL, default_gguf_path
+from diffdraft.loading import gguf_path
 from diffdraft.stats import Stats
 from diffdraft.target import TargetBackend
 
@@ -145,7 +145,8 @@ class HFGenerate(PeerDecoder):
         return DecodeRun(tokens=tokens, stop_reason=stop, stats=stats)
 
     def describe(self) -> dict:
-        info = {**super().describe(), "library": "transformers", "dtype": str(self.target.dtype).removeprefix("torch.")}
+        dtype = str(self.target.dtype).removeprefix("torch.")
+        info = {**super().describe(), "library": "transformers", "dtype": dtype, "runtime": f"transformers, {dtype}"}
         if self.draft_len:
             info["max_matching_ngram_size"] = HF_MAX_NGRAM
         return info
@@ -204,17 +205,7 @@ class LlamaCpp(PeerDecoder):
         import llama_cpp
 
         return {**super().describe(), "library": f"llama-cpp-python {llama_cpp.__version__}", "gguf": str(self.gguf),
-                "threads": self.threads}
-
-
-def gguf_for(model_spec: str | None) -> Path | None:
-    """The GGUF file a model spec was loaded from, or None for an HF folder."""
-    spec = model_spec or DEFAULT_MODEL
-    if spec == DEFAULT_MODEL:
-        return default_gguf_path()
-    if spec.endswith(".gguf"):
-        return Path(spec)
-    return None
+                "threads": self.threads, "runtime": f"llama.cpp, {self.gguf.name}"}
 
 
 def build_peers(
@@ -238,7 +229,7 @@ def build_peers(
             else:
                 peers.append(HFGenerate(target, prompt_lookup=draft_len))
         elif name == LLAMA_CPP:
-            gguf = gguf_for(model_spec)
+            gguf = gguf_path(model_spec)
             if gguf is None:
                 skipped[name] = f"the model {model_spec!r} is not a GGUF file"
             elif not llama_cpp_available():

@@ -105,6 +105,10 @@ def markdown(results: dict) -> str:
                   "TTFT ms"]
         if not only_plain:
             header.insert(2, "reference")
+        runtimes = {d: results["decoders"].get(d, {}).get("runtime") for d in summary["decoders"]}
+        with_runtime = any(runtimes.values())  # results from before runtimes were recorded have none
+        if with_runtime:
+            header.insert(1, "runtime")
         if equality:
             header.append("equal to plain" if only_plain else "equal to reference")
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -116,6 +120,8 @@ def markdown(results: dict) -> str:
                    _speed({k: v * 1000 for k, v in f["ttft_s"].items()}, 0)]
             if not only_plain:
                 row.insert(2, refs[d])
+            if with_runtime:
+                row.insert(1, runtimes[d] or "")
             if equality:
                 e = equality[d]
                 mark = " **BUG**" if e["kind"] in LOSSLESS_KINDS and e["equal"] < e["total"] else ""

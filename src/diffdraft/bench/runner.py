@@ -30,7 +30,7 @@ from importlib import metadata
 
 import torch
 
-from diffdraft.backends import BACKENDS, build_target
+from diffdraft.backends import BACKENDS, WEIGHTS, build_target, resolve_weights
 from diffdraft.bench.decoders import dllm_decoders, engine_decoders, parse_drafter_spec
 from diffdraft.decoding import PLAIN, Decoder
 from diffdraft.bench.metrics import summarize, temperature_key
@@ -43,7 +43,7 @@ from diffdraft.dllm.loading import check_choices
 from diffdraft.drafters import required_tap_layers
 from diffdraft.errors import DiffdraftError
 from diffdraft.engine import SpeculativeEngine
-from diffdraft.loading import DTYPES, load_model
+from diffdraft.loading import DTYPES, gguf_path, load_model
 from diffdraft.prompting import chat_ids
 from diffdraft.target import TargetBackend
 
@@ -60,6 +60,9 @@ class BenchConfig:
     turn: int = 1  # 2: answer MT-Bench's second turn after plain greedy decoding's first answer
     model: str | None = None
     dtype: str = "float32"
+    # The lean runtime's weights. Several run side by side: the first with every drafter, under the usual
+    # names; each other one as plain decoding named plain:WEIGHTS (its drift and speed beside the first).
+    weights: tuple[str, ...] = ("auto",)
     drafters: tuple[str, ...] = ("ngram", "early-exit")  # build_drafter specs, SPEC@G sets g; plain always runs
     peers: tuple[str, ...] | None = None  # None: every peer that can run here
     draft_len: int = 8
@@ -89,6 +92,9 @@ class BenchConfig:
             raise DiffdraftError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.dtype not in DTYPES:
             raise DiffdraftError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        bad = [w for w in self.weights if w not in WEIGHTS]
+        if bad or not self.weights or len(set(self.weights)) != len(self.weights):
+            raise DiffdraftError(f"weights must be distinct choices among {', '.join(WEIGHTS)}, got {list(self.weights)}")
         DraftConfig(draft_len=self.draft_len, verify=self.verify)  # raises on a bad g or verify mode
         if not self.temperatures:
             raise DiffdraftError("give at least one temperature")
@@ -113,7 +119,7 @@ class BenchConfig:
 
     def fixed_settings(self) -> dict:
         return {"suite": self.suite, "turn": self.turn, "model": self.model or "smollm2", "dtype": self.dtype,
-                "backend": self.backend, "draft_len": self.draft_len, "verify": self.verify,
+                "backend": self.backend, "weights": list(self.weights), "draft_len": self.draft_len, "verify": self.verify,
                 "early_exit_layers": self.early_exit_layers,
                 "max_new_tokens": self.max_new_tokens, "seed": self.seed}
 
@@ -218,10 +224,17 @@ def _run_locked(config: BenchConfig, prompts: list[Prompt], store: RecordStore) 
     hf_model, tokenizer = load_model(config.model, dtype=config.dtype)
     taps = required_tap_layers([parse_drafter_spec(entry, config.draft_len)[1] for entry in config.drafters],
                                num_layers=hf_model.config.num_hidden_layers)
-    target = build_target(hf_model, tokenizer, backend=config.backend, tap_layers=taps, name=config.model or "smollm2")
-    decoders: list[Decoder] = engine_decoders(
-        list(config.drafters), target, config.draft_len, config.verify, config.early_exit_layers
-    )
+    gguf = gguf_path(config.model)
+    resolved = [resolve_weights(w, config.backend, hf_model, gguf) for w in config.weights]
+    if len(set(resolved)) != len(resolved):
+        raise DiffdraftError(f"weights {list(config.weights)} name the same weights twice here ({resolved})")
+    decoders: list[Decoder] = []
+    targets = [build_target(hf_model, tokenizer, backend=config.backend, tap_layers=taps,
+                            name=config.model or "smollm2", weights=weights, gguf=gguf) for weights in resolved]
+    for i, on in enumerate(targets):  # the first runs every drafter under the plain names; the others plain only
+        decoders += engine_decoders(list(config.drafters) if i == 0 else [], on, config.draft_len, config.verify,
+                                    config.early_exit_layers, suffix=f":{on.weights}" if i else "")
+    target = targets[0]
     if config.dllm is not None:
         decoders += dllm_decoders(target, config.dllm, config.dllm_drafter, config.dllm_drafter_layers,
                                   config.dllm_block_size, config.dllm_steps, config.verify)

@@ -1,0 +1,207 @@
+"""The target's own 4-bit weights (docs/native-weights.md): GGUF blocks into the int4 kernel's layout,
+rounding float weights, the lean runtime's rows on the int4 kernel, and the kernel choice by CPU
+capability. Tiny random models and a small GGUF file written here; the real file in a `real` test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+from conftest import make_llama
+from diffdraft.backends import LeanLlamaTarget, build_target, resolve_weights
+from diffdraft.backends import kernels
+from diffdraft.backends.gguf_llama import LINEARS, read_native_linears, unpermute_rows
+from diffdraft.backends.int4 import GGUF_INT4_KINDS, Int4Weight, from_gguf, round_to_nearest
+from diffdraft.errors import DiffdraftError
+from test_backends import CONTEXT, MAX_K, k_token_vs_one_token
+
+# The largest gap allowed between the kernel's weights and the dequantized tensor: the scales and zeros
+# are rounded to bfloat16 (8 significant bits), so a weight moves by at most |q - 8| * |s| * 2^-8 + |z| * 2^-8.
+BF16_REL = 2.0**-8
+
+
+def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random bytes of a GGUF tensor [rows, row bytes] of `kind`, with sane float16 scales."""
+    rng = np.random.default_rng(seed)
+    per_block, size = GGUF_INT4_KINDS[kind] if kind in GGUF_INT4_KINDS else (32, 34)  # Q8_0: d + 32 bytes
+    raw = rng.integers(0, 256, (rows, cols // per_block, size), dtype=np.uint8)
+    scales = (2 if kind in ("Q4_1", "Q4_K") else 1)
+    for i in range(scales):
+        values = rng.uniform(-0.05, 0.05, (rows, cols // per_block)).astype(np.float16)
+        raw[..., 2 * i : 2 * i + 2] = values.view(np.uint8).reshape(rows, cols // per_block, 2)
+    return raw.reshape(rows, -1)
+
+
+def kernel_weight(weight: Int4Weight) -> torch.Tensor:
+    """The weight as the int4 kernel sees it: scales and zeros rounded to bfloat16 (the kernel's own formula)."""
+    s, z = weight.scale.bfloat16().float(), weight.zero.bfloat16().float()
+    return Int4Weight(weight.q, s, z).dequantize()
+
+
+@pytest.mark.parametrize("kind", list(GGUF_INT4_KINDS))
+def test_gguf_blocks_map_exactly_to_groups_of_32(kind):
+    raw = random_blocks(kind, 6, 512, seed=1)
+    reference = torch.from_numpy(quants.dequantize(raw, getattr(GGMLQuantizationType, kind)).astype(np.float32))
+    weight = from_gguf(raw, kind, (6, 512))
+    # the same codes, scales and offsets: equal up to float32 rounding (Q4_K's zero folds two products into one)
+    torch.testing.assert_close(weight.dequantize(), reference, rtol=0, atol=1e-6)
+    bound = (weight.q.float() - 8).abs().amax() * weight.scale.abs().amax() + weight.zero.abs().amax()
+    assert (kernel_weight(weight) - reference).abs().max() <= bound * BF16_REL
+
+
+def test_a_wrong_shape_or_kind_is_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        from_gguf(random_blocks("Q4_0", 4, 64), "Q4_0", (4, 96))
+    with pytest.raises(ValueError, match="not a 4-bit group format"):
+        from_gguf(random_blocks("Q4_0", 4, 64), "Q8_0", (4, 64))
+
+
+def test_round_to_nearest_gives_back_q4_1_codes():
+    """Weights that came from Q4_1 (every group spans codes 0 and 15) come back exactly."""
+    q = torch.randint(0, 16, (8, 64), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    q[:, ::32], q[:, 1::32] = 0, 15
+    original = Int4Weight(q, torch.rand(8, 2) + 0.01, torch.randn(8, 2))
+    again = round_to_nearest(original.dequantize())
+    torch.testing.assert_close(again.dequantize(), original.dequantize(), rtol=0, atol=1e-5)
+    assert torch.equal(again.q, q)
+
+
+def test_round_to_nearest_error_is_within_half_a_step():
+    weight = torch.randn(16, 96, generator=torch.Generator().manual_seed(3))
+    rounded = round_to_nearest(weight)
+    step = rounded.scale.repeat_interleave(32, dim=1)
+    assert ((rounded.dequantize() - weight).abs() <= step / 2 + 1e-6).all()
+
+
+def write_gguf(path, kinds: dict[str, str], heads: int, kv_heads: int, hidden: int, ffn: int) -> dict[str, np.ndarray]:
+    """A one-layer GGUF file with the seven decoder linears in the given types (and a Q8_0 embedding);
+    returns each linear's dequantized weight as the file stores it."""
+    shapes = {"q": (hidden, hidden), "k": (hidden // heads * kv_heads, hidden), "v": (hidden // heads * kv_heads, hidden),
+              "o": (hidden, hidden), "gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}
+    writer = GGUFWriter(str(path), "llama")
+    stored = {}
+    for i, (key, gguf_name) in enumerate(LINEARS.items()):
+        rows, cols = shapes[key]
+        kind = kinds[key]
+        raw = random_blocks(kind, rows, cols, seed=10 + i)
+        stored[key] = quants.dequantize(raw, getattr(GGMLQuantizationType, kind)).astype(np.float32)
+        writer.add_tensor(f"blk.0.{gguf_name}.weight", raw, raw_dtype=getattr(GGMLQuantizationType, kind))
+    writer.add_tensor("token_embd.weight", random_blocks("Q8_0", 32, hidden), raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
+def test_a_gguf_file_is_read_per_tensor_kind(tmp_path):
+    kinds = {"q": "Q4_0", "k": "Q4_1", "v": "Q4_K", "o": "Q8_0", "gate": "Q4_1", "up": "Q4_K", "down": "Q4_0"}
+    heads, kv_heads, hidden, ffn = 4, 2, 256, 512
+    stored = write_gguf(tmp_path / "tiny.gguf", kinds, heads, kv_heads, hidden, ffn)
+    native = read_native_linears(tmp_path / "tiny.gguf", 1, heads, kv_heads)
+    layer = native.layers[0]
+    assert layer["o"] is None  # Q8_0 is left to the dequantized float weights
+    for key in ("q", "k"):  # llama.cpp's rotary interleaving undone, rows only
+        order = unpermute_rows(stored[key].shape[0], heads if key == "q" else kv_heads)
+        torch.testing.assert_close(layer[key].dequantize(), torch.from_numpy(stored[key])[order], rtol=0, atol=1e-6)
+    for key in ("v", "gate", "up", "down"):
+        torch.testing.assert_close(layer[key].dequantize(), torch.from_numpy(stored[key]), rtol=0, atol=1e-6)
+    assert native.paths["Q8_0"] == "float32, dequantized (2 tensors)"
+    assert native.paths["Q4_1"] == "int4 kernel, as stored (2 tensors)"
+
+
+def test_unpermute_rows_inverts_the_llama_cpp_interleaving():
+    """llama.cpp stores row (h, j, r) of a head's halves at (h, r, j): rows w.reshape(H, 2, d/2).swapaxes."""
+    rows, heads = 24, 3
+    original = torch.arange(rows)
+    stored = original.view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
+    assert torch.equal(stored[unpermute_rows(rows, heads)], original)
+
+
+def test_the_int4_kernel_rows_are_invariant_and_equal_the_rounded_weight():
+    weight = round_to_nearest(torch.randn(96, 64, generator=torch.Generator().manual_seed(4)))
+    linear = kernels.Int4Linear(weight)
+    x = torch.randn(MAX_K, 64, generator=torch.Generator().manual_seed(5))
+    rows = linear(x)
+    assert rows.dtype == torch.float32
+    assert torch.equal(rows, torch.cat([linear(x[i : i + 1]) for i in range(MAX_K)]))
+    expected = x.bfloat16().float() @ kernel_weight(weight).T
+    torch.testing.assert_close(rows, expected, rtol=0.02, atol=0.05)  # the output is rounded to bfloat16
+
+
+@pytest.mark.parametrize("weights", ["int4"])
+def test_native_rows_are_bit_identical_to_one_token_forwards(tiny_model, tiny_tokenizer, weights):
+    target = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(0, 2, 4), weights=weights,
+                          report=lambda line: None)
+    assert target.weights == "int4" and target.row_invariant
+    ids = torch.randint(0, 256, (1, CONTEXT + MAX_K), generator=torch.Generator().manual_seed(0))
+    for k in range(1, MAX_K + 1):
+        batched, single = k_token_vs_one_token(target, ids, k)
+        assert torch.equal(batched, single), f"k = {k}: max difference {(batched - single).abs().max()}"
+
+
+def test_the_identity_fails_when_a_non_invariant_kernel_is_swapped_in(tiny_model, tiny_tokenizer, monkeypatch):
+    """Negative control: the int4 linears replaced by F.linear on their weights (MKL) lose the identity."""
+    target = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(0, 2, 4), weights="int4",
+                          report=lambda line: None)
+    dense = {}
+
+    def f_linear(self, x, widen=True):
+        if id(self) not in dense:
+            q = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(self.in_features, dtype=torch.bfloat16),
+                                                           self.packed, 32, self.scale_zero)  # [in, out]
+            dense[id(self)] = q.float().T.contiguous()
+        return torch.nn.functional.linear(x, dense[id(self)])
+
+    monkeypatch.setattr(kernels.Int4Linear, "__call__", f_linear)
+    ids = torch.randint(0, 256, (1, CONTEXT + MAX_K), generator=torch.Generator().manual_seed(0))
+    differs = [k for k in range(2, MAX_K + 1) if not torch.equal(*k_token_vs_one_token(target, ids, k))]
+    assert differs, "F.linear happened to be row-invariant: the bit-identity test proves nothing here"
+
+
+def test_int4_weights_stay_close_to_float32(tiny_model, tiny_tokenizer):
+    """Rounding to 4 bits moves the tiny model's logits, but not far (stated bound, seen ~0.08)."""
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(6))
+    outs = []
+    for weights in ("float32", "int4"):
+        target = build_target(tiny_model, tiny_tokenizer, backend="lean", weights=weights, report=lambda line: None)
+        outs.append(target.prefill(target.new_state(), ids).logits)
+    difference = (outs[0] - outs[1]).abs().max()
+    assert 0 < difference < 0.5
+
+
+def test_weight_choices_are_resolved_or_refused_in_one_line(tiny_model, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    assert resolve_weights("auto", "auto", tiny_model, gguf) == "native"
+    assert resolve_weights("auto", "auto", tiny_model, None) == "float32"
+    assert resolve_weights("auto", "hf", tiny_model, gguf) == "float32"
+    assert resolve_weights("int4", "lean", tiny_model, None) == "int4"
+    with pytest.raises(DiffdraftError, match="not a GGUF file: use --weights int4"):
+        resolve_weights("native", "auto", tiny_model, None)
+    with pytest.raises(DiffdraftError, match="lean runtime"):
+        resolve_weights("native", "hf", tiny_model, gguf)
+    with pytest.raises(DiffdraftError, match="weights must be one of"):
+        resolve_weights("int3", "auto", tiny_model, gguf)
+    with pytest.raises(DiffdraftError, match="--dtype float32"):
+        resolve_weights("int4", "auto", make_llama().to(torch.bfloat16), None)
+
+
+def test_the_kernel_choice_follows_the_cpu_capability(monkeypatch, tiny_tokenizer):
+    """Forced down to AVX2, bfloat16 gets no oneDNN kernel and the lean runtime refuses it in one line;
+    float32 and the int4 kernel still run. The forced level can only lower the CPU's own."""
+    monkeypatch.setenv(kernels.CAPABILITY_ENV, "AVX2")
+    assert kernels.cpu_capability() in ("AVX2", "DEFAULT")
+    assert not kernels.onednn_bf16_supported()
+    assert not kernels.onednn_ready(torch.zeros(4, 4, dtype=torch.bfloat16))
+    assert kernels.onednn_ready(torch.zeros(4, 4))
+    with pytest.raises(DiffdraftError, match="AVX-512") as refused:
+        LeanLlamaTarget(make_llama().to(torch.bfloat16), tiny_tokenizer)
+    assert "\n" not in str(refused.value)
+    target = build_target(make_llama(), tiny_tokenizer, backend="lean", weights="int4", report=lambda line: None)
+    assert target.prefill(target.new_state(), torch.zeros(1, 3, dtype=torch.long)).logits.isfinite().all()
+    monkeypatch.setenv(kernels.CAPABILITY_ENV, "DEFAULT")
+    assert kernels.cpu_capability() == "DEFAULT"
+    monkeypatch.setenv(kernels.CAPABILITY_ENV, "AVX512")  # never raised above what the CPU has
+    assert kernels.cpu_capability() == torch.backends.cpu.get_cpu_capability()
