@@ -10,8 +10,9 @@ import torch
 from conftest import make_llama
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.costs import cost_curve
-from diffdraft.draft_length import AcceptanceCalibration, CostCurve, LengthPolicy, expected_emitted
-from diffdraft.drafters.base import Drafter
+from diffdraft.draft_length import (PROBE_EVERY, AcceptanceCalibration, CostCurve, DraftingValue, LengthPolicy,
+                                   expected_emitted)
+from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.engine import SpeculativeEngine
 from diffdraft.sampling import logits_to_probs
 from lawcheck import fit
@@ -184,3 +185,58 @@ def test_engine_without_drafter_or_with_a_cut_has_no_policy(tiny_target):
     ngram = drafter_for("ngram", tiny_target)
     assert SpeculativeEngine(tiny_target, ngram, DraftConfig(4, min_confidence=0.5)).policy is None
     assert SpeculativeEngine(tiny_target, ngram, DraftConfig(4, length="fixed")).policy is None
+
+
+def test_drafting_is_skipped_while_it_does_not_pay_and_probed_again():
+    """Plain steps cost c(1) = 1 s (rate 1 token/s). Drafting steps that emit 1 token for d + c(2) = 2.1 s
+    do not pay: the policy then skips the drafter, drafting again on every PROBE_EVERY-th step."""
+    policy = LengthPolicy(CostCurve(target_s=(1.0, 2.0), draft_s=0.1))
+    assert policy.draft_now(greedy=True)  # nothing known yet: draft
+    policy.observe(conf(0.5), verified=1, accepted=0, greedy=True)
+    decisions = [policy.draft_now(greedy=True) for _ in range(3 * PROBE_EVERY)]
+    assert decisions == ([False] * (PROBE_EVERY - 1) + [True]) * 3
+    assert policy.draft_now(greedy=False)  # sampling keeps its own record
+    for _ in range(20):  # drafting that pays again: 3 tokens per 2.1 s
+        policy.observe(conf(0.9), verified=1, accepted=2, greedy=True)
+    assert all(policy.draft_now(greedy=True) for _ in range(PROBE_EVERY))
+
+
+def test_drafting_value_by_hand():
+    value = DraftingValue()
+    assert value.pays(plain_rate=1.0)
+    value.observe(emitted=2, seconds=1.5)  # 1.33 tokens/s
+    assert value.pays(plain_rate=1.0) and not value.pays(plain_rate=1.5)
+
+
+class AlwaysWrong(Drafter):
+    """Proposes a token plain decoding never emits (id 299 of the tiny vocabulary), sure of it; counts calls."""
+
+    name = "always-wrong"
+
+    def __init__(self):
+        self.calls = 0
+
+    def propose(self, state, tokens, num_tokens, sampling, generator):
+        self.calls += 1
+        n = min(num_tokens, 2)
+        return Draft(tokens=torch.full((n,), 299), probs=None, confidence=torch.full((n,), 0.9))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_engine_skips_a_drafter_that_never_pays_and_stays_lossless(tiny_target, skip):
+    """A drafter that is always wrong, on costs where drafting is dear: after the first steps the engine
+    runs plain steps (no drafter call), probing every PROBE_EVERY-th step, and the tokens equal plain
+    decoding. Negative control (skip=False): a policy that always drafts calls the drafter every step."""
+    drafter = AlwaysWrong()
+    policy = LengthPolicy(CostCurve(target_s=(0.01, 0.03, 0.05, 0.07, 0.09), draft_s=0.01))
+    if not skip:
+        policy.draft_now = lambda greedy: True
+    prompt = [5, 6, 7, 8, 5, 6, 7, 9]
+    result = SpeculativeEngine(tiny_target, drafter, DraftConfig(4), policy=policy).generate(prompt, max_new_tokens=48)
+    plain = SpeculativeEngine(tiny_target, None).generate(prompt, max_new_tokens=48)
+    assert result.tokens == plain.tokens and 299 not in plain.tokens
+    steps = len(result.stats.proposed)
+    if skip:
+        assert drafter.calls <= steps // PROBE_EVERY + 2, (drafter.calls, steps)
+    else:
+        assert drafter.calls == steps

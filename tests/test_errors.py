@@ -408,3 +408,34 @@ def test_build_drafter_errors(tmp_path, tiny_model, tiny_tokenizer):
     with pytest.raises(DiffdraftError):
         build_drafter(str(tmp_path), target)  # a folder, but no drafter.json
     assert build_drafter("none", target) is None
+
+
+# ------------------------------------------------------------------------------ weights and CPU
+def test_bfloat16_on_a_cpu_without_its_kernels_is_one_line(capsys, tiny_model_dir, monkeypatch):
+    """On an AVX2-only CPU (forced here) oneDNN cannot reorder bfloat16 weights: one line, no traceback."""
+    monkeypatch.setenv("DIFFDRAFT_CPU_CAPABILITY", "AVX2")
+    code, out, err = run_main(capsys, "hi", "--model", tiny_model_dir, "--dtype", "bfloat16", "--drafter", "none")
+    assert_user_error(code, err, "AVX-512", "--weights native")
+    assert out == ""
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--weights", "native"], "not a GGUF file: use --weights int4"),
+    (["--weights", "int4", "--backend", "hf"], "lean runtime"),
+    (["--weights", "int4", "--dtype", "bfloat16"], "--dtype float32"),
+])
+def test_weights_that_cannot_run_are_one_line(capsys, tiny_model_dir, args, needle):
+    code, out, err = run_main(capsys, "hi", "--model", tiny_model_dir, "--drafter", "none", *args)
+    assert_user_error(code, err, needle)
+
+
+def test_int4_weights_answer_through_the_cli(capsys, tiny_model_dir):
+    code = main(["generate", "hi", "--model", tiny_model_dir, "--weights", "int4", "--drafter", "ngram",
+                 "--max-new-tokens", "8"])
+    _, err = capsys.readouterr()
+    assert code == 0 and "lean, int4 weights]" in err and "weights: int4" in err, err
+
+
+def test_the_dllm_path_refuses_4bit_weights(capsys):
+    code, out, err = run_main(capsys, "hi", "--dllm", "b4", "--weights", "native", "--model", "/nonexistent-model")
+    assert_user_error(code, err, "leave --weights out")

@@ -13,6 +13,12 @@ the rule verifies the k that maximizes (1 + E[A_k]) / (d + c(k + 1)).
 - `LengthPolicy` makes the choice. It reads only what is known before verification (the
   drafter's confidences and past steps), never the target's logits of this step, so the
   output law is untouched: the choice is lossless for any verifier.
+- `DraftingValue` decides whether to call the drafter at all: where drafting steps have
+  lately emitted fewer tokens per second (by the cost curve) than plain steps would, the
+  step skips the drafter and runs as plain decoding, drafting again every PROBE_EVERY-th
+  step to notice when it pays again. So the default never runs much below plain decoding,
+  on a machine where verifying rows is dear (4-bit weights on a CPU) or a text the drafter
+  cannot guess (docs/native-weights.md).
 
 Pure arithmetic on floats and small tensors; knows nothing of models.
 """
@@ -33,6 +39,10 @@ NO_CONFIDENCE = 0.5  # the prior of a drafter that states no confidence (n-gram,
 # a slot whose confidence looks poor is still tried now and then until its acceptance is known
 # (a cell never verified would otherwise never learn that the drafter is better than it says).
 EXPLORE = 0.5
+# Whether drafting pays is judged on drafting steps of about the last 1 / (1 - VALUE_DECAY) seen;
+# while it does not, one step in PROBE_EVERY drafts anyway.
+VALUE_DECAY = 0.97
+PROBE_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,31 @@ class AcceptanceCalibration:
         self.hits.index_put_((slots, buckets), hit.double(), accumulate=True)
 
 
+@dataclass
+class DraftingValue:
+    """Tokens per second of recent drafting steps, by the cost curve: decayed sums of what they emitted
+    and what they cost (d + c(k + 1)), against a plain step's 1 / c(1)."""
+
+    emitted: float = 0.0
+    seconds: float = 0.0
+    skipped: int = 0  # steps skipped in a row
+
+    def observe(self, emitted: int, seconds: float) -> None:
+        self.emitted = VALUE_DECAY * self.emitted + emitted
+        self.seconds = VALUE_DECAY * self.seconds + seconds
+
+    def pays(self, plain_rate: float) -> bool:
+        return self.seconds == 0 or self.emitted / self.seconds >= plain_rate
+
+    def draft_now(self, plain_rate: float) -> bool:
+        """Whether this step calls the drafter: where drafting pays, and every PROBE_EVERY-th step else."""
+        if self.pays(plain_rate) or self.skipped + 1 >= PROBE_EVERY:
+            self.skipped = 0
+            return True
+        self.skipped += 1
+        return False
+
+
 def expected_emitted(acceptance: torch.Tensor) -> torch.Tensor:
     """1 + E[A_k] for k = 0..n from a_1..a_n [n] -> [n + 1]."""
     reach = torch.cumprod(acceptance, dim=0)  # P(the first i slots all accepted)
@@ -128,6 +163,7 @@ class LengthPolicy:
         self.costs = costs
         self.explore = explore
         self._calibration: dict[bool, AcceptanceCalibration] = {}
+        self._value: dict[bool, DraftingValue] = {}
         self._lock = threading.Lock()  # requests running at once share the calibration
 
     def calibration(self, greedy: bool) -> AcceptanceCalibration:
@@ -135,6 +171,11 @@ class LengthPolicy:
 
     def longest_useful(self, limit: int) -> int:
         return self.costs.longest_useful(limit)
+
+    def draft_now(self, greedy: bool) -> bool:
+        """Whether this step calls the drafter (DraftingValue); from past steps only."""
+        with self._lock:
+            return self._value.setdefault(greedy, DraftingValue()).draft_now(1.0 / self.costs.target(1))
 
     def rates(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> torch.Tensor:
         """Expected tokens per second for k = 0..available, optimistic where little is known: [available + 1]."""
@@ -151,5 +192,8 @@ class LengthPolicy:
         return int(self.rates(confidence, available, greedy).argmax())
 
     def observe(self, confidence: torch.Tensor | None, verified: int, accepted: int, greedy: bool) -> None:
+        """A drafting step verified `verified` drafted tokens and accepted the first `accepted`."""
         with self._lock:
             self.calibration(greedy).observe(confidence, verified, accepted)
+            seconds = self.costs.draft_s + self.costs.target(verified + 1)
+            self._value.setdefault(greedy, DraftingValue()).observe(1 + accepted, seconds)

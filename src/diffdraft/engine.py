@@ -181,6 +181,8 @@ class SpeculativeEngine:
         greedy = self.sampling.greedy
         if self.policy is not None:
             g = self.policy.longest_useful(g)  # the drafter computes only slots that could be verified
+            if g > 0 and not self.policy.draft_now(greedy):  # drafting has not paid lately: a plain step
+                g = 0
         if g > 0:
             draft = self.drafter.propose(request.drafter, request.tokens, g, self.proposal_sampling, request.generator)
             if self.policy is not None:  # reads the drafter's confidences and past steps, never this step's target
@@ -198,7 +200,7 @@ class SpeculativeEngine:
         out = self.target.forward(request.target, block, want_taps=want_taps)
         verdict = self._verify(draft, out.logits[0], request.generator)  # logits [1+g, V]
         self.target.crop(request.target, request.target.length - (drafted - verdict.num_accepted))
-        if self.policy is not None and drafted:
+        if self.policy is not None and g > 0:  # the drafter was called, whatever it was left to verify
             self.policy.observe(draft.confidence, drafted, verdict.num_accepted, greedy)
         if self.drafter is not None and want_taps:
             self.drafter.observe(request.drafter, out.taps[:, : 1 + verdict.num_accepted])

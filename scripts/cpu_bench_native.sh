@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 20's measurements, one after another (each bench resumes where it stopped): the native 4-bit
+# weights beside float32, the shipped drafter, HF generate and llama.cpp (the peers extra), then
+# greedy equality and the drift at 256 tokens, then one thread. Progress in results/native-bench.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=.venv/bin/diffdraft
+log=results/native-bench.log
+{
+  echo "== $(date -u +%FT%TZ) 2 threads, 80 MT-Bench questions, 128 tokens, T=0 and T=1"
+  $D bench --suite mt-bench --drafters block-diffusion@15 --weights native float32 --peers hf-generate llama.cpp \
+    --max-new-tokens 128 --temperatures 0 1 --threads 2 --no-progress --out results/native-mtbench-2t
+  echo "== $(date -u +%FT%TZ) greedy equality and drift at 256 tokens"
+  $D bench --suite mt-bench --drafters block-diffusion@15 --weights native float32 --peers none \
+    --max-new-tokens 256 --temperatures 0 --threads 2 --no-progress --out results/native-equality-256
+  [ -f results/native-equality-256/drift.json ] ||
+    .venv/bin/python scripts/weights_drift.py --bench results/native-equality-256 --threads 2
+  echo "== $(date -u +%FT%TZ) 1 thread, ${ONE_THREAD_LIMIT:=16} questions"
+  $D bench --suite mt-bench --limit "$ONE_THREAD_LIMIT" --drafters block-diffusion@15 --weights native float32 \
+    --peers hf-generate llama.cpp --max-new-tokens 128 --temperatures 0 1 --threads 1 --no-progress \
+    --out results/native-mtbench-1t
+  echo "== $(date -u +%FT%TZ) done"
+} >> "$log" 2>&1
