@@ -205,3 +205,20 @@ def test_the_kernel_choice_follows_the_cpu_capability(monkeypatch, tiny_tokenize
     assert kernels.cpu_capability() == "DEFAULT"
     monkeypatch.setenv(kernels.CAPABILITY_ENV, "AVX512")  # never raised above what the CPU has
     assert kernels.cpu_capability() == torch.backends.cpu.get_cpu_capability()
+
+
+def test_drift_measures_on_the_tiny_model(tiny_model, tiny_tokenizer):
+    """The quality check's arithmetic: a target against itself agrees everywhere with equal NLL; int4 against
+    float32 agrees less; greedy divergence is found where answers part."""
+    from diffdraft.bench.drift import compare_on_texts, divergence_summary
+
+    float32 = build_target(tiny_model, tiny_tokenizer, backend="lean")
+    int4 = build_target(tiny_model, tiny_tokenizer, backend="lean", weights="int4", report=lambda line: None)
+    items = [([1, 2, 3], [4, 5, 6, 7]), ([9, 8], [7])]
+    same_a, same_b = compare_on_texts(float32, float32, items)
+    assert same_a.tokens == same_b.tokens == 5 and same_b.agree == 5 and same_a.nll == pytest.approx(same_b.nll)
+    _, other = compare_on_texts(float32, int4, items)
+    assert other.tokens == 5 and other.mean_nll != same_a.mean_nll
+    summary = divergence_summary({"a": [1, 2, 3], "b": [1, 2], "c": [5] * 70}, {"a": [1, 2, 3], "b": [1, 3], "c": [5] * 69 + [6]})
+    assert summary["identical"] == 1 and summary["positions"] == [1, 69]
+    assert summary["first_divergence"] == {"0-15": 1, "16-63": 0, "64-127": 1, "128+": 0}

@@ -178,7 +178,7 @@ def test_wrong_verifier_is_detected(wrong, shape):
 
 
 def test_raw_logits_as_q_is_detected():
-    """Negative control for DESIGN.md's known failure: tokens drawn from the top-k-shaped q,
+    """Negative control for the known failure of docs/design.md, 'Verification': tokens drawn from the top-k-shaped q,
     but the verifier is handed the softmax of the raw logits as q."""
     shape = "t0.7-topk3"
     tables = Tables(SHAPES[shape], seed=1)
@@ -200,7 +200,7 @@ def test_empty_draft_samples_from_p(mode):
     assert result.ok, str(result)
 
 
-# ------------------------------------------------------------- the worked example of DESIGN.md
+# ------------------------------------------------------------- the worked example of docs/design.md
 P_EX = torch.tensor([0.6, 0.3, 0.1])
 Q_EX = torch.tensor([0.4, 0.5, 0.1])
 BONUS_ROW = torch.tensor([0.0, 0.0, 1.0])  # bonus token is always C: easy to tell apart

@@ -47,7 +47,7 @@ def add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> Non
 
 
 def add_dllm_args(parser: argparse.ArgumentParser, bench: bool = False) -> None:
-    """Options that turn the target into a block-diffusion LM (DESIGN.md section 6)."""
+    """Options that turn the target into a block-diffusion LM (docs/design.md, 'Diffusion-LM targets and SimSD')."""
     group = parser.add_argument_group(
         "diffusion-LM target",
         "decode with the target converted into a block-diffusion LM: its own blockwise decoding, and "

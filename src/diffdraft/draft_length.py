@@ -1,4 +1,4 @@
-"""How many drafted tokens to verify: the cost-aware length rule of DESIGN.md section 3a.
+"""How many drafted tokens to verify: the cost-aware length rule of docs/design.md, 'How many tokens to verify'.
 
 A step that verifies k drafted tokens emits 1 + A_k tokens and costs d + c(k + 1): the
 drafter's time and the target's forward over k + 1 tokens. With a_i the probability that

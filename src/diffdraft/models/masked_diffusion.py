@@ -1,4 +1,4 @@
-"""The standalone masked-diffusion drafter network (DESIGN.md section 4, the SpecDiff/DEER setting).
+"""The standalone masked-diffusion drafter network (docs/design.md, 'Drafters', the SpecDiff/DEER setting).
 
 A small transformer of the target's width that reads no target features: it runs over
 [prefix tokens, block] where the prefix is causal and the block [known token, then each

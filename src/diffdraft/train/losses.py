@@ -1,7 +1,7 @@
 """Per-block training losses over the g-1 masked positions, and acceptance metrics.
 
 Position k = 1..g-1 is the k-th masked slot of a block (the first draft token is k = 1).
-The pieces (DESIGN.md section 5): positional weights, first-error focal weights, the chain
+The pieces (docs/design.md, 'Training drafters'): positional weights, first-error focal weights, the chain
 loss (minus log of the expected accepted length) and the stage-II alignment weights;
 train/objectives.py composes them. Knows nothing of models: inputs are logits and labels.
 """

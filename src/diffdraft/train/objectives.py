@@ -1,6 +1,6 @@
 """The training objective of a run: which loss pieces are on, and the two-stage schedule.
 
-Composable (DESIGN.md section 5): cross-entropy over the masked slots, weighted per slot
+Composable (docs/design.md, 'Training drafters'): cross-entropy over the masked slots, weighted per slot
 by positional weights (gamma; None = uniform) times first-error focal weights (lambda),
 plus chain_weight x the chain loss, plus distill_weight x the KL of the target's full next-token
 law from the drafter's at each scored slot (the soft labels, beside the hard ones). The two-stage alignment runs the last `align_fraction`

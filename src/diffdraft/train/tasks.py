@@ -4,7 +4,7 @@ A task owns a drafter network and knows how to turn a batch of sequences into lo
 the masked block slots and their labels ([B, nb, g-1, V], [B, nb, g-1]):
 - BlockDiffusionTask: the frozen target runs over the batch for the tapped hidden states;
   every block [anchor token, MASK x (g-1)] reads the fused taps of the positions before its
-  anchor (DESIGN.md section 4).
+  anchor (docs/design.md, 'Drafters').
 - MaskedDiffusionTask: the standalone drafter runs over the tokens themselves (causal) and
   over blocks whose slots are masked at a random ratio (the masked-diffusion objective);
   only masked slots are scored. In evaluation every slot is masked, as one-step drafting

@@ -3,7 +3,7 @@
 Each step: the task (train/tasks.py: block-diffusion or masked-diffusion) turns a batch of
 regenerated sequences into logits and labels of many random blocks at once; the objective
 (train/objectives.py: positional weighting by default, optionally focal, chain and the
-two-stage alignment) turns them into a loss (DESIGN.md section 5). AdamW with linear warm-up and cosine decay, gradient
+two-stage alignment) turns them into a loss (docs/design.md, 'Training drafters'). AdamW with linear warm-up and cosine decay, gradient
 clipping, bf16 autocast. Everything random is derived from (seed, step), so a run resumed
 from a checkpoint (net + optimizer + step) continues exactly as an uninterrupted one.
 Runs under torchrun with DDP (gloo on CPU, NCCL on GPU): ranks split each global batch.
