@@ -85,11 +85,6 @@ class PreparedLinear:
         else:
             self.weight = weight
 
-    @staticmethod
-    def fused(weights: list[torch.Tensor], prefer_onednn: bool = True) -> "PreparedLinear":
-        """One linear over several weights stacked on the output side (q/k/v, gate/up): one call, not many."""
-        return PreparedLinear(torch.cat([w.detach() for w in weights], dim=0), prefer_onednn=prefer_onednn)
-
     def __call__(self, x: torch.Tensor, widen: bool = True) -> torch.Tensor:
         """`widen` is Int4Linear's; here the output is always in x's dtype."""
         if not self.row_invariant:
@@ -112,11 +107,12 @@ class Int4Linear:
 
     row_invariant = True  # the int4 kernel computes each row alone (tests/test_native_weights.py)
 
-    def __init__(self, weight: "Int4Weight", bias: torch.Tensor | None = None):
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None):
         self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32).contiguous(), 1)
+        # [in / 32, out, 2]: each group's scale and zero, as the kernel takes them
         self.scale_zero = torch.stack([weight.scale.T, weight.zero.T], dim=-1).to(INT4_ACTIVATIONS).contiguous()
-        self.bias = None if bias is None else bias.detach().float().contiguous()  # [K/32, N, 2] above
+        self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def __call__(self, x: torch.Tensor, widen: bool = True) -> torch.Tensor:
         """widen=False returns the kernel's bfloat16 output as it is, for a caller that adds it to a float32

@@ -62,7 +62,7 @@ def lean_unsupported(module: nn.Module) -> str | None:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm, row by row, in float32 like HF's. x: [k, D] -> [k, D] in weight's dtype.
-    In float32 it is PyTorch's fused op (one call; the same bits as the four-op form here)."""
+    In float32 it is PyTorch's own op, one call instead of five."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
