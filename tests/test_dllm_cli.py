@@ -150,7 +150,7 @@ def test_drafter_from_another_model(capsys, folders, tmp_path):
     (["--dllm", "DRAFTER"], "pass it as --dllm-drafter"),
     (["--dllm", "TARGET", "--dllm-block-size", "8"], "decodes blocks of 4, not 8"),
     (["--dllm", "TARGET", "--dllm-steps", "5"], "steps per block must be an integer in 1..4"),
-    (["--dllm", "base", "--dllm-block-size", "0"], "block size must be an integer"),
+    (["--dllm", "base", "--dllm-block-size", "0"], "--dllm-block-size: expected a positive integer"),
     (["--dllm", "TARGET", "--dllm-drafter-layers", "5"], "layers must be in 1..4"),
     (["--dllm", "TARGET", "--dllm-drafter-layers", "2", "--dllm-drafter", "DRAFTER"], "not both"),
     (["--dllm-drafter-layers", "2"], "--dllm-drafter-layers need --dllm"),

@@ -248,7 +248,7 @@ def test_early_exit_layers_out_of_range(capsys, tiny_model_dir, layers):
     code, _, err = run_main(
         capsys, "hi", "--model", tiny_model_dir, "--drafter", "early-exit", "--early-exit-layers", layers
     )
-    assert_user_error(code, err, "early-exit layers")
+    assert_user_error(code, err, "early-exit layers" if layers != "0" else "--early-exit-layers: expected a positive")
 
 
 def test_prompt_longer_than_context(capsys, tiny_model_dir):
@@ -439,3 +439,46 @@ def test_int4_weights_answer_through_the_cli(capsys, tiny_model_dir):
 def test_the_dllm_path_refuses_4bit_weights(capsys):
     code, out, err = run_main(capsys, "hi", "--dllm", "b4", "--weights", "native", "--model", "/nonexistent-model")
     assert_user_error(code, err, "leave --weights out")
+
+
+# ------------------------------------------------------------- values parsed once, before loading
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "hi", "--threads", "999"], "at most"),
+    (["generate", "hi", "--threads", "0"], "--threads: expected a positive integer"),
+    (["generate", "hi", "--seed", "-1"], "--seed: expected a seed in [0, 2**63)"),
+    (["generate", "hi", "--seed", "1180591620717411303424"], "--seed: expected a seed"),
+    (["generate", "hi", "--dllm", "b4", "--seed", "-1"], "--seed: expected a seed"),
+    (["generate", "hi", "--dllm", "b4", "--seed", "1180591620717411303424"], "--seed: expected a seed"),
+    (["generate", "hi", "--max-new-tokens", "many"], "--max-new-tokens: expected an integer"),
+    (["bench", "--threads", "999"], "at most"),
+    (["serve", "--port", "70000"], "--port: expected a port"),
+    (["serve", "--workers", "0"], "--workers: expected a positive integer"),
+    (["train", "--data", "d", "--out", "o", "--tap-layers", "a,b"], "--tap-layers: expected an integer"),
+    (["data", "--out", "o", "--temperatures", "x"], "--temperatures: expected a number"),
+    (["data", "--out", "o", "--temperatures", "nan"], "--temperatures: expected a finite number"),
+    (["data", "--out", "o", "--eval-fraction", "-1"], "--eval-fraction: expected a fraction"),
+    (["data", "--out", "o", "--eval-fraction", "2"], "--eval-fraction: expected a fraction"),
+    (["generate", "hi", "--weights", "int3"], "invalid choice"),
+])
+def test_values_are_refused_in_one_line_before_anything_loads(capsys, tmp_path, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    code = main(argv)
+    _, err = capsys.readouterr()
+    assert_user_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cuda_device_on_a_cpu_only_torch_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cuda"],
+                 ["data", "--out", str(tmp_path / "o"), "--device", "cuda"],
+                 ["data", "--out", str(tmp_path / "o"), "--device", "tpu9"]):
+        code = main(argv)
+        _, err = capsys.readouterr()
+        assert_user_error(code, err, "--device")
+        assert not (tmp_path / "o").exists()
+
+
+def test_help_still_exits_zero(capsys):
+    assert main(["generate", "--help"]) == 0
+    assert "--weights" in capsys.readouterr().out

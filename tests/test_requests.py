@@ -88,7 +88,7 @@ def test_the_stats_line_says_why_generation_stopped(capsys, tiny_model_dir):
 def test_data_with_no_prompts_is_refused_and_leaves_no_folder(capsys, tmp_path):
     out = tmp_path / "data"
     assert main(["data", "--out", str(out), "--num-prompts", "0"]) == 2
-    assert "--num-prompts must be at least 1" in one_error_line(capsys.readouterr().err)
+    assert "--num-prompts: expected a positive integer" in one_error_line(capsys.readouterr().err)
     assert not out.exists()
     with pytest.raises(DiffdraftError, match="positive integer"):
         train_data.build_dataset(out, None, None, num_prompts=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffdraft import arguments as types
 from diffdraft.backends import BACKENDS, WEIGHTS
 from diffdraft.config import (BEST_OBJECTIVE, LENGTH_MODES, PROPOSAL_MODES, TRAINABLE_KINDS, VERIFY_MODES,
                               DraftConfig, SamplingConfig)
@@ -41,9 +42,10 @@ def add_model_args(parser: argparse.ArgumentParser, drafter: bool = True) -> Non
             "--drafter", default=None, help=f"one of {', '.join(DRAFTER_NAMES)}, or a drafter folder (default auto: the shipped block-diffusion "
                  "drafter where it was trained for the model, n-gram elsewhere)"
         )
-    group.add_argument("--early-exit-layers", type=int, default=4, help="layers of the early-exit drafter")
+    group.add_argument("--early-exit-layers", type=types.positive_int, default=4, help="layers of the early-exit drafter")
     if drafter:
-        group.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+        group.add_argument("--threads", type=types.threads, default=None,
+                           help="torch threads, at most the cores (default: every core)")
 
 
 def add_dllm_args(parser: argparse.ArgumentParser, bench: bool = False) -> None:
@@ -60,11 +62,11 @@ def add_dllm_args(parser: argparse.ArgumentParser, bench: bool = False) -> None:
     group.add_argument("--dllm-drafter", default=None, metavar="SPEC",
                        help="a dLLM drafter folder (from `diffdraft dllm-train --layers N`), or b4 / b8 for the "
                             "shipped SmolLM2 drafter: decode with SimSD")
-    group.add_argument("--dllm-drafter-layers", type=int, default=None, metavar="N",
+    group.add_argument("--dllm-drafter-layers", type=types.positive_int, default=None, metavar="N",
                        help="draft with the dLLM target's own first N layers (untrained as a drafter)")
-    group.add_argument("--dllm-block-size", type=int, default=None, metavar="B",
+    group.add_argument("--dllm-block-size", type=types.positive_int, default=None, metavar="B",
                        help="block size of --dllm base (default 4); with a folder it must match the folder's")
-    group.add_argument("--dllm-steps", type=int, default=None, metavar="S",
+    group.add_argument("--dllm-steps", type=types.positive_int, default=None, metavar="S",
                        help="denoising steps per block (default: the block size, one slot per step)")
 
 
@@ -89,8 +91,8 @@ def add_decoding_args(parser: argparse.ArgumentParser, serving: bool = False) ->
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     group.add_argument("--top-k", type=int, default=0, help="0 = off")
     group.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--max-new-tokens", type=int, default=256)
+    group.add_argument("--seed", type=types.seed, default=0)
+    group.add_argument("--max-new-tokens", type=types.positive_int, default=256)
 
 
 def decoding_configs(args: argparse.Namespace) -> tuple[SamplingConfig, DraftConfig]:
@@ -244,15 +246,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_device(name: str) -> None:
+    """A torch device this machine has, before anything loads; one line where it has not."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise DiffdraftError(f"--device {name!r} is not a device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiffdraftError(f"--device {name}: this torch has no CUDA device here (torch {torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise DiffdraftError(f"--device {name}: only cpu and cuda are supported")
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from diffdraft.loading import load_model
     from diffdraft.train.data import build_dataset, load_prompts_file
 
-    temperatures = tuple(float(t) for t in args.temperatures.split(","))
-    if any(t < 0 for t in temperatures):
-        raise DiffdraftError(f"temperatures must be >= 0, got {args.temperatures}")
-    if args.num_prompts < 1:
-        raise DiffdraftError(f"--num-prompts must be at least 1, got {args.num_prompts}")
+    temperatures = args.temperatures
+    check_device(args.device)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(args.device)
     prompts = load_prompts_file(args.prompts) if args.prompts else None
@@ -270,9 +283,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from diffdraft.config import TrainConfig
     from diffdraft.train.trainer import train
 
+    check_device(args.device)
     cfg = TrainConfig(
         data=args.data, out=args.out, model=args.model, num_layers=args.layers, block_size=args.block_size,
-        tap_layers=tuple(int(i) for i in args.tap_layers.split(",")) if args.tap_layers else None,
+        tap_layers=args.tap_layers,
         blocks_per_sequence=args.blocks, batch_size=args.batch_size, max_len=args.max_len, steps=args.steps,
         lr=args.lr, warmup_steps=args.warmup, gamma=None if args.gamma <= 0 else args.gamma,
         eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every, seed=args.seed,
@@ -386,7 +400,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffdraft", description="Lossless speculative decoding.")
+    parser = types.OneLineParser(prog="diffdraft", description="Lossless speculative decoding.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="answer one prompt, streaming the text")
@@ -407,12 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_dllm_args(serve)
     net = serve.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    net.add_argument("--port", type=int, default=8000)
+    net.add_argument("--port", type=types.port, default=8000)
     net.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on /v1 (default: $DIFFDRAFT_API_KEY, else none)")
     net.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model or smollm2)")
     net.add_argument("--queue-limit", type=int, default=16, help="requests that may wait; beyond, 429 (default 16)")
-    net.add_argument("--workers", type=int, default=1,
+    net.add_argument("--workers", type=types.positive_int, default=1,
                      help="requests generated at once, each on its own thread sharing the loaded weights; the "
                           "cores are split among them unless --threads is given (default 1)")
     net.add_argument("--request-timeout", type=float, default=600.0,
@@ -426,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmark decoders and peers side by side on a prompt suite")
     bench.add_argument("--suite", default="mt-bench", help="mt-bench (default), alpaca-eval, or a .jsonl prompt file")
     bench.add_argument("--out", default="bench-out", help="output folder; an interrupted run there resumes")
-    bench.add_argument("--limit", type=int, default=None, help="prompts to run (AlpacaEval: seeded 80 by default)")
+    bench.add_argument("--limit", type=types.positive_int, default=None, help="prompts to run (AlpacaEval: seeded 80 by default)")
     bench.add_argument("--categories", default=None, help="comma-separated categories to keep")
     bench.add_argument("--turn", type=int, default=1, choices=(1, 2), help="MT-Bench turn to answer (default 1)")
     add_model_args(bench, drafter=False)
@@ -439,11 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--draft-len", type=int, default=8, help="tokens drafted per step, g (default 8)")
     bench.add_argument("--verify", default="auto", choices=VERIFY_MODES, help="verification mode (default auto)")
     bench.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="default: 0 1")
-    bench.add_argument("--max-new-tokens", type=int, default=128)
-    bench.add_argument("--repeats", type=int, default=1, help="timed runs per decoder and prompt (min/median)")
+    bench.add_argument("--max-new-tokens", type=types.positive_int, default=128)
+    bench.add_argument("--repeats", type=types.positive_int, default=1, help="timed runs per decoder and prompt (min/median)")
     bench.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each decoder")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads")
+    bench.add_argument("--seed", type=types.seed, default=0)
+    bench.add_argument("--threads", type=types.threads, default=None, help="torch and llama.cpp threads")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--report-only", action="store_true", help="only rebuild the reports from --out")
     add_dllm_args(bench, bench=True)
@@ -455,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dtype", default="float32", choices=list(DTYPES))
     data.add_argument("--device", default="cpu")
     data.add_argument("--prompts", default=None, help="a JSON list of prompts instead of ShareGPT's")
-    data.add_argument("--num-prompts", type=int, default=2000)
-    data.add_argument("--temperatures", default="0,0.8", help="comma-separated; shards alternate between them")
+    data.add_argument("--num-prompts", type=types.positive_int, default=2000)
+    data.add_argument("--temperatures", type=types.float_list, default=(0.0, 0.8),
+                      help="comma-separated; shards alternate between them (default 0,0.8)")
     data.add_argument("--responses", default="regenerate", choices=["regenerate", "sharegpt"],
                       help="regenerate: the target answers (default); sharegpt: ShareGPT's own answers, "
                            "tokenised only (fast, more text, not the target's distribution)")
@@ -464,32 +479,34 @@ def build_parser() -> argparse.ArgumentParser:
                       help="first: each conversation's first user turn (default); all: every user turn, after the "
                            "conversation so far (more, longer-context data; a conversation stays on one side of "
                            "the train/held-out split)")
-    data.add_argument("--eval-fraction", type=float, default=0.02)
-    data.add_argument("--shard-size", type=int, default=256)
-    data.add_argument("--batch-size", type=int, default=32)
-    data.add_argument("--max-prompt-tokens", type=int, default=256)
-    data.add_argument("--max-new-tokens", type=int, default=256)
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--eval-fraction", type=types.open_fraction, default=0.02,
+                      help="share of the conversations held out, between 0 and 1 (default 0.02)")
+    data.add_argument("--shard-size", type=types.positive_int, default=256)
+    data.add_argument("--batch-size", type=types.positive_int, default=32)
+    data.add_argument("--max-prompt-tokens", type=types.positive_int, default=256)
+    data.add_argument("--max-new-tokens", type=types.positive_int, default=256)
+    data.add_argument("--seed", type=types.seed, default=0)
     data.set_defaults(func=cmd_data)
 
     tr = commands.add_parser("train", help="train a block-diffusion drafter on a `diffdraft data` folder")
     tr.add_argument("--data", required=True)
     tr.add_argument("--out", required=True, help="run folder; an existing checkpoint there is resumed")
     tr.add_argument("--model", default=None)
-    tr.add_argument("--layers", type=int, default=2)
-    tr.add_argument("--block-size", type=int, default=16)
-    tr.add_argument("--tap-layers", default=None, help="comma-separated target layers (default 1,L/2,L-3)")
-    tr.add_argument("--blocks", type=int, default=16, help="blocks per sequence per step")
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--max-len", type=int, default=512)
-    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--layers", type=types.positive_int, default=2)
+    tr.add_argument("--block-size", type=types.positive_int, default=16)
+    tr.add_argument("--tap-layers", type=types.int_list, default=None,
+                    help="comma-separated target layers (default 1,L/2,L-3)")
+    tr.add_argument("--blocks", type=types.positive_int, default=16, help="blocks per sequence per step")
+    tr.add_argument("--batch-size", type=types.positive_int, default=8)
+    tr.add_argument("--max-len", type=types.positive_int, default=512)
+    tr.add_argument("--steps", type=types.positive_int, default=1000)
     tr.add_argument("--lr", type=float, default=6e-4)
     tr.add_argument("--warmup", type=int, default=50)
     tr.add_argument("--gamma", type=float, default=7.0, help="positional weighting; <= 0 for uniform")
     tr.add_argument("--eval-every", type=int, default=100)
     tr.add_argument("--eval-sequences", type=int, default=64)
     tr.add_argument("--save-every", type=int, default=100)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=types.seed, default=0)
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--amp", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                     help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
@@ -566,7 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0), or a bad value, already told in one line (2)
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return args.func(args)
     except DiffdraftError as err:

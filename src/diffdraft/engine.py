@@ -26,7 +26,7 @@ from diffdraft.costs import cost_curve
 from diffdraft.draft_length import LengthPolicy
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
-from diffdraft.prompting import check_started
+from diffdraft.prompting import check_seed, check_started
 from diffdraft.sampling import logits_to_probs, sample
 from diffdraft.stats import Stats
 from diffdraft.target import TargetBackend, TargetState
@@ -121,8 +121,7 @@ class SpeculativeEngine:
         if not prompt:
             raise DiffdraftError("the prompt is empty")
         check_started(self.target, len(prompt), max_new_tokens)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise DiffdraftError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        check_seed(seed)
         stats = Stats(draft_len=self.draft_len, cost_curve=self.policy.costs.to_dict() if self.policy else None)
         request = RequestState(tokens=list(prompt), target=self.target.new_state(),
                                drafter=self.drafter.new_state() if self.drafter is not None else None,

@@ -13,6 +13,7 @@ from diffdraft.errors import DiffdraftError
 from diffdraft.target import TargetBackend
 
 ROLES = ("system", "user", "assistant")
+SEED_LIMIT = 2**63  # seeds are torch.Generator seeds: integers in [0, 2**63)
 
 
 class RequestError(DiffdraftError):
@@ -21,6 +22,13 @@ class RequestError(DiffdraftError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+def check_seed(seed: object) -> int:
+    """A request's seed: an integer in [0, 2**63), as torch.Generator takes it."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise RequestError(f"seed must be an integer in [0, 2**63), got {seed!r}", "seed")
+    return seed
 
 
 def check_text(text: object, what: str = "the prompt", param: str | None = "prompt") -> str:

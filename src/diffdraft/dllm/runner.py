@@ -22,6 +22,7 @@ from diffdraft.dllm.drafter import DLLMDrafter
 from diffdraft.dllm.model import BlockDiffusionLM
 from diffdraft.dllm.simsd import decode_simsd, resolve_mode
 from diffdraft.dllm.unmask import schedule
+from diffdraft.prompting import check_seed
 from diffdraft.stats import Stats
 
 class DLLMRunner:
@@ -61,7 +62,7 @@ class DLLMRunner:
             on_tokens: Callable[[list[int]], None] | None = None,
             should_stop: Callable[[], str | None] | None = None) -> DLLMResult:
         """One answer; on_tokens gets each finished block's tokens, should_stop is asked after each block."""
-        generator = torch.Generator().manual_seed(seed)  # on the CPU, as the engine's
+        generator = torch.Generator().manual_seed(check_seed(seed))  # on the CPU, as the engine's
         if self.drafter is None:
             return decode(self.net, prompt, self.steps, max_new_tokens, sampling, generator, self.eos_ids,
                           on_tokens=on_tokens, should_stop=should_stop)

@@ -1,0 +1,109 @@
+"""Command-line values parsed once, each with its type and range, before anything slow runs.
+
+The functions here are argparse `type=` callables: they take an option's text and return the
+value, or raise argparse.ArgumentTypeError saying what was expected. `OneLineParser` prints
+any argparse error as one line, `diffdraft: error: ...`, with exit code 2, like every other
+refusal of the command line (the full usage stays behind --help). Seeds share their range
+with the engine and the dLLM (prompting.check_seed). Knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from diffdraft.prompting import SEED_LIMIT
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {text!r}")
+    return value
+
+
+def threads(text: str) -> int:
+    """Torch threads: 1 up to this machine's cores (more only make threads wait for each other)."""
+    value = positive_int(text)
+    cores = os.cpu_count() or 1
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"this machine has {cores} cores, so at most {cores} threads; got {value}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    """A fraction strictly between 0 and 1."""
+    value = _float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers >= 0, at least one: "0,0.8"."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return tuple(non_negative_float(item) for item in items)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """Comma-separated integers >= 0, at least one: "1,15,27"."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return tuple(non_negative_int(item) for item in items)
+
+
+def port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {text!r}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as one line on stderr and exit code 2."""
+
+    def error(self, message: str):
+        print(f"diffdraft: error: {self.prog.removeprefix('diffdraft ')}: {message}", file=sys.stderr)
+        raise SystemExit(2)
