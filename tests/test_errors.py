@@ -482,3 +482,42 @@ def test_a_cuda_device_on_a_cpu_only_torch_is_one_line(capsys, tmp_path, monkeyp
 def test_help_still_exits_zero(capsys):
     assert main(["generate", "--help"]) == 0
     assert "--weights" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ the process boundary
+def test_an_unforeseen_exception_is_one_line_and_a_report_file(capsys, monkeypatch, isolated_cache):
+    import diffdraft.cli as cli
+
+    def broken(args):
+        raise RuntimeError("a bug\nover two lines")
+
+    monkeypatch.setattr(cli, "cmd_generate", broken)
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_generate(parser(), broken))
+    code = cli.main(["generate", "hi"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("diffdraft: internal error: RuntimeError: a bug over two lines (full report: ")
+    report = Path(err.split("full report: ")[1].rstrip(")\n"))
+    assert report.is_file() and "Traceback" in report.read_text() and "generate hi" in report.read_text()
+
+
+def _with_generate(parser, func):
+    parser._subparsers._group_actions[0].choices["generate"].set_defaults(func=func)
+    return parser
+
+
+@pytest.mark.parametrize("after_s", [0.3, 2.5])
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, after_s):
+    """SIGINT while torch is still being imported (0.3 s) and while the model loads or runs (2.5 s)."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "diffdraft", "generate", "hello", "--max-new-tokens", "512"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, DIFFDRAFT_CACHE=str(tmp_path)))
+    time.sleep(after_s)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "diffdraft: interrupted" in err.splitlines(), err

@@ -9,9 +9,22 @@ Public API: load(), Pipeline, the config dataclasses, and DiffdraftError.
 # on the 2-core development machine. On a machine whose cores other processes hold, spinning threads
 # crawl instead: there use one thread (`threads=1`, `--threads 1`) or set OMP_WAIT_POLICY=PASSIVE.
 
-from diffdraft.api import Answer, DLLMPipeline, Pipeline, load, load_dllm_pipeline
-from diffdraft.config import DraftConfig, SamplingConfig
-from diffdraft.errors import DiffdraftError
+import importlib
 
-__all__ = ["Answer", "DLLMPipeline", "Pipeline", "load", "load_dllm_pipeline", "DraftConfig", "SamplingConfig", "DiffdraftError"]
+# Exported names and where they live. They are imported on first use, not with the package, so that
+# `diffdraft` the command (diffdraft.entry) starts without torch and can be interrupted cleanly.
+_EXPORTS = {
+    "Answer": "diffdraft.api", "DLLMPipeline": "diffdraft.api", "Pipeline": "diffdraft.api", "load": "diffdraft.api",
+    "load_dllm_pipeline": "diffdraft.api", "DraftConfig": "diffdraft.config", "SamplingConfig": "diffdraft.config",
+    "DiffdraftError": "diffdraft.errors",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'diffdraft' has no attribute {name!r}")

@@ -2,13 +2,16 @@
 `dllm-train`.
 
 Thin: parses arguments into the config dataclasses and calls the API. A DiffdraftError
-becomes one line on stderr and exit code 2; nothing else is caught.
+becomes one line on stderr and exit code 2, Ctrl-C `diffdraft: interrupted` and 130, and any
+other exception one line naming a file that holds the full report, exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from diffdraft import arguments as types
 from diffdraft.backends import BACKENDS, WEIGHTS
@@ -221,8 +224,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from diffdraft.serve import ServerSettings, run
 
     _, draft = decoding_configs(args)
@@ -596,6 +597,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ndiffdraft: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # unforeseen: the whole report goes to a file, one line to the terminal
+        where = write_crash_report(argv)
+        message = " ".join(str(err).split())[:300]
+        print(f"diffdraft: internal error: {type(err).__name__}: {message} (full report: {where})", file=sys.stderr)
+        return 1
+
+
+def write_crash_report(argv: list[str] | None) -> str:
+    """The traceback being handled, the command line and the versions, written to a new file in the cache
+    folder's logs/ (or the temporary folder); returns where."""
+    import platform
+    import tempfile
+    import time
+    import traceback
+
+    from diffdraft.loading import cache_dir
+
+    text = (f"diffdraft {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+            f"python {platform.python_version()} on {platform.platform()}\n\n{traceback.format_exc()}")
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    for folder in (cache_dir() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return str(folder / name)
+        except OSError:
+            continue
+    return "nowhere (the cache and temporary folders could not be written)"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+"""`python -m diffdraft`: the same as the `diffdraft` command."""
+
+from diffdraft.entry import console
+
+console()
