@@ -20,7 +20,7 @@ import uvicorn
 
 from diffdraft.api import load, load_dllm_pipeline
 from diffdraft.cli import main
-from diffdraft.config import SamplingConfig
+from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.serve import ServerSettings, create_app
 
 KEY = "test-key"
@@ -30,9 +30,9 @@ PROMPT = "Tell me about rivers."
 class Running:
     """A server on a free loopback port, stopped by close()."""
 
-    def __init__(self, pipeline, **settings):
+    def __init__(self, pipeline, draft: DraftConfig | None = None, **settings):
         settings.setdefault("model_name", "tiny")
-        self.app = create_app(pipeline, ServerSettings(**settings))
+        self.app = create_app(pipeline, ServerSettings(**settings), draft)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -151,12 +151,23 @@ def test_stop_strings_cut_the_text(server):
         assert text == cut and finish == ["stop"]
 
 
-def test_models_health_and_metrics(server):
+def test_models_health_and_metrics(pipe):
+    """With fixed-length drafting, so that drafts are verified whatever this machine's costs say."""
+    server = Running(pipe, draft=DraftConfig(draft_len=4, length="fixed"), api_key=KEY)
+    try:
+        check_models_health_and_metrics(server)
+    finally:
+        server.close()
+
+
+def check_models_health_and_metrics(server):
     assert [m.id for m in server.client().models.list()] == ["tiny"]
-    status, _, body = server.raw("GET", "/health")
+    status, _, body = server.raw("GET", "/health")  # open without the key
     assert status == 200 and body["status"] == "ok"
     chat(server.client())
-    status, headers, text = server.raw("GET", "/metrics")
+    status, _, refused = server.raw("GET", "/metrics")  # behind the key, as /v1 is
+    assert status == 401 and refused["error"]["code"] == "invalid_api_key"
+    status, headers, text = server.raw("GET", "/metrics", headers=AUTH)
     assert status == 200 and headers["content-type"].startswith("text/plain")
     for needle in ('diffdraft_requests_total{endpoint="/v1/chat/completions",status="200"}', "diffdraft_tau ",
                    'diffdraft_acceptance{position="1"}', "diffdraft_queue_depth 0",
@@ -204,6 +215,11 @@ BAD_REQUESTS = [
     ("an empty completion prompt", "/v1/completions",
      json.dumps({"model": "tiny", "prompt": "", "max_tokens": 4}).encode(), AUTH, 400, "prompt"),
     ("an unknown path", "/v1/embeddings", body(), AUTH, 404, None),
+    ("a deeply nested body", "/v1/chat/completions", b"[" * 5000 + b"]" * 5000, AUTH, 400, None),
+    ("nesting inside messages", "/v1/chat/completions",
+     body(messages=[{"role": "user", "content": json.loads("[" * 40 + "]" * 40)}]), AUTH, 400, None),
+    ("an integer of 5,000 digits", "/v1/chat/completions",
+     b'{"model": "tiny", "max_tokens": ' + b"9" * 5000 + b', "messages": []}', AUTH, 400, None),
 ]
 
 
@@ -357,3 +373,51 @@ def test_two_workers_answer_two_requests_at_once(pipe):
 def test_workers_must_be_positive(pipe):
     with pytest.raises(Exception, match="workers must be a positive integer"):
         ServerSettings(model_name="tiny", workers=0)
+
+
+def test_5xx_answers_are_counted_in_the_metrics(pipe):
+    """A bug inside a request is a 500 with error JSON, counted like every other status."""
+    running = Running(pipe)
+    try:
+        def broken(*args, **kwargs):
+            raise RuntimeError("planted")
+
+        running.app.state.worker.submit = broken
+        status, _, answer = running.raw("POST", "/v1/chat/completions", body())
+        assert status == 500 and answer["error"]["code"] == "internal_error"
+        _, _, text = running.raw("GET", "/metrics")
+        assert 'diffdraft_requests_total{endpoint="/v1/chat/completions",status="500"} 1' in text
+    finally:
+        running.close()
+
+
+def test_a_client_that_leaves_mid_body_is_one_log_line(pipe, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="diffdraft.serve")
+    running = Running(pipe)
+    try:
+        with socket.create_connection(("127.0.0.1", running.port)) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"model\": ")
+            time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while "went away before its request was read" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "went away before its request was read" in caplog.text
+        assert "Traceback" not in caplog.text
+        ok, _, good = running.raw("POST", "/v1/chat/completions", body())
+        assert ok == 200
+    finally:
+        running.close()
+
+
+def test_the_served_model_id_is_a_short_name(tmp_path):
+    from diffdraft.cli import served_name
+
+    gguf = tmp_path / "some" / "dir" / "model.Q4_1.gguf"
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"")
+    assert served_name(str(gguf)) == "model.Q4_1"
+    assert served_name(str(tmp_path / "some")) == "some"
+    assert served_name(None) == "smollm2" and served_name("org/name") == "org/name"

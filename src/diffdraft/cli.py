@@ -223,13 +223,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def served_name(model: str | None) -> str:
+    """The model id clients send by default: a short name, never a path (a file's stem, a folder's name)."""
+    if model is None:
+        return "smollm2"
+    path = Path(model)
+    if path.is_file():
+        return path.stem
+    return path.resolve().name if path.is_dir() else model
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from diffdraft.serve import ServerSettings, run
 
     _, draft = decoding_configs(args)
     _dllm_only_options(args)
     api_key = args.api_key if args.api_key is not None else os.environ.get("DIFFDRAFT_API_KEY")
-    settings = ServerSettings(model_name=args.served_model_name or args.model or "smollm2", api_key=api_key or None,
+    settings = ServerSettings(model_name=args.served_model_name or served_name(args.model), api_key=api_key or None,
                               queue_limit=args.queue_limit, request_timeout_s=args.request_timeout,
                               max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
                               workers=args.workers)
@@ -424,8 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     net.add_argument("--port", type=types.port, default=8000)
     net.add_argument("--api-key", default=None,
-                     help="require 'Authorization: Bearer KEY' on /v1 (default: $DIFFDRAFT_API_KEY, else none)")
-    net.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model or smollm2)")
+                     help="require 'Authorization: Bearer KEY' on /v1 and /metrics; /health stays open "
+                          "(default: $DIFFDRAFT_API_KEY, else none)")
+    net.add_argument("--served-model-name", default=None,
+                     help="the model id clients send (default: a short name: smollm2, or the --model file's stem or "
+                          "folder's name, never its path)")
     net.add_argument("--queue-limit", type=int, default=16, help="requests that may wait; beyond, 429 (default 16)")
     net.add_argument("--workers", type=types.positive_int, default=1,
                      help="requests generated at once, each on its own thread sharing the loaded weights; the "

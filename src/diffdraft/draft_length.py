@@ -13,12 +13,13 @@ the rule verifies the k that maximizes (1 + E[A_k]) / (d + c(k + 1)).
 - `LengthPolicy` makes the choice. It reads only what is known before verification (the
   drafter's confidences and past steps), never the target's logits of this step, so the
   output law is untouched: the choice is lossless for any verifier.
-- `DraftingValue` decides whether to call the drafter at all: where drafting steps have
-  lately emitted fewer tokens per second (by the cost curve) than plain steps would, the
-  step skips the drafter and runs as plain decoding, drafting again every PROBE_EVERY-th
-  step to notice when it pays again. So the default never runs much below plain decoding,
-  on a machine where verifying rows is dear (4-bit weights on a CPU) or a text the drafter
-  cannot guess (docs/native-weights.md).
+- `DraftingValue` decides whether to call the drafter at all: where a request's drafting
+  steps have lately emitted fewer tokens per second (by the cost curve) than plain steps
+  would, the step skips the drafter and runs as plain decoding, drafting again every
+  PROBE_EVERY-th step to notice when it pays again. So the default does not run far below
+  plain decoding on a machine where verifying rows is dear (4-bit weights on a CPU) or a
+  text the drafter cannot guess. It is kept per request, so that what ran before on a
+  server does not change which steps a seeded request drafts.
 
 Pure arithmetic on floats and small tensors; knows nothing of models.
 """
@@ -123,23 +124,25 @@ class AcceptanceCalibration:
 
 @dataclass
 class DraftingValue:
-    """Tokens per second of recent drafting steps, by the cost curve: decayed sums of what they emitted
-    and what they cost (d + c(k + 1)), against a plain step's 1 / c(1)."""
+    """One request's record of whether drafting pays: decayed sums of what its drafting steps emitted and
+    what they cost by the curve (d + c(k + 1)), against a plain step's 1 / c(1)."""
 
+    costs: CostCurve
     emitted: float = 0.0
     seconds: float = 0.0
     skipped: int = 0  # steps skipped in a row
 
-    def observe(self, emitted: int, seconds: float) -> None:
-        self.emitted = VALUE_DECAY * self.emitted + emitted
-        self.seconds = VALUE_DECAY * self.seconds + seconds
+    def observe(self, verified: int, accepted: int) -> None:
+        """A drafting step verified `verified` drafted tokens (0: the drafter was called, none verified)."""
+        self.emitted = VALUE_DECAY * self.emitted + 1 + accepted
+        self.seconds = VALUE_DECAY * self.seconds + self.costs.draft_s + self.costs.target(verified + 1)
 
-    def pays(self, plain_rate: float) -> bool:
-        return self.seconds == 0 or self.emitted / self.seconds >= plain_rate
+    def pays(self) -> bool:
+        return self.seconds == 0 or self.emitted / self.seconds >= 1.0 / self.costs.target(1)
 
-    def draft_now(self, plain_rate: float) -> bool:
+    def draft_now(self) -> bool:
         """Whether this step calls the drafter: where drafting pays, and every PROBE_EVERY-th step else."""
-        if self.pays(plain_rate) or self.skipped + 1 >= PROBE_EVERY:
+        if self.pays() or self.skipped + 1 >= PROBE_EVERY:
             self.skipped = 0
             return True
         self.skipped += 1
@@ -163,7 +166,6 @@ class LengthPolicy:
         self.costs = costs
         self.explore = explore
         self._calibration: dict[bool, AcceptanceCalibration] = {}
-        self._value: dict[bool, DraftingValue] = {}
         self._lock = threading.Lock()  # requests running at once share the calibration
 
     def calibration(self, greedy: bool) -> AcceptanceCalibration:
@@ -172,10 +174,9 @@ class LengthPolicy:
     def longest_useful(self, limit: int) -> int:
         return self.costs.longest_useful(limit)
 
-    def draft_now(self, greedy: bool) -> bool:
-        """Whether this step calls the drafter (DraftingValue); from past steps only."""
-        with self._lock:
-            return self._value.setdefault(greedy, DraftingValue()).draft_now(1.0 / self.costs.target(1))
+    def new_value(self) -> DraftingValue:
+        """A fresh record of whether drafting pays, for one request."""
+        return DraftingValue(self.costs)
 
     def rates(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> torch.Tensor:
         """Expected tokens per second for k = 0..available, optimistic where little is known: [available + 1]."""
@@ -195,5 +196,3 @@ class LengthPolicy:
         """A drafting step verified `verified` drafted tokens and accepted the first `accepted`."""
         with self._lock:
             self.calibration(greedy).observe(confidence, verified, accepted)
-            seconds = self.costs.draft_s + self.costs.target(verified + 1)
-            self._value.setdefault(greedy, DraftingValue()).observe(1 + accepted, seconds)

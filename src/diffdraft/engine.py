@@ -23,7 +23,7 @@ import torch
 
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.costs import cost_curve
-from diffdraft.draft_length import LengthPolicy
+from diffdraft.draft_length import DraftingValue, LengthPolicy
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
 from diffdraft.prompting import check_seed, check_started
@@ -63,6 +63,7 @@ class RequestState:
     drafter: object  # the drafter's own state of this sequence (its context cache), or None
     generator: torch.Generator
     stats: Stats
+    drafting: DraftingValue | None = None  # whether drafting has paid lately in this request (the length rule's)
 
 
 @dataclass
@@ -125,7 +126,8 @@ class SpeculativeEngine:
         stats = Stats(draft_len=self.draft_len, cost_curve=self.policy.costs.to_dict() if self.policy else None)
         request = RequestState(tokens=list(prompt), target=self.target.new_state(),
                                drafter=self.drafter.new_state() if self.drafter is not None else None,
-                               generator=torch.Generator().manual_seed(seed), stats=stats)
+                               generator=torch.Generator().manual_seed(seed), stats=stats,
+                               drafting=self.policy.new_value() if self.policy is not None else None)
         want_taps = self.drafter is not None and self.drafter.wants_taps
         start = time.perf_counter()
 
@@ -180,7 +182,7 @@ class SpeculativeEngine:
         greedy = self.sampling.greedy
         if self.policy is not None:
             g = self.policy.longest_useful(g)  # the drafter computes only slots that could be verified
-            if g > 0 and not self.policy.draft_now(greedy):  # drafting has not paid lately: a plain step
+            if g > 0 and not request.drafting.draft_now():  # drafting has not paid lately: a plain step
                 g = 0
         if g > 0:
             draft = self.drafter.propose(request.drafter, request.tokens, g, self.proposal_sampling, request.generator)
@@ -201,6 +203,7 @@ class SpeculativeEngine:
         self.target.crop(request.target, request.target.length - (drafted - verdict.num_accepted))
         if self.policy is not None and g > 0:  # the drafter was called, whatever it was left to verify
             self.policy.observe(draft.confidence, drafted, verdict.num_accepted, greedy)
+            request.drafting.observe(drafted, verdict.num_accepted)
         if self.drafter is not None and want_taps:
             self.drafter.observe(request.drafter, out.taps[:, : 1 + verdict.num_accepted])
         request.stats.verify_s += time.perf_counter() - tock

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import queue
 import secrets
@@ -22,6 +23,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from diffdraft.config import DraftConfig
 from diffdraft.errors import DiffdraftError
@@ -52,6 +54,9 @@ class ServerSettings:
         self.workers = workers  # requests generated at once, each on its own thread
 
 
+log = logging.getLogger("diffdraft.serve")
+
+
 def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = None) -> FastAPI:
     """The app over a loaded pipeline (diffdraft.api Pipeline or DLLMPipeline)."""
     metrics = Metrics()
@@ -78,6 +83,9 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception):
+        log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(err).__name__,
+                  " ".join(str(err).split())[:300])
+        metrics.request(request.url.path, 500)  # every 5xx is counted
         return _error(ApiError(500, "internal server error; see the server's log", type="server_error",
                                code="internal_error"))
 
@@ -86,7 +94,8 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
         return {"status": "ok", "model": settings.model_name, "queue_depth": metrics.queue_depth}
 
     @app.get("/metrics")
-    async def metrics_text():
+    async def metrics_text(request: Request):
+        _check_key(request, settings)  # behind the API key when there is one (Prometheus sends bearer tokens)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -133,6 +142,10 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
         except ApiError as err:
             metrics.request(endpoint, err.status, time.monotonic() - start)
             return _error(err)
+        except ClientDisconnect:
+            log.info("%s: the client went away before its request was read", endpoint)
+            metrics.request(endpoint, 499, time.monotonic() - start)
+            return Response(status_code=499)
         if req.stream:
             return StreamingResponse(_stream(job, request, start, endpoint), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

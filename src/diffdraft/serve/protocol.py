@@ -12,6 +12,7 @@ Knows nothing of models or the worker.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -101,20 +102,45 @@ class GenerationRequest:
     include_usage: bool = False
 
 
+# No request needs deeper JSON than this (messages -> a message -> content parts -> a part -> its fields).
+MAX_JSON_DEPTH = 16
+
+
 def parse_body(raw: bytes) -> dict:
-    """The JSON object of a request body; 400 when it is not UTF-8, not JSON or not an object."""
+    """The JSON object of a request body; 400 when it is not UTF-8, not JSON, nested deeper than
+    MAX_JSON_DEPTH, holds an integer too long for Python to read, or is not an object."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ApiError(400, f"the request body is not valid UTF-8 (byte {err.start})", code="invalid_body") from None
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body nests {depth} levels deep; the limit is {MAX_JSON_DEPTH}",
+                       code="invalid_json")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ApiError(400, f"the request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}",
                        code="invalid_json") from None
+    except (ValueError, RecursionError) as err:  # e.g. an integer beyond Python's digit limit
+        raise ApiError(400, f"the request body cannot be read: {' '.join(str(err).split())[:200]}",
+                       code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return data
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a string literal, escapes included
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of [ and { in JSON text, brackets inside strings not counted (a scan, no recursion)."""
+    depth = deepest = 0
+    for bracket in _BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def parse_request(data: dict, kind: Literal["chat", "completion"]) -> GenerationRequest:
