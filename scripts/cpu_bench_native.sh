@@ -2,13 +2,14 @@
 # Issue 20's measurements, one after another (each bench resumes where it stopped): the native 4-bit
 # weights beside float32, the shipped drafter, HF generate and llama.cpp (the peers extra), then
 # greedy equality and the drift at 256 tokens, then one thread. Progress in results/native-bench.log.
+# LIMIT (default 80) and ONE_THREAD_LIMIT (default 16) set the questions of the two speed runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=.venv/bin/diffdraft
 log=results/native-bench.log
 {
-  echo "== $(date -u +%FT%TZ) 2 threads, 80 MT-Bench questions, 128 tokens, T=0 and T=1"
-  $D bench --suite mt-bench --drafters block-diffusion@15 --weights native float32 --peers hf-generate llama.cpp \
+  echo "== $(date -u +%FT%TZ) 2 threads, ${LIMIT:=80} MT-Bench questions, 128 tokens, T=0 and T=1"
+  $D bench --suite mt-bench --limit "$LIMIT" --drafters block-diffusion@15 --weights native float32 --peers hf-generate llama.cpp \
     --max-new-tokens 128 --temperatures 0 1 --threads 2 --no-progress --out results/native-mtbench-2t
   echo "== $(date -u +%FT%TZ) greedy equality and drift at 256 tokens"
   $D bench --suite mt-bench --drafters block-diffusion@15 --weights native float32 --peers none \
