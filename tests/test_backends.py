@@ -95,7 +95,11 @@ def test_auto_takes_lean_for_a_llama_and_hf_otherwise(tiny_model, tiny_tokenizer
     assert isinstance(build_target(tiny_model, tiny_tokenizer), LeanLlamaTarget)
     assert isinstance(build_target(tiny_model, tiny_tokenizer, backend="hf"), HFTarget)
     other = tiny_mistral()
-    assert isinstance(build_target(other, tiny_tokenizer), HFTarget)
+    fallback = build_target(other, tiny_tokenizer)
+    assert isinstance(fallback, HFTarget)  # and it says so, with why, wherever the runtime is named
+    assert fallback.runtime == "hf, float32 weights (not the lean runtime: architecture 'mistral' is not in the " \
+                               "Llama family)"
+    assert build_target(other, tiny_tokenizer, backend="hf").runtime == "hf, float32 weights"
     with pytest.raises(DiffdraftError, match="lean runtime cannot run this model: architecture 'mistral'"):
         build_target(other, tiny_tokenizer, backend="lean")
     with pytest.raises(DiffdraftError, match="backend must be one of"):

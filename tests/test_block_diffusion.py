@@ -16,6 +16,7 @@ import torch
 from conftest import FIXED, EOS_ID, make_llama, make_tokenizer
 from diffdraft.config import DraftConfig, SamplingConfig, TrainConfig
 from diffdraft.drafters import BlockDiffusionDrafter, build_drafter
+from diffdraft.drafters import required_tap_layers
 from diffdraft.drafters.block_diffusion import save_drafter, target_signature
 from diffdraft.engine import SpeculativeEngine
 from diffdraft.errors import DiffdraftError
@@ -309,6 +310,16 @@ def test_mismatched_drafter_is_refused(tiny_model, tiny_tokenizer, tmp_path):
     save_drafter(tmp_path / "taps", net, (1, 9), target_signature(target))
     with pytest.raises(DiffdraftError, match="taps layers"):
         build_drafter(str(tmp_path / "taps"), target)
+
+
+def test_a_drafter_for_a_deeper_target_names_that_target(tiny_model, tiny_tokenizer, tmp_path):
+    """Before any backend is built (the taps it must read are chosen first), the refusal names the target
+    the drafter was trained for, not just a layer number."""
+    deep = build_target(make_llama(layers=6), tiny_tokenizer, tap_layers=(1, 5), name="deep-llama")
+    save_drafter(tmp_path / "deep", tiny_net(deep, num_taps=2), (1, 5), target_signature(deep))
+    with pytest.raises(DiffdraftError, match="reads layer 5, and was trained for a target of 6 layers"):
+        required_tap_layers([str(tmp_path / "deep")], num_layers=4)
+    assert required_tap_layers([str(tmp_path / "deep")], num_layers=6) == (1, 5)
 
 
 def test_damaged_drafter_is_refused(tiny_model, tiny_tokenizer, tmp_path):

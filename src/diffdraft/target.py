@@ -56,6 +56,7 @@ class TargetBackend(ABC):
 
     kind: str = "backend"  # "hf" or "lean"
     weights: str = "float32"  # what its linears run on: the loaded weights, or 4-bit (lean: native, int4)
+    note: str | None = None  # why this backend, where it was not the one asked for (auto's fallback)
 
     def __init__(self, module: nn.Module, tokenizer, tap_layers: tuple[int, ...] | None = None, name: str = "model"):
         self.module = module
@@ -77,7 +78,7 @@ class TargetBackend(ABC):
     def runtime(self) -> str:
         """The backend and its weights in a few words, for stats lines and banners: "lean, native weights"."""
         weights = self.weights if self.weights != "float32" else str(self.dtype).removeprefix("torch.")
-        return f"{self.kind}, {weights} weights"
+        return f"{self.kind}, {weights} weights" + (f" ({self.note})" if self.note else "")
 
     # ----- shared parts for drafters -----
     @property

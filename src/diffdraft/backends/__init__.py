@@ -64,7 +64,10 @@ def build_target(
         raise DiffdraftError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     weights = resolve_weights(weights, backend, module, gguf)
     if backend == "hf" or (backend == "auto" and lean_unsupported(module)):
-        return HFTarget(module, tokenizer, tap_layers=tap_layers, name=name)
+        target = HFTarget(module, tokenizer, tap_layers=tap_layers, name=name)
+        if backend == "auto":
+            target.note = f"not the lean runtime: {lean_unsupported(module)}"
+        return target
     int4_layers = None
     if weights != "float32":
         int4_layers = _int4_layers(module, weights, gguf, report or _to_stderr)

@@ -68,7 +68,25 @@ def required_tap_layers(specs, num_layers: int | None = None) -> tuple[int, ...]
                     layers.update(taps)
         except (DiffdraftError, KeyError, TypeError, ValueError):
             continue
+    if num_layers is not None and layers and max(layers) > num_layers:
+        raise DiffdraftError(f"a drafter among {list(specs)} does not fit this target of {num_layers} layers: it reads "
+                             f"layer {max(layers)}{_trained_for_note(specs, num_layers)}")
     return tuple(sorted(layers)) or None
+
+
+def _trained_for_note(specs, num_layers: int) -> str:
+    """", trained for <target>" for the first drafter folder among specs that records a deeper target."""
+    from diffdraft.drafters.block_diffusion import trained_for
+
+    for spec in specs:
+        folder = Path(parse_options(spec)[0])
+        try:
+            signature = read_config(folder).get("target") if folder.is_dir() and is_checkpoint(folder) else None
+        except (DiffdraftError, OSError, ValueError):
+            continue
+        if signature and signature.get("num_layers", 0) > num_layers:
+            return f", and was trained for {trained_for(signature)}"
+    return ""
 
 
 def shipped_drafter_fits(target) -> bool:
