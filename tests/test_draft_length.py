@@ -86,13 +86,15 @@ def test_optimism_tries_a_slot_that_looks_poor_until_it_is_known():
     assert policy.choose(low, 1, greedy=True) == 0  # known to fail: no longer verified
 
 
-def test_measured_costs_are_cached_per_machine_and_model(tiny_target, isolated_cache):
+def test_measured_costs_are_cached_per_machine_and_model(tiny_target, isolated_cache, capsys):
     drafter = drafter_for("early-exit-1", tiny_target)
     first = cost_curve(tiny_target, drafter, 4)
     assert len(first.target_s) == 5 and first.draft_s > 0
+    assert capsys.readouterr().err.startswith("diffdraft: measuring this machine's step costs")  # one line, once
     files = list((isolated_cache / "costs").glob("*.json"))
     assert len(files) == 1
     assert cost_curve(tiny_target, drafter, 4) == first  # read back, not measured again
+    assert capsys.readouterr().err == ""
     before = torch.get_num_threads()
     torch.set_num_threads(1 if before != 1 else 2)
     try:
@@ -102,6 +104,19 @@ def test_measured_costs_are_cached_per_machine_and_model(tiny_target, isolated_c
     assert len(list((isolated_cache / "costs").glob("*.json"))) == 2
     files[0].write_text("{not json")
     assert len(cost_curve(tiny_target, drafter, 4).target_s) == 5  # a damaged entry is measured again
+
+
+def test_cost_measurement_stops_at_its_time_budget(tiny_target, monkeypatch):
+    from diffdraft import costs
+
+    calls = []
+    real = tiny_target.forward
+    monkeypatch.setattr(tiny_target, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    curve = costs.measure_target(tiny_target, 3, rounds=7, budget_s=0.0)
+    assert len(curve) == 3 and len(calls) == 1 + 3  # the warm-up, then one round of k = 1, 2, 3
+    calls.clear()
+    costs.measure_target(tiny_target, 3, rounds=7, budget_s=60.0)
+    assert len(calls) == 1 + 7 * 3
 
 
 # ------------------------------------------------------------------ losslessness through the engine

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from diffdraft.loading import cache_dir
 
 CONTEXT = 128  # tokens of context behind the timed forwards
 REPEATS = 3
+# The target's rounds stop once they have taken this long (at least one round runs): a slow machine or
+# a busy one gets a rougher curve in bounded time rather than minutes of measuring.
+BUDGET_S = 20.0
 CURVE_VERSION = 4
 OPENMP_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
 
@@ -76,19 +80,24 @@ def _context(target, k: int) -> torch.Tensor:
     return (torch.arange(length + k, dtype=torch.long) * 7919 % max(2, target.vocab_size - 1))[None]
 
 
-def measure_target(target, max_tokens: int, rounds: int = 2 * REPEATS + 1) -> tuple[float, ...]:
+def measure_target(target, max_tokens: int, rounds: int = 2 * REPEATS + 1, budget_s: float = BUDGET_S
+                   ) -> tuple[float, ...]:
     """c(1..max_tokens): seconds of a forward over k tokens after CONTEXT tokens.
 
     The k are timed in rounds, each round over every k, so a burst of load on a shared machine
     hits them all alike; each c(k) is its median over the rounds, and the curve is then made
-    non-decreasing (a forward over more tokens never costs less; a dip is noise)."""
+    non-decreasing (a forward over more tokens never costs less; a dip is noise). Rounds stop
+    after budget_s seconds (at least one runs)."""
     ids = _context(target, max_tokens)
     context = ids.shape[1] - max_tokens
     state = target.new_state()
     target.prefill(state, ids[:, :context])
     target.forward(state, ids[:, context : context + max_tokens])  # warm up
     times: list[list[float]] = [[] for _ in range(max_tokens)]
-    for _ in range(rounds):
+    began = time.perf_counter()
+    for round_ in range(rounds):
+        if round_ and time.perf_counter() - began > budget_s:
+            break
         for k in range(1, max_tokens + 1):
             target.crop(state, context)
             start = time.perf_counter()
@@ -125,6 +134,9 @@ def cost_curve(target, drafter, max_tokens: int, use_cache: bool = True) -> Cost
                 return CostCurve(tuple(data["target_s"]), data["draft_s"])
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry: measure again
+    if use_cache:
+        print(f"diffdraft: measuring this machine's step costs for the length rule (once: kept in {path.parent})",
+              file=sys.stderr)
     curve = CostCurve(measure_target(target, max_tokens + 1),
                       0.0 if drafter is None or max_tokens == 0 else measure_drafter(target, drafter, max_tokens))
     if use_cache:
