@@ -78,20 +78,21 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def _comma_list(text: str, item, what: str) -> tuple:
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+    return tuple(item(part) for part in items)
+
+
 def float_list(text: str) -> tuple[float, ...]:
     """Comma-separated numbers >= 0, at least one: "0,0.8"."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    return tuple(non_negative_float(item) for item in items)
+    return _comma_list(text, non_negative_float, "numbers")
 
 
 def int_list(text: str) -> tuple[int, ...]:
     """Comma-separated integers >= 0, at least one: "1,15,27"."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    return tuple(non_negative_int(item) for item in items)
+    return _comma_list(text, non_negative_int, "integers")
 
 
 def port(text: str) -> int:
