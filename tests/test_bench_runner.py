@@ -159,11 +159,11 @@ def test_llama_cpp_needs_a_gguf(tiny_target, tiny_model_dir):
         (["--suite", "{empty}"], "holds no prompts"),
         (["--suite", "{bad}"], "line 2 is not valid JSON"),
         (["--categories", "poetry"], "unknown categories"),
-        (["--max-new-tokens", "0"], "max-new-tokens must be a positive integer"),
+        (["--max-new-tokens", "0"], "--max-new-tokens: expected a positive integer"),
         (["--draft-len", "99"], "draft length must be an integer in [0, 64]"),
         (["--temperatures", "-1"], "temperature must be >= 0"),
         (["--peers", "vllm"], "unknown peers"),
-        (["--repeats", "0"], "repeats must be a positive integer"),
+        (["--repeats", "0"], "--repeats: expected a positive integer"),
         (["--report-only"], "holds no benchmark"),
     ],
 )
