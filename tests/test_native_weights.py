@@ -222,3 +222,21 @@ def test_drift_measures_on_the_tiny_model(tiny_model, tiny_tokenizer):
     summary = divergence_summary({"a": [1, 2, 3], "b": [1, 2], "c": [5] * 70}, {"a": [1, 2, 3], "b": [1, 3], "c": [5] * 69 + [6]})
     assert summary["identical"] == 1 and summary["positions"] == [1, 69]
     assert summary["first_divergence"] == {"0-15": 1, "16-63": 0, "64-127": 1, "128+": 0}
+
+
+def test_the_native_read_is_cached_whole_and_refreshed_when_damaged(tmp_path):
+    kinds = {"q": "Q4_0", "k": "Q4_1", "v": "Q4_K", "o": "Q8_0", "gate": "Q4_1", "up": "Q4_K", "down": "Q4_0"}
+    write_gguf(tmp_path / "tiny.gguf", kinds, 4, 2, 256, 512)
+    cache = tmp_path / "cache" / "tiny.safetensors"
+    direct = read_native_linears(tmp_path / "tiny.gguf", 1, 4, 2)
+    first = read_native_linears(tmp_path / "tiny.gguf", 1, 4, 2, cache=cache)
+    assert cache.is_file() and not list(cache.parent.glob("*.tmp-*"))
+    (tmp_path / "tiny.gguf").unlink()  # the second read comes from the cache alone
+    again = read_native_linears(tmp_path / "tiny.gguf", 1, 4, 2, cache=cache)
+    assert again.paths == first.paths == direct.paths and again.layers[0]["o"] is None
+    for key in ("q", "k", "v", "gate", "up", "down"):
+        for part in ("q", "scale", "zero"):
+            assert torch.equal(getattr(again.layers[0][key], part), getattr(direct.layers[0][key], part)), key
+    cache.write_bytes(b"damaged")
+    with pytest.raises(DiffdraftError, match="could not read the GGUF file"):  # damaged cache: back to the file
+        read_native_linears(tmp_path / "tiny.gguf", 1, 4, 2, cache=cache)

@@ -66,11 +66,16 @@ def _quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def _converted_folder(gguf: Path) -> Path:
-    """Cache folder for one GGUF file, keyed by its name, size and modification time."""
+def gguf_cache_name(gguf: Path) -> str:
+    """A name for what is derived from one GGUF file, keyed by its path, size and modification time."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+    return f"{gguf.stem}-{key}"
+
+
+def _converted_folder(gguf: Path) -> Path:
+    """Cache folder for one GGUF file's float weights."""
+    return cache_dir() / "models" / gguf_cache_name(gguf)
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:

@@ -81,8 +81,11 @@ def _int4_layers(module: nn.Module, weights: str, gguf: Path | None, report) -> 
 
     config = module.config
     if weights == "native":
+        from diffdraft.loading import cache_dir, gguf_cache_name
+
         native = read_native_linears(gguf, config.num_hidden_layers, config.num_attention_heads,
-                                     config.num_key_value_heads)
+                                     config.num_key_value_heads,
+                                     cache=cache_dir() / "int4" / f"{gguf_cache_name(Path(gguf))}.safetensors")
         report(f"weights: native from {Path(gguf).name}: {native.summary()}; LM head float32")
         return native.layers
     layers = [{key: round_to_nearest(layer.get_submodule(path).weight) for key, path in MODULE_PATHS.items()}

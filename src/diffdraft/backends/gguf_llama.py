@@ -11,6 +11,8 @@ kernels or decoding; the norms, the embedding and the head come from the loaded 
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +45,61 @@ def unpermute_rows(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).view(heads, half, 2).transpose(1, 2).reshape(rows)
 
 
-def read_native_linears(path: str | Path, num_layers: int, num_heads: int, num_kv_heads: int) -> NativeLinears:
+def read_native_linears(path: str | Path, num_layers: int, num_heads: int, num_kv_heads: int,
+                        cache: Path | None = None) -> NativeLinears:
     """The decoder linears of a Llama GGUF file (see the module docstring). Refuses a file whose layers do
-    not match the loaded model's."""
+    not match the loaded model's. With `cache`, a safetensors file of the result: read when it is there
+    (reading the GGUF itself takes seconds, most of them in its tokenizer metadata), written when not."""
+    if cache is not None:
+        cached = _read_cache(cache, num_layers)
+        if cached is not None:
+            return cached
+    native = _read_gguf(path, num_layers, num_heads, num_kv_heads)
+    if cache is not None:
+        _write_cache(cache, native)
+    return native
+
+
+def _write_cache(cache: Path, native: NativeLinears) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"{i}.{key}.{part}": getattr(weight, part).contiguous()
+               for i, layer in enumerate(native.layers) for key, weight in layer.items() if weight is not None
+               for part in ("q", "scale", "zero")}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp-{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"paths": json.dumps(native.paths), "layers": str(len(native.layers))})
+        os.replace(tmp, cache)  # whole or not at all
+    except OSError:
+        pass  # no cache this time; the next load reads the GGUF again
+
+
+def _read_cache(cache: Path, num_layers: int) -> NativeLinears | None:
+    """The cached result, or None where there is none or it is damaged or for another depth."""
+    from safetensors import safe_open
+
+    if not cache.is_file():
+        return None
+    try:
+        with safe_open(str(cache), framework="pt") as f:
+            meta = f.metadata()
+            if int(meta["layers"]) != num_layers:
+                return None
+            names = set(f.keys())
+            layers = []
+            for i in range(num_layers):
+                layer = {}
+                for key in LINEARS:
+                    parts = [f"{i}.{key}.{part}" for part in ("q", "scale", "zero")]
+                    layer[key] = Int4Weight(*(f.get_tensor(n) for n in parts)) if parts[0] in names else None
+                layers.append(layer)
+            return NativeLinears(layers, json.loads(meta["paths"]))
+    except Exception:  # a damaged cache file: read the GGUF again (and rewrite the cache)
+        return None
+
+
+def _read_gguf(path: str | Path, num_layers: int, num_heads: int, num_kv_heads: int) -> NativeLinears:
     from gguf import GGUFReader
 
     try:
