@@ -109,4 +109,4 @@ def test_cli_generate_refuses_a_bad_min_confidence(capsys):
 
     assert main(["generate", "hi", "--min-confidence", "1.5"]) == 2
     err = capsys.readouterr().err
-    assert "min confidence" in err and "Traceback" not in err
+    assert "--min-confidence: expected a fraction in [0, 1)" in err and "Traceback" not in err

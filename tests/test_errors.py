@@ -61,13 +61,13 @@ def no_temp_leftovers(root: Path) -> list[Path]:
         (["   \n", "--model", "/nonexistent-model"], "prompt is empty"),
         (["hi", "--temperature", "-0.5"], "temperature"),
         (["hi", "--temperature", "nan"], "temperature"),
-        (["hi", "--top-p", "0"], "top_p"),
-        (["hi", "--top-p", "1.5"], "top_p"),
-        (["hi", "--top-k", "-1"], "top_k"),
+        (["hi", "--top-p", "0"], "top-p"),
+        (["hi", "--top-p", "1.5"], "top-p"),
+        (["hi", "--top-k", "-1"], "top-k"),
         (["hi", "--max-new-tokens", "0"], "max-new-tokens"),
         (["hi", "--max-new-tokens", "-3"], "max-new-tokens"),
-        (["hi", "--draft-len", "65"], "draft length"),
-        (["hi", "--draft-len", "-1"], "draft length"),
+        (["hi", "--draft-len", "65"], "draft-len"),
+        (["hi", "--draft-len", "-1"], "draft-len"),
     ],
 )
 def test_bad_values_fail_before_loading(capsys, args, needle):
@@ -459,6 +459,16 @@ def test_the_dllm_path_refuses_4bit_weights(capsys):
     (["data", "--out", "o", "--eval-fraction", "-1"], "--eval-fraction: expected a fraction"),
     (["data", "--out", "o", "--eval-fraction", "2"], "--eval-fraction: expected a fraction"),
     (["generate", "hi", "--weights", "int3"], "invalid choice"),
+    (["generate", "hi", "--top-p", "0"], "--top-p: expected a number in (0, 1]"),
+    (["generate", "hi", "--temperature", "inf"], "--temperature: expected a finite number"),
+    (["chat", "--draft-len", "65"], "--draft-len: expected an integer in 0..64"),
+    (["serve", "--request-timeout", "-5"], "--request-timeout: expected a number > 0"),
+    (["serve", "--queue-limit", "0"], "--queue-limit: expected a positive integer"),
+    (["bench", "--temperatures", "0", "-1"], "--temperatures: expected a number >= 0"),
+    (["train", "--data", "d", "--out", "o", "--lr", "0"], "--lr: expected a number > 0"),
+    (["train", "--data", "d", "--out", "o", "--align-fraction", "1"], "--align-fraction: expected a fraction"),
+    (["dllm-train", "--data", "d", "--out", "o", "--rank", "0"], "--rank: expected a positive integer"),
+    (["calibrate", "x", "--data", "d", "--seed", "-3"], "--seed: expected a seed"),
 ])
 def test_values_are_refused_in_one_line_before_anything_loads(capsys, tmp_path, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)
@@ -477,6 +487,15 @@ def test_a_cuda_device_on_a_cpu_only_torch_is_one_line(capsys, tmp_path, monkeyp
         _, err = capsys.readouterr()
         assert_user_error(code, err, "--device")
         assert not (tmp_path / "o").exists()
+
+
+def test_the_api_refuses_more_threads_than_cores():
+    from diffdraft.api import use_threads
+
+    with pytest.raises(DiffdraftError, match="at most"):
+        use_threads((os.cpu_count() or 1) + 1)
+    with pytest.raises(DiffdraftError, match="positive integer"):
+        use_threads(0)
 
 
 def test_help_still_exits_zero(capsys):

@@ -178,6 +178,14 @@ def test_serve_answers_like_generate_on_the_real_model(tmp_path):
         assert answer.choices[0].message.content + "\n" == generated.stdout
         assert answer.usage.completion_tokens == 16
         assert answer.model_extra["diffdraft"]["decoder"] == "auto: block-diffusion"
+        # log probabilities: at T = 0 each emitted token is the best of the distribution reported for it
+        scored = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=16, temperature=0, logprobs=True, top_logprobs=2)
+        content = scored.choices[0].logprobs.content
+        assert scored.choices[0].message.content == answer.choices[0].message.content and len(content) == 16
+        assert b"".join(bytes(e.bytes) for e in content).decode() == scored.choices[0].message.content
+        assert all(e.logprob <= 0 and e.top_logprobs[0].logprob == e.logprob and e.top_logprobs[0].token == e.token
+                   for e in content)
     finally:
         server.terminate()
         server.wait(30)

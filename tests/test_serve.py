@@ -218,6 +218,11 @@ BAD_REQUESTS = [
     ("a deeply nested body", "/v1/chat/completions", b"[" * 5000 + b"]" * 5000, AUTH, 400, None),
     ("nesting inside messages", "/v1/chat/completions",
      body(messages=[{"role": "user", "content": json.loads("[" * 40 + "]" * 40)}]), AUTH, 400, None),
+    ("top_logprobs 21", "/v1/chat/completions", body(logprobs=True, top_logprobs=21), AUTH, 400, "top_logprobs"),
+    ("top_logprobs without logprobs", "/v1/chat/completions", body(top_logprobs=2), AUTH, 400, "top_logprobs"),
+    ("logprobs as a number in chat", "/v1/chat/completions", body(logprobs=3), AUTH, 422, "logprobs"),
+    ("completions logprobs 6", "/v1/completions",
+     json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 4, "logprobs": 6}).encode(), AUTH, 400, "logprobs"),
     ("an integer of 5,000 digits", "/v1/chat/completions",
      b'{"model": "tiny", "max_tokens": ' + b"9" * 5000 + b', "messages": []}', AUTH, 400, None),
 ]
@@ -235,6 +240,39 @@ def test_bad_requests_get_their_status_and_the_server_goes_on(server, case):
         assert error["param"] == param
     ok, _, good = server.raw("POST", "/v1/chat/completions", body(), AUTH)  # served correctly right after
     assert ok == 200 and good["choices"][0]["message"]["content"] is not None
+
+
+LOGPROB_TOLERANCE = 1e-6  # the lean runtime is row-invariant: measured equal (difference 0); JSON keeps floats exact
+
+
+def test_logprobs_are_plain_decodings_through_the_openai_client(server, pipe):
+    """The server drafts (n-gram); its log probabilities equal plain decoding's for the same tokens,
+    whole and streamed, chat and completions."""
+    client = server.client()
+    plain = pipe.generate(PROMPT, max_new_tokens=24, draft=DraftConfig(draft_len=0), logprobs=3)
+    answer = chat(client, logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert answer.usage.completion_tokens == len(plain.tokens) == len(content)
+    for got, want in zip(content, plain.logprobs):
+        assert bytes(got.bytes) == pipe.target.token_bytes(want.token)
+        assert got.logprob == pytest.approx(want.logprob, abs=LOGPROB_TOLERANCE)
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([lp for _, lp in want.top],
+                                                                      abs=LOGPROB_TOLERANCE)
+    assert answer.model_extra["diffdraft"]["steps"] < len(content)  # the answer was speculated
+
+    _, chunks = streamed_text(chat(client, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [entry for c in chunks if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == answer.choices[0].message.content
+    assert chat(client).choices[0].logprobs is None  # not asked, not given
+
+    completion = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=2)
+    raw = pipe.generate(PROMPT, max_new_tokens=12, draft=DraftConfig(draft_len=0), chat=False, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.token_logprobs == pytest.approx([e.logprob for e in raw.logprobs], abs=LOGPROB_TOLERANCE)
+    assert len(logprobs.tokens) == len(logprobs.text_offset) == 12
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
 
 
 def test_unknown_fields_are_ignored(server):
@@ -334,6 +372,8 @@ def test_dllm_serving(tiny_model_dir):
         assert answer.model_extra["diffdraft"]["decoder"].startswith("simsd")
         text, _ = streamed_text(chat(client, max_tokens=12, stream=True))
         assert text == answer.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="log probabilities are not offered"):
+            chat(client, max_tokens=4, logprobs=True)
     finally:
         running.close()
 

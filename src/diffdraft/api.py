@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from diffdraft.backends import build_target
-from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.config import DraftConfig, SamplingConfig, check_threads
 from diffdraft.dllm.decode import DLLMResult
 from diffdraft.dllm.loading import BASE, check_choices, dllm_runners
 from diffdraft.dllm.runner import DLLMRunner
@@ -29,6 +29,7 @@ from diffdraft.decoding import Decoder, DLLMDecoder, EngineDecoder
 from diffdraft.drafters import build_drafter, required_tap_layers
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import gguf_path, load_model
+from diffdraft.logprobs import TokenLogprob
 from diffdraft.prompting import chat_ids, check_fits, text_ids
 from diffdraft.stats import Stats
 from diffdraft.target import TargetBackend
@@ -46,12 +47,14 @@ class Answer:
     stats: Stats
     prompt_tokens: int = 0  # tokens of the prompt as the model saw it (template applied)
     dllm: DLLMResult | None = None  # the dLLM's own record of the run (DLLMPipeline only)
+    logprobs: list[TokenLogprob] | None = None  # the target's log probability of each token, when asked for
 
 
 class _Answering:
     """What both pipelines share: prompts checked and encoded by one path, answered by a Decoder."""
 
     target: TargetBackend
+    offers_logprobs: bool = False  # whether answers can carry the target's log probabilities (its decoder's)
 
     def decoder(self, draft: DraftConfig | None = None) -> Decoder:
         raise NotImplementedError
@@ -71,11 +74,13 @@ class _Answering:
         on_text: Callable[[str], None] | None = None,
         should_stop: Callable[[], str | None] | None = None,
         chat: bool = True,
+        logprobs: int | None = None,
     ) -> Answer:
         """Answer a prompt. on_text receives the answer's text as it grows, piece by piece; should_stop,
-        asked between steps, ends the answer early with the reason it returns."""
+        asked between steps, ends the answer early with the reason it returns. logprobs (0..20
+        alternatives per token) fills Answer.logprobs with the target's own log probabilities."""
         ids = self.prompt_ids(prompt, chat=chat)
-        return self.generate_ids(ids, max_new_tokens, sampling, draft, seed, on_text, should_stop)
+        return self.generate_ids(ids, max_new_tokens, sampling, draft, seed, on_text, should_stop, logprobs)
 
     def generate_ids(
         self,
@@ -86,22 +91,28 @@ class _Answering:
         seed: int = 0,
         on_text: Callable[[str], None] | None = None,
         should_stop: Callable[[], str | None] | None = None,
+        logprobs: int | None = None,
+        on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
     ) -> Answer:
-        """Answer prompt ids made by prompt_ids (see generate)."""
+        """Answer prompt ids made by prompt_ids (see generate). on_logprobs receives each step's log
+        probabilities just before on_text receives the text they add to."""
         check_fits(self.target, len(ids), max_new_tokens)
         decoder = self.decoder(draft)
+        decoder.refuse_logprobs(logprobs)
         streamer = TextStreamer(self.target, on_text) if on_text else None
         run = decoder.run(ids, max_new_tokens, sampling or SamplingConfig(), seed, on_tokens=streamer,
-                          should_stop=should_stop)
+                          should_stop=should_stop, logprobs=logprobs, on_logprobs=on_logprobs)
         text = self.target.decode(run.tokens)
         if streamer:
             streamer.finish(text)
         return Answer(text=text, tokens=run.tokens, stop_reason=run.stop_reason, stats=run.stats,
-                      prompt_tokens=len(ids), dllm=run.dllm)
+                      prompt_tokens=len(ids), dllm=run.dllm, logprobs=run.logprobs)
 
 
 class Pipeline(_Answering):
     """A loaded target and drafter, ready to answer prompts."""
+
+    offers_logprobs = EngineDecoder.offers_logprobs
 
     def __init__(self, target: TargetBackend, drafter_spec: str = DEFAULT_DRAFTER, early_exit_layers: int = 4):
         self.target = target
@@ -132,6 +143,8 @@ class Pipeline(_Answering):
 
 class DLLMPipeline(_Answering):
     """A loaded target converted to a block-diffusion LM, with an optional SimSD drafter."""
+
+    offers_logprobs = DLLMDecoder.offers_logprobs
 
     def __init__(self, target: TargetBackend, runner: DLLMRunner):
         self.target = target
@@ -198,10 +211,8 @@ def load(
 
 
 def use_threads(threads: int | None) -> int:
-    """Set torch's thread count (None: every core of this machine) and return it."""
-    count = (os.cpu_count() or 1) if threads is None else threads
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise DiffdraftError(f"threads must be a positive integer, got {threads!r}")
+    """Set torch's thread count (None: every core of this machine; at most that many) and return it."""
+    count = check_threads((os.cpu_count() or 1) if threads is None else threads)
     torch.set_num_threads(count)
     return count
 

@@ -10,9 +10,10 @@ with the engine and the dLLM (prompting.check_seed). Knows nothing of models.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from diffdraft.config import check_threads
+from diffdraft.errors import DiffdraftError
 from diffdraft.prompting import SEED_LIMIT
 
 
@@ -55,11 +56,49 @@ def seed(text: str) -> int:
 
 
 def threads(text: str) -> int:
-    """Torch threads: 1 up to this machine's cores (more only make threads wait for each other)."""
-    value = positive_int(text)
-    cores = os.cpu_count() or 1
-    if value > cores:
-        raise argparse.ArgumentTypeError(f"this machine has {cores} cores, so at most {cores} threads; got {value}")
+    """Torch threads: 1 up to this machine's cores (config.check_threads)."""
+    try:
+        return check_threads(positive_int(text))
+    except DiffdraftError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def int_in(low: int, high: int | None = None):
+    """An integer in low..high (no upper bound when high is None)."""
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value < low or (high is not None and value > high):
+            bound = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+        return value
+    parse.__name__ = f"int_in_{low}_{high}"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    return _float(text)
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A fraction in [0, 1)."""
+    value = _float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def probability_mass(text: str) -> float:
+    """top-p: in (0, 1]."""
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
 
 

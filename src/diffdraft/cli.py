@@ -76,7 +76,7 @@ def add_dllm_args(parser: argparse.ArgumentParser, bench: bool = False) -> None:
 def add_decoding_args(parser: argparse.ArgumentParser, serving: bool = False) -> None:
     """Drafting and sampling options; a server takes only the drafting ones (sampling comes per request)."""
     group = parser.add_argument_group("decoding")
-    group.add_argument("--draft-len", type=int, default=15,
+    group.add_argument("--draft-len", type=types.int_in(0, 64), default=15,
                        help="the most tokens drafted per step, g (default 15)")
     group.add_argument("--length", default="auto", choices=LENGTH_MODES,
                        help="auto (default): verify the number of drafted tokens that maximizes expected tokens/s "
@@ -86,14 +86,14 @@ def add_decoding_args(parser: argparse.ArgumentParser, serving: bool = False) ->
                        help="above temperature 0: draw each slot from the drafter's q (sample, default) or propose "
                             "its most likely token (argmax). Lossless either way")
     group.add_argument("--verify", default="auto", choices=VERIFY_MODES, help="verification mode (default auto)")
-    group.add_argument("--min-confidence", type=float, default=0.0,
+    group.add_argument("--min-confidence", type=types.fraction, default=0.0,
                        help="instead of --length auto: verify only the draft prefix the drafter is this sure of "
                             "(product of its per-slot confidences); 0 = off (default). Lossless either way")
     if serving:
         return
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    group.add_argument("--top-k", type=int, default=0, help="0 = off")
-    group.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    group.add_argument("--temperature", type=types.non_negative_float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--top-k", type=types.non_negative_int, default=0, help="0 = off")
+    group.add_argument("--top-p", type=types.probability_mass, default=1.0, help="1.0 = off")
     group.add_argument("--seed", type=types.seed, default=0)
     group.add_argument("--max-new-tokens", type=types.positive_int, default=256)
 
@@ -439,14 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--served-model-name", default=None,
                      help="the model id clients send (default: a short name: smollm2, or the --model file's stem or "
                           "folder's name, never its path)")
-    net.add_argument("--queue-limit", type=int, default=16, help="requests that may wait; beyond, 429 (default 16)")
+    net.add_argument("--queue-limit", type=types.positive_int, default=16, help="requests that may wait; beyond, 429 (default 16)")
     net.add_argument("--workers", type=types.positive_int, default=1,
                      help="requests generated at once, each on its own thread sharing the loaded weights; the "
                           "cores are split among them unless --threads is given (default 1)")
-    net.add_argument("--request-timeout", type=float, default=600.0,
+    net.add_argument("--request-timeout", type=types.positive_float, default=600.0,
                      help="seconds a request may take, waiting included; generation stops there (default 600)")
-    net.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    net.add_argument("--default-max-tokens", type=int, default=512,
+    net.add_argument("--max-body-bytes", type=types.positive_int, default=1 << 20, help="largest request body (default 1 MiB)")
+    net.add_argument("--default-max-tokens", type=types.positive_int, default=512,
                      help="new tokens when a request gives no max_tokens (default 512, within the context)")
     net.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)
@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-out", help="output folder; an interrupted run there resumes")
     bench.add_argument("--limit", type=types.positive_int, default=None, help="prompts to run (AlpacaEval: seeded 80 by default)")
     bench.add_argument("--categories", default=None, help="comma-separated categories to keep")
-    bench.add_argument("--turn", type=int, default=1, choices=(1, 2), help="MT-Bench turn to answer (default 1)")
+    bench.add_argument("--turn", type=types.positive_int, default=1, choices=(1, 2), help="MT-Bench turn to answer (default 1)")
     add_model_args(bench, drafter=False)
     bench.add_argument("--drafters", nargs="*", default=None, metavar="SPEC",
                        help="drafters beside plain decoding: names or folders, SPEC@G for its own draft length "
@@ -464,9 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peers", nargs="*", default=None, metavar="PEER",
                        help="hf-generate hf-prompt-lookup llama.cpp (default: every one installed, none with --dllm; "
                             "'none' for none)")
-    bench.add_argument("--draft-len", type=int, default=8, help="tokens drafted per step, g (default 8)")
+    bench.add_argument("--draft-len", type=types.int_in(0, 64), default=8, help="tokens drafted per step, g (default 8)")
     bench.add_argument("--verify", default="auto", choices=VERIFY_MODES, help="verification mode (default auto)")
-    bench.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="default: 0 1")
+    bench.add_argument("--temperatures", type=types.non_negative_float, nargs="+", default=[0.0, 1.0], help="default: 0 1")
     bench.add_argument("--max-new-tokens", type=types.positive_int, default=128)
     bench.add_argument("--repeats", type=types.positive_int, default=1, help="timed runs per decoder and prompt (min/median)")
     bench.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each decoder")
@@ -514,24 +514,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=types.positive_int, default=8)
     tr.add_argument("--max-len", type=types.positive_int, default=512)
     tr.add_argument("--steps", type=types.positive_int, default=1000)
-    tr.add_argument("--lr", type=float, default=6e-4)
-    tr.add_argument("--warmup", type=int, default=50)
-    tr.add_argument("--gamma", type=float, default=7.0, help="positional weighting; <= 0 for uniform")
-    tr.add_argument("--eval-every", type=int, default=100)
-    tr.add_argument("--eval-sequences", type=int, default=64)
-    tr.add_argument("--save-every", type=int, default=100)
+    tr.add_argument("--lr", type=types.positive_float, default=6e-4)
+    tr.add_argument("--warmup", type=types.non_negative_int, default=50)
+    tr.add_argument("--gamma", type=types.finite_float, default=7.0, help="positional weighting; <= 0 for uniform")
+    tr.add_argument("--eval-every", type=types.positive_int, default=100)
+    tr.add_argument("--eval-sequences", type=types.positive_int, default=64)
+    tr.add_argument("--save-every", type=types.positive_int, default=100)
     tr.add_argument("--seed", type=types.seed, default=0)
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--amp", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                     help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    tr.add_argument("--draft-vocab", type=int, default=0,
+    tr.add_argument("--draft-vocab", type=types.non_negative_int, default=0,
                     help="draft only the N most frequent training tokens (cheaper head); 0 = full vocabulary")
     tr.add_argument("--kind", default="dflash", choices=list(TRAINABLE_KINDS),
                     help="dflash (default: reads target features, DFlash's layout, exportable to vLLM and SGLang), "
                          "block-diffusion (the original layout: a learned MASK vector, no q/k norms) or "
                          "masked-diffusion (standalone)")
-    tr.add_argument("--mask-token-id", type=int, default=None,
+    tr.add_argument("--mask-token-id", type=types.non_negative_int, default=None,
                     help="dflash: the target token fed as MASK (default: the tokenizer's mask token, an unused "
                          "embedding row, or a special token the chat never writes)")
     tr.add_argument("--init-from", default=None, help="a drafter folder of the same kind to start from")
@@ -540,26 +540,26 @@ def build_parser() -> argparse.ArgumentParser:
                          "on ShareGPT's own answers)")
     objective = tr.add_argument_group("objective (block-diffusion; composable)")
     best = BEST_OBJECTIVE  # the objective ablation's best row (results/ablation-mtbench)
-    objective.add_argument("--focal-lambda", type=float, default=None,
+    objective.add_argument("--focal-lambda", type=types.non_negative_float, default=None,
                            help=f"extra weight on each block's first error (default {best['focal_lambda']:g}; 0 for none)")
-    objective.add_argument("--chain-weight", type=float, default=None,
+    objective.add_argument("--chain-weight", type=types.non_negative_float, default=None,
                            help=f"weight of the chain loss (default {best['chain_weight']:g}; 0 for none)")
-    objective.add_argument("--distill-weight", type=float, default=0.0,
+    objective.add_argument("--distill-weight", type=types.non_negative_float, default=0.0,
                            help="weight of the KL to the target's full next-token distribution at each slot "
                                 "(soft labels beside the hard ones; default 0)")
-    objective.add_argument("--align-fraction", type=float, default=0.0,
+    objective.add_argument("--align-fraction", type=types.fraction, default=0.0,
                            help="last fraction of the steps run as stage II of the two-stage alignment")
-    objective.add_argument("--align-alpha", type=float, default=1.01)
-    objective.add_argument("--align-max-masked", type=int, default=96)
+    objective.add_argument("--align-alpha", type=types.positive_float, default=1.01)
+    objective.add_argument("--align-max-masked", type=types.positive_int, default=96)
     tr.set_defaults(func=cmd_train)
 
     cal = commands.add_parser("calibrate", help="fit a block-diffusion drafter's q for sampling on held-out data")
     cal.add_argument("drafter", help="a drafter folder (the scale is written into its drafter.json)")
     cal.add_argument("--data", required=True, help="a `diffdraft data` folder: its held-out shards are used")
     cal.add_argument("--model", default=None, help="target: smollm2 (default), a .gguf file or an HF folder")
-    cal.add_argument("--temperature", type=float, default=1.0, help="the sampling temperature to fit for (default 1)")
-    cal.add_argument("--sequences", type=int, default=64, help="held-out sequences to use (default 64)")
-    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--temperature", type=types.positive_float, default=1.0, help="the sampling temperature to fit for (default 1)")
+    cal.add_argument("--sequences", type=types.positive_int, default=64, help="held-out sequences to use (default 64)")
+    cal.add_argument("--seed", type=types.seed, default=0)
     cal.set_defaults(func=cmd_calibrate)
 
     ex = commands.add_parser("export", help="write a drafter in another engine's format (DFlash: vLLM, SGLang)")
@@ -574,20 +574,20 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--data", required=True, help="a `diffdraft data` folder")
     dt.add_argument("--out", required=True, help="run folder; an existing checkpoint there is resumed")
     dt.add_argument("--model", default=None)
-    dt.add_argument("--block-size", type=int, default=4)
-    dt.add_argument("--layers", type=int, default=None, help="train a drafter of the first N layers (default: all)")
-    dt.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    dt.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    dt.add_argument("--block-size", type=types.positive_int, default=4)
+    dt.add_argument("--layers", type=types.positive_int, default=None, help="train a drafter of the first N layers (default: all)")
+    dt.add_argument("--rank", type=types.positive_int, default=8, help="LoRA rank")
+    dt.add_argument("--alpha", type=types.positive_float, default=16.0, help="LoRA alpha")
     dt.add_argument("--init-from", default=None, help="start from a converted dLLM folder (e.g. the target's adapter)")
-    dt.add_argument("--batch-size", type=int, default=16)
-    dt.add_argument("--max-len", type=int, default=512)
-    dt.add_argument("--steps", type=int, default=1000)
-    dt.add_argument("--lr", type=float, default=3e-4)
-    dt.add_argument("--warmup", type=int, default=50)
-    dt.add_argument("--eval-every", type=int, default=100)
-    dt.add_argument("--eval-sequences", type=int, default=64)
-    dt.add_argument("--save-every", type=int, default=100)
-    dt.add_argument("--seed", type=int, default=0)
+    dt.add_argument("--batch-size", type=types.positive_int, default=16)
+    dt.add_argument("--max-len", type=types.positive_int, default=512)
+    dt.add_argument("--steps", type=types.positive_int, default=1000)
+    dt.add_argument("--lr", type=types.positive_float, default=3e-4)
+    dt.add_argument("--warmup", type=types.non_negative_int, default=50)
+    dt.add_argument("--eval-every", type=types.positive_int, default=100)
+    dt.add_argument("--eval-sequences", type=types.positive_int, default=64)
+    dt.add_argument("--save-every", type=types.positive_int, default=100)
+    dt.add_argument("--seed", type=types.seed, default=0)
     dt.add_argument("--device", default="cpu")
     dt.add_argument("--amp", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                     help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 from diffdraft.errors import DiffdraftError
@@ -22,6 +23,17 @@ TRAINABLE_KINDS = ("dflash", "block-diffusion", "masked-diffusion")
 # weighting (gamma 7) the best row of the objective ablation (results/ablation-mtbench).
 BEST_OBJECTIVE = {"focal_lambda": 1.0, "chain_weight": 1.0}
 AMP_CHOICES = ("auto", "bfloat16", "float16", "float32")
+
+
+def check_threads(threads) -> int:
+    """Torch threads: a positive integer up to this machine's cores (more only make threads wait for
+    each other, and the cost measurement then runs for minutes)."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise DiffdraftError(f"threads must be a positive integer, got {threads!r}")
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        raise DiffdraftError(f"this machine has {cores} cores, so at most {cores} threads; got {threads}")
+    return threads
 
 
 def check_training_basics(config, positive_ints: tuple[str, ...]) -> None:

@@ -26,6 +26,8 @@ from diffdraft.dllm.decode import DLLMResult
 from diffdraft.dllm.runner import DLLMRunner, to_stats
 from diffdraft.drafters.base import Drafter
 from diffdraft.engine import SpeculativeEngine, length_policy
+from diffdraft.errors import DiffdraftError
+from diffdraft.logprobs import TokenLogprob
 from diffdraft.stats import Stats
 from diffdraft.target import TargetBackend
 
@@ -33,6 +35,7 @@ PLAIN = "plain"  # the name of the engine's plain decoding, the reference of eve
 
 OnTokens = Callable[[list[int]], None]
 ShouldStop = Callable[[], "str | None"]
+OnLogprobs = Callable[[list[TokenLogprob]], None]
 
 
 @dataclass
@@ -41,6 +44,7 @@ class DecodeRun:
     stop_reason: str  # "eos", "length", "context", or the reason should_stop gave
     stats: Stats
     dllm: DLLMResult | None = None  # a dLLM decoder's own record of the run
+    logprobs: list[TokenLogprob] | None = None  # one per token, when asked for (decoders that offer them)
 
 
 class Decoder:
@@ -50,10 +54,18 @@ class Decoder:
     kind: str = "engine"
     draft_len: int = 0
     reference: str = PLAIN  # the decoder this one's speedup and equality are measured against
+    offers_logprobs: bool = False  # whether run() reports the target's log probability of each token
 
     def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
-            on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None) -> DecodeRun:
+            on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None,
+            logprobs: int | None = None, on_logprobs: OnLogprobs | None = None) -> DecodeRun:
+        """logprobs: None, or the alternatives (0..20) to report beside each token's log probability;
+        a decoder that does not offer them refuses (see refuse_logprobs)."""
         raise NotImplementedError
+
+    def refuse_logprobs(self, logprobs: int | None) -> None:
+        if logprobs is not None and not self.offers_logprobs:
+            raise DiffdraftError(f"log probabilities are not offered by the {self.name} decoder")
 
     def describe(self) -> dict:
         """What goes into a results file about this decoder."""
@@ -64,6 +76,7 @@ class EngineDecoder(Decoder):
     """diffdraft's SpeculativeEngine with one drafter (or none: plain decoding)."""
 
     kind = "engine"
+    offers_logprobs = True
 
     def __init__(self, name: str, target: TargetBackend, drafter: Drafter | None, draft: DraftConfig,
                  spec: str | None = None):
@@ -78,11 +91,13 @@ class EngineDecoder(Decoder):
         self.policy = length_policy(target, drafter, draft)
 
     def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
-            on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None) -> DecodeRun:
+            on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None,
+            logprobs: int | None = None, on_logprobs: OnLogprobs | None = None) -> DecodeRun:
         engine = SpeculativeEngine(self.target, self.drafter, draft=self.draft, sampling=sampling, policy=self.policy)
         result = engine.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, on_tokens=on_tokens,
-                                 should_stop=should_stop)
-        return DecodeRun(tokens=result.tokens, stop_reason=result.stop_reason, stats=result.stats)
+                                 should_stop=should_stop, logprobs=logprobs, on_logprobs=on_logprobs)
+        return DecodeRun(tokens=result.tokens, stop_reason=result.stop_reason, stats=result.stats,
+                         logprobs=result.logprobs)
 
     def describe(self) -> dict:
         return {**super().describe(), "spec": self.spec, "runtime": self.target.runtime, "verify": self.draft.verify,
@@ -103,7 +118,9 @@ class DLLMDecoder(Decoder):
         self.reference = runner.baseline_name
 
     def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
-            on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None) -> DecodeRun:
+            on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None,
+            logprobs: int | None = None, on_logprobs: OnLogprobs | None = None) -> DecodeRun:
+        self.refuse_logprobs(logprobs)
         result = self.runner.run(prompt, max_new_tokens, sampling, seed, on_tokens=on_tokens, should_stop=should_stop)
         return DecodeRun(tokens=result.tokens, stop_reason=self.runner.stop_reason(result),
                          stats=to_stats(result, self.draft_len), dllm=result)

@@ -26,6 +26,7 @@ from diffdraft.costs import cost_curve
 from diffdraft.draft_length import DraftingValue, LengthPolicy
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
+from diffdraft.logprobs import TokenLogprob, check_top, token_logprobs
 from diffdraft.prompting import check_seed, check_started
 from diffdraft.sampling import logits_to_probs, sample
 from diffdraft.stats import Stats
@@ -71,6 +72,7 @@ class GenerationResult:
     tokens: list[int]  # new tokens, EOS included when it ended the answer
     stop_reason: str  # "eos", "length" (max_new_tokens), "context" (model context full), or should_stop's reason
     stats: Stats
+    logprobs: list[TokenLogprob] | None = None  # one per token, when asked for
 
 
 class SpeculativeEngine:
@@ -113,16 +115,32 @@ class SpeculativeEngine:
         seed: int = 0,
         on_tokens: Callable[[list[int]], None] | None = None,
         should_stop: Callable[[], str | None] | None = None,
+        logprobs: int | None = None,
+        on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
     ) -> GenerationResult:
         """Generate up to max_new_tokens tokens after `prompt` (token ids, template applied).
 
         on_tokens receives each step's new tokens; should_stop, asked before each step, ends the
         generation when it returns a reason (a cancelled request, a deadline), which becomes the
-        stop reason."""
+        stop reason. logprobs (0..20 alternatives) adds the target's log probability of every token
+        (diffdraft.logprobs), handed to on_logprobs just before on_tokens gets the same tokens."""
         if not prompt:
             raise DiffdraftError("the prompt is empty")
         check_started(self.target, len(prompt), max_new_tokens)
         check_seed(seed)
+        check_top(logprobs)
+        reported: list[TokenLogprob] | None = [] if logprobs is not None else None
+
+        def emit(tokens: list[int], rows: torch.Tensor) -> None:
+            """Hand a step's tokens out; rows [>= len(tokens), V]: the logits that decided them."""
+            if reported is not None and tokens:
+                entries = token_logprobs(rows[: len(tokens)], tokens, self.sampling, logprobs)
+                reported.extend(entries)
+                if on_logprobs:
+                    on_logprobs(entries)
+            if on_tokens:
+                on_tokens(tokens)
+
         stats = Stats(draft_len=self.draft_len, cost_curve=self.policy.costs.to_dict() if self.policy else None)
         request = RequestState(tokens=list(prompt), target=self.target.new_state(),
                                drafter=self.drafter.new_state() if self.drafter is not None else None,
@@ -138,8 +156,7 @@ class SpeculativeEngine:
         stats.ttft_s = time.perf_counter() - start
         request.tokens.append(first)
         new_tokens = [first]
-        if on_tokens:
-            on_tokens([first])
+        emit([first], out.logits[0, -1:])
         stop_reason = "eos" if first in self.target.eos_token_ids else None
 
         while stop_reason is None:
@@ -153,7 +170,7 @@ class SpeculativeEngine:
                 stop_reason = "context"
                 break
             g = min(self.draft_len, max_new_tokens - len(new_tokens) - 1, room - 1)
-            verdict, proposed = self._step(request, max(g, 0), want_taps)
+            verdict, proposed, rows = self._step(request, max(g, 0), want_taps)
             emitted = verdict.tokens[: max_new_tokens - len(new_tokens)]
             for i, token in enumerate(emitted):
                 if token in self.target.eos_token_ids:
@@ -163,12 +180,11 @@ class SpeculativeEngine:
             stats.record_step(proposed=proposed, accepted=verdict.num_accepted, emitted=len(emitted))
             request.tokens.extend(emitted)
             new_tokens.extend(emitted)
-            if on_tokens:
-                on_tokens(emitted)
+            emit(emitted, rows)
 
         stats.total_s = time.perf_counter() - start
         stats.new_tokens = len(new_tokens)
-        return GenerationResult(tokens=new_tokens, stop_reason=stop_reason, stats=stats)
+        return GenerationResult(tokens=new_tokens, stop_reason=stop_reason, stats=stats, logprobs=reported)
 
     def _pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
         """The target's own next token from logits [V]."""
@@ -176,8 +192,9 @@ class SpeculativeEngine:
             return int(logits.argmax())
         return int(sample(logits_to_probs(logits, self.sampling), generator))
 
-    def _step(self, request: RequestState, g: int, want_taps: bool) -> tuple[Verdict, int]:
-        """One draft-and-verify step. Returns the verdict and how many tokens were drafted."""
+    def _step(self, request: RequestState, g: int, want_taps: bool) -> tuple[Verdict, int, torch.Tensor]:
+        """One draft-and-verify step. Returns the verdict, how many tokens were drafted and the target's
+        logits rows [1+g, V] (row i decided the verdict's token i)."""
         tick = time.perf_counter()
         greedy = self.sampling.greedy
         if self.policy is not None:
@@ -207,7 +224,7 @@ class SpeculativeEngine:
         if self.drafter is not None and want_taps:
             self.drafter.observe(request.drafter, out.taps[:, : 1 + verdict.num_accepted])
         request.stats.verify_s += time.perf_counter() - tock
-        return verdict, drafted
+        return verdict, drafted, out.logits[0]
 
     def _verify(self, draft: Draft, target_logits: torch.Tensor, generator: torch.Generator) -> Verdict:
         """target_logits: [g+1, V]. Verification runs on the CPU, where the drafts and the generator are."""

@@ -1,4 +1,4 @@
-"""Logits to probabilities, and drawing from them.
+"""Logits to probabilities (and the log probabilities answers report), and drawing from them.
 
 The one source of both p (target) and q (drafter): temperature, then top-k, then top-p,
 computed in float32. Verification is only lossless if the tokens were drawn from exactly
@@ -18,10 +18,26 @@ def logits_to_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Ten
 
     logits: [..., V] in any float dtype. Returns float32 [..., V], each row summing to 1.
     """
-    logits = logits.float()
     if sampling.greedy:
         top = logits.argmax(dim=-1, keepdim=True)  # [..., 1]
-        return torch.zeros_like(logits).scatter_(-1, top, 1.0)
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, top, 1.0)
+    return _shaped_logits(logits, sampling).softmax(dim=-1)
+
+
+def logits_to_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The log of the law a token is drawn from, as OpenAI's `logprobs` report it: temperature,
+    top-k and top-p applied (a token they exclude has -inf). At temperature 0, where that law is a
+    point mass, the target's own distribution instead (temperature 1, no filter).
+
+    logits: [..., V] in any float dtype. Returns float32 [..., V].
+    """
+    shaping = SamplingConfig(temperature=1.0) if sampling.greedy else sampling
+    return _shaped_logits(logits, shaping).log_softmax(dim=-1)
+
+
+def _shaped_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """float32 logits [..., V] divided by the temperature (> 0), with the tokens top-k and top-p drop at -inf."""
+    logits = logits.float()
     if sampling.temperature != 1.0:  # x / 1.0 == x: skip a pass over [..., V]
         logits = logits / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
@@ -34,7 +50,7 @@ def logits_to_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Ten
         drop_sorted = mass_before >= sampling.top_p  # the top token always stays
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return logits.softmax(dim=-1)
+    return logits
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ Each state holds one sequence (batch size 1) for now; tensors keep their batch d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -184,9 +185,35 @@ class TargetBackend(ABC):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for: with a byte-level tokenizer (GPT-2's pieces, SmolLM2's) exactly,
+        part of a UTF-8 character included; a special token as its name; otherwise the token decoded alone."""
+        piece = self.tokenizer.convert_ids_to_tokens(int(token))
+        if piece is None:
+            return b""
+        if int(token) in self.tokenizer.all_special_ids:
+            return piece.encode("utf-8")
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if type(getattr(backend, "decoder", None)).__name__ == "ByteLevel":
+            table = _byte_level_bytes()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        return self.decode([int(token)]).encode("utf-8")
+
     def tokenizer_fingerprint(self) -> str:
         """A short hash of the vocabulary, so a drafter can tell it was trained on this tokenizer."""
         return tokenizer_fingerprint(self.tokenizer)
+
+
+@functools.cache
+def _byte_level_bytes() -> dict[str, int]:
+    """Byte-level BPE's alphabet back to bytes: printable Latin-1 bytes stand for themselves, the other
+    bytes (controls, space, 127-160, 173) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {chr(b): b for b in printable}
+    shifted = [b for b in range(256) if b not in table.values()]
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

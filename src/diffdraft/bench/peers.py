@@ -85,8 +85,9 @@ class PeerDecoder(Decoder):
     kind = "peer"
 
     def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
-            on_tokens=None, should_stop=None) -> DecodeRun:
+            on_tokens=None, should_stop=None, logprobs=None, on_logprobs=None) -> DecodeRun:
         """Peers answer in one piece: on_tokens gets every token at the end; should_stop is not asked."""
+        self.refuse_logprobs(logprobs)
         run = self._run(prompt, max_new_tokens, sampling, seed)
         if on_tokens is not None:
             on_tokens(run.tokens)

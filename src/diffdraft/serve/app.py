@@ -29,9 +29,9 @@ from diffdraft.config import DraftConfig
 from diffdraft.errors import DiffdraftError
 from diffdraft.prompting import check_fits
 from diffdraft.serve.metrics import Metrics
-from diffdraft.serve.protocol import (FINISH_REASONS, ApiError, GenerationRequest, answer_json, bad_request,
-                                      chunk_json, diffdraft_block, new_id, parse_body, parse_request, usage,
-                                      usage_chunk_json)
+from diffdraft.serve.protocol import (FINISH_REASONS, ApiError, GenerationRequest, LogprobsWriter, answer_json,
+                                      bad_request, chunk_json, diffdraft_block, new_id, parse_body, parse_request,
+                                      usage, usage_chunk_json)
 from diffdraft.serve.worker import Job, Worker
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
@@ -70,6 +70,7 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
     app = FastAPI(title="diffdraft", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.metrics, app.state.worker = metrics, worker
     decoder_name = getattr(pipeline, "describe", "diffdraft")
+
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -152,6 +153,9 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
         return await _collect(job, request, start, endpoint)
 
     def _job(req: GenerationRequest, start: float) -> Job:
+        if req.logprobs is not None and not pipeline.offers_logprobs:
+            raise ApiError(400, f"log probabilities are not offered by this server's decoder ({decoder_name})",
+                           param="top_logprobs" if req.kind == "chat" else "logprobs", code="unsupported_value")
         try:
             ids = pipeline.prompt_ids(req.prompt, chat=req.kind == "chat")
             room = pipeline.target.max_context - len(ids)
@@ -170,7 +174,7 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
             if kind_ == "text":
                 if not pieces:
                     metrics.first_token(time.monotonic() - start)
-                pieces.append(value)
+                pieces.append(value[0])
             elif kind_ == "error":
                 metrics.request(endpoint, value.status, time.monotonic() - start)
                 return _error(value)
@@ -178,15 +182,17 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
                 metrics.request(endpoint, 499, time.monotonic() - start)
                 return Response(status_code=499)
             elif kind_ == "done":
-                answer, reason = value
+                answer, reason, _ = value
+                logprobs = LogprobsWriter(job.request, pipeline.target.token_bytes)(answer.logprobs or [])
                 body = answer_json(job.request, new_id(job.request.kind), "".join(pieces), FINISH_REASONS.get(reason,
                                    "stop"), usage(answer.prompt_tokens, len(answer.tokens)),
-                                   diffdraft_block(answer.stats, reason, decoder_name))
+                                   diffdraft_block(answer.stats, reason, decoder_name), logprobs)
                 metrics.request(endpoint, 200, time.monotonic() - start)
                 return JSONResponse(body)
 
     async def _stream(job: Job, request: Request, start: float, endpoint: str):
         rid, created, req = new_id(job.request.kind), int(time.time()), job.request
+        logprobs = LogprobsWriter(req, pipeline.target.token_bytes)
         first = True
         try:
             if req.kind == "chat":
@@ -197,16 +203,18 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
                     if first:
                         metrics.first_token(time.monotonic() - start)
                         first = False
-                    yield _sse(chunk_json(req, rid, created, value))
+                    text, entries = value
+                    yield _sse(chunk_json(req, rid, created, text, logprobs=logprobs(entries)))
                 elif kind_ == "error":  # after the 200 went out: the error travels in the stream
                     metrics.request(endpoint, value.status, time.monotonic() - start)
                     yield _sse(value.body())
                     yield "data: [DONE]\n\n"
                     return
                 elif kind_ == "done":
-                    answer, reason = value
+                    answer, reason, entries = value
                     extra = diffdraft_block(answer.stats, reason, decoder_name)
-                    last = chunk_json(req, rid, created, None, finish=FINISH_REASONS.get(reason, "stop"))
+                    last = chunk_json(req, rid, created, None, finish=FINISH_REASONS.get(reason, "stop"),
+                                      logprobs=logprobs(entries) if entries else None)
                     yield _sse({**last, "diffdraft": extra})
                     if req.include_usage:
                         yield _sse(usage_chunk_json(req, rid, created, usage(answer.prompt_tokens, len(answer.tokens)),

@@ -22,9 +22,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from diffdraft.config import SamplingConfig
 from diffdraft.errors import DiffdraftError
+from diffdraft.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from diffdraft.stats import Stats
 
 MAX_STOPS = 4
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the completions endpoint's `logprobs`
 
 
 class ApiError(Exception):
@@ -80,10 +82,13 @@ class _Common(_Strict):
 
 class ChatBody(_Common):
     messages: list[Message]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class CompletionBody(_Common):
     prompt: str | list[str]
+    logprobs: int | None = None
 
 
 @dataclass
@@ -100,6 +105,7 @@ class GenerationRequest:
     stops: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None  # None: no log probabilities; else how many alternatives per token
 
 
 # No request needs deeper JSON than this (messages -> a message -> content parts -> a part -> its fields).
@@ -170,6 +176,7 @@ def parse_request(data: dict, kind: Literal["chat", "completion"]) -> Generation
                                   top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p)
     except DiffdraftError as err:
         raise ApiError(400, str(err), param=str(err).split()[0]) from None
+    logprobs = _logprobs(body, kind)
     if kind == "chat":
         prompt = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m, i)}
                   for i, m in enumerate(body.messages)]
@@ -182,7 +189,25 @@ def parse_request(data: dict, kind: Literal["chat", "completion"]) -> Generation
     return GenerationRequest(kind=kind, model=body.model, prompt=prompt, max_tokens=max_tokens,
                              max_tokens_param=param, sampling=sampling, seed=body.seed, stops=stops,
                              stream=body.stream,
-                             include_usage=bool(body.stream_options and body.stream_options.include_usage))
+                             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                             logprobs=logprobs)
+
+
+def _logprobs(body: ChatBody | CompletionBody, kind: str) -> int | None:
+    """How many alternatives per token the request asks for, None for no log probabilities (OpenAI's
+    rules: chat has logprobs true/false and top_logprobs 0..20, completions logprobs 0..5)."""
+    if kind == "completion":
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise ApiError(400, f"logprobs must be in 0..{MAX_COMPLETION_LOGPROBS}, got {body.logprobs}",
+                           param="logprobs")
+        return body.logprobs
+    if body.top_logprobs is not None:
+        if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {body.top_logprobs}",
+                           param="top_logprobs")
+        if not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "TextPart", "StreamOptions", "Message"}
@@ -225,8 +250,43 @@ def diffdraft_block(stats: Stats, stop_reason: str, decoder: str) -> dict:
             "tokens_per_s": round(stats.tokens_per_s, 2)}
 
 
-def answer_json(request: GenerationRequest, rid: str, text: str, finish: str, usage_: dict, extra: dict) -> dict:
-    choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+class LogprobsWriter:
+    """The JSON of a request's log probabilities in its endpoint's shape, chunk after chunk: chat's
+    `{"content": [{token, logprob, bytes, top_logprobs}]}`, completions' `{tokens, token_logprobs,
+    top_logprobs, text_offset}`. `token_bytes` gives the bytes a token id stands for: a token
+    that holds part of a UTF-8 character shows U+FFFD in `token`, and its `bytes` join with its
+    neighbours' into the text. text_offset counts the whole characters of the answer before the token."""
+
+    def __init__(self, request: GenerationRequest, token_bytes):
+        self.kind, self.token_bytes = request.kind, token_bytes
+        self.asked = request.logprobs is not None
+        self.before = b""  # the answer's bytes so far (completions' text_offset)
+
+    def __call__(self, entries: list[TokenLogprob]) -> dict | None:
+        if not self.asked:
+            return None
+        if self.kind == "chat":
+            return {"content": [{**self._token(e.token, e.logprob),
+                                 "top_logprobs": [self._token(t, lp) for t, lp in e.top]} for e in entries],
+                    "refusal": None}
+        offsets = []
+        for e in entries:
+            offsets.append(len(self.before.decode("utf-8", "ignore")))
+            self.before += self.token_bytes(e.token)
+        return {"tokens": [self._text(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self._text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+
+    def _text(self, token: int) -> str:
+        return self.token_bytes(token).decode("utf-8", "replace")
+
+    def _token(self, token: int, logprob: float) -> dict:
+        return {"token": self._text(token), "logprob": logprob, "bytes": list(self.token_bytes(token))}
+
+
+def answer_json(request: GenerationRequest, rid: str, text: str, finish: str, usage_: dict, extra: dict,
+                logprobs: dict | None = None) -> dict:
+    """A whole answer; logprobs: the LogprobsWriter's JSON for all its tokens."""
+    choice = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
     if request.kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -237,14 +297,15 @@ def answer_json(request: GenerationRequest, rid: str, text: str, finish: str, us
 
 
 def chunk_json(request: GenerationRequest, rid: str, created: int, text: str | None, finish: str | None = None,
-               role: bool = False) -> dict:
-    """One stream chunk: a text delta, the opening role (chat), or the closing finish reason."""
+               role: bool = False, logprobs: dict | None = None) -> dict:
+    """One stream chunk: a text delta, the opening role (chat), or the closing finish reason; logprobs:
+    the LogprobsWriter's JSON for the tokens that arrived with it."""
     if request.kind == "chat":
         delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         kind = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         kind = "text_completion"
     return {"id": rid, "object": kind, "created": created, "model": request.model, "choices": [choice]}
 

@@ -4,8 +4,9 @@ The loaded pipeline answers requests on worker threads, one request per thread a
 (one thread by default; each request's decoding state is its own, so several threads may
 share the loaded weights). Requests wait in a queue of fixed size: `submit` refuses when it
 is full (the server answers 429). Each job reports back to the event loop through an asyncio
-queue: "started", then "text" deltas (stop strings already applied), then "done" with the
-answer, or "error". A job ends early, at the next decoding step, when its client goes away
+queue: "started", then "text" deltas (stop strings already applied) each with the log
+probabilities of the tokens that arrived since the last one (when asked for), then "done" with the
+answer and any log probabilities not yet sent, or "error". A job ends early, at the next decoding step, when its client goes away
 (`cancel`), when its deadline passes, or when a stop string appears. Knows nothing of HTTP;
 errors are ApiErrors for the app.
 """
@@ -87,11 +88,17 @@ class Worker:
             return
         job.emit("started")
         stops = StopMatcher(job.request.stops)
+        pending: list = []  # log probabilities of tokens whose text has not gone out yet
+
+        def taken() -> list:
+            entries = pending[:]
+            pending.clear()
+            return entries
 
         def on_text(delta: str) -> None:
             shown = stops.feed(delta)
             if shown:
-                job.emit("text", shown)
+                job.emit("text", (shown, taken()))
 
         def should_stop() -> str | None:
             if stops.hit:
@@ -103,8 +110,10 @@ class Worker:
             return None
 
         try:
-            answer: Answer = self.pipeline.generate_ids(job.ids, job.max_tokens, job.request.sampling, self.draft,
-                                                        job.seed, on_text=on_text, should_stop=should_stop)
+            answer: Answer = self.pipeline.generate_ids(
+                job.ids, job.max_tokens, job.request.sampling, self.draft, job.seed, on_text=on_text,
+                should_stop=should_stop, logprobs=job.request.logprobs,
+                on_logprobs=pending.extend if job.request.logprobs is not None else None)
         except DiffdraftError as err:
             job.emit("error", bad_request(err))
             return
@@ -115,6 +124,6 @@ class Worker:
             return
         tail = stops.flush()
         if tail:
-            job.emit("text", tail)
+            job.emit("text", (tail, taken()))
         self.metrics.generation(answer.prompt_tokens, answer.stats)
-        job.emit("done", (answer, "stop" if stops.hit else answer.stop_reason))
+        job.emit("done", (answer, "stop" if stops.hit else answer.stop_reason, taken()))
