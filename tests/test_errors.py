@@ -489,6 +489,22 @@ def test_a_cuda_device_on_a_cpu_only_torch_is_one_line(capsys, tmp_path, monkeyp
         assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv", [
+    ["dllm-train", "--data", "out/run", "--out", "out/run", "--model", "/nonexistent-model"],
+    ["train", "--data", "out/run", "--out", "out/run", "--model", "/nonexistent-model"],
+    ["bench", "--out", "out/run", "--model", "/nonexistent-model"],
+    ["bench", "--out", ".", "--model", "/nonexistent-model"],
+])
+def test_a_refused_run_leaves_no_folder_nor_lock_behind(capsys, tmp_path, monkeypatch, argv):
+    """Found by the fuzzer (tests/test_fuzz.py): the parents of a missing --out folder, and a bench's
+    lock file, stayed behind a run refused before it wrote anything."""
+    monkeypatch.chdir(tmp_path)
+    code = main(argv)
+    _, err = capsys.readouterr()
+    assert_user_error(code, err)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_api_refuses_more_threads_than_cores():
     from diffdraft.api import use_threads
 

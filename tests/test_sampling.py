@@ -9,7 +9,7 @@ import torch
 
 from diffdraft.config import VERIFY_MODES, DraftConfig, SamplingConfig
 from diffdraft.errors import DiffdraftError
-from diffdraft.sampling import logits_to_probs, sample
+from diffdraft.sampling import logits_to_logprobs, logits_to_probs, sample
 
 
 def reference_probs(logits: list[float], temperature: float, top_k: int = 0, top_p: float = 1.0) -> list[float]:
@@ -202,3 +202,15 @@ def test_draft_config_rejects_bad_values(kwargs):
 def test_draft_config_accepts_good_values(draft_len, verify):
     config = DraftConfig(draft_len=draft_len, verify=verify)
     assert DraftConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("temperature", [2.1e-263, 1e-40, 1e-30, 1e-6])
+def test_a_tiny_temperature_is_a_point_mass_on_the_best_tokens_not_nan(temperature):
+    """Found by the fuzzer: logits / 2e-263 overflowed (and 2e-263 rounds to 0 in float32), giving NaN
+    probabilities and an IndexError in the draw."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0], [0.5, -1.0, 0.25, 0.0]])
+    sampling = SamplingConfig(temperature=temperature)
+    probs = logits_to_probs(logits, sampling)
+    assert torch.equal(probs, torch.tensor([[0.0, 0.5, 0.0, 0.5], [1.0, 0.0, 0.0, 0.0]]))
+    assert torch.isfinite(logits_to_logprobs(logits, sampling)[probs > 0]).all()
+    assert sample(probs, torch.Generator().manual_seed(0)).tolist()[1] == 0

@@ -275,6 +275,12 @@ def test_logprobs_are_plain_decodings_through_the_openai_client(server, pipe):
     assert all(len(top) <= 2 for top in logprobs.top_logprobs)
 
 
+def test_a_tiny_temperature_answers(server):
+    """Found by the fuzzer: temperature 2.1e-263 overflowed the logits into NaN (a 500)."""
+    answer = chat(server.client(), temperature=2.1e-263, max_tokens=4)
+    assert answer.usage.completion_tokens == 4
+
+
 def test_unknown_fields_are_ignored(server):
     status, _, answer = server.raw("POST", "/v1/chat/completions", body(frequency_penalty=0, user="x", foo=[1]), AUTH)
     assert status == 200 and answer["usage"]["completion_tokens"] >= 1
@@ -294,7 +300,9 @@ class GatedPipeline:
     def prompt_ids(self, prompt, chat=True):
         return self.pipe.prompt_ids(prompt, chat=chat)
 
-    def generate_ids(self, ids, max_new_tokens, sampling, draft, seed, on_text=None, should_stop=None):
+    offers_logprobs = True
+
+    def generate_ids(self, ids, max_new_tokens, sampling, draft, seed, on_text=None, should_stop=None, **logprobs):
         self.started.release()
         self.gate.wait()
 
@@ -303,7 +311,7 @@ class GatedPipeline:
             return should_stop()
 
         answer = self.pipe.generate_ids(ids, max_new_tokens, sampling, draft, seed, on_text=on_text,
-                                        should_stop=slow_stop)
+                                        should_stop=slow_stop, **logprobs)
         self.answers.append(answer)
         return answer
 

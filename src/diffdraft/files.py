@@ -30,18 +30,29 @@ def atomic_folder(folder: str | Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def first_missing(folder: str | Path) -> Path | None:
+    """The topmost folder that making `folder` (parents included) would create; None if it exists."""
+    folder = Path(folder)
+    if folder.exists():
+        return None
+    while not folder.parent.exists():
+        folder = folder.parent
+    return folder
+
+
 @contextmanager
 def output_folder(folder: str | Path):
-    """Yield `folder`, made if missing. If the body fails and the folder is empty, it is removed again
-    (if this call made it), so a failed run leaves nothing behind; what a run wrote stays, to resume."""
+    """Yield `folder`, made if missing. If the body fails and the folder is empty, what this call made
+    (parents included) is removed again, so a failed run leaves nothing behind; what a run wrote stays,
+    to resume."""
     folder = Path(folder)
-    made = not folder.exists()
+    made = first_missing(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:
         yield folder
     except BaseException:
-        if made and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        if made is not None and folder.is_dir() and not any(folder.iterdir()):
+            shutil.rmtree(made, ignore_errors=True)
         raise
 
 

@@ -12,6 +12,11 @@ import torch
 
 from diffdraft.config import SamplingConfig
 
+# Temperatures below this divide as if they were this one: the smallest normal float32, where a
+# smaller one would round to 0 (a division by zero). Any gap between two float32 logits divided
+# by it is -inf already, so the law is the same as at the smaller temperature.
+SMALLEST_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
+
 
 def logits_to_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """Shape the last dimension of `logits` into a probability distribution.
@@ -39,7 +44,9 @@ def _shaped_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tens
     """float32 logits [..., V] divided by the temperature (> 0), with the tokens top-k and top-p drop at -inf."""
     logits = logits.float()
     if sampling.temperature != 1.0:  # x / 1.0 == x: skip a pass over [..., V]
-        logits = logits / sampling.temperature
+        if sampling.temperature < 1.0:  # dividing amplifies: the best logit goes to 0 first, so nothing overflows
+            logits = logits - logits.amax(dim=-1, keepdim=True)
+        logits = logits / max(sampling.temperature, SMALLEST_TEMPERATURE)
     if 0 < sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]  # [..., 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -19,10 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from diffdraft.files import first_missing
 from diffdraft.errors import DiffdraftError
 from diffdraft.stats import Stats
 
@@ -64,16 +66,26 @@ class RecordStore:
         except ImportError:  # not POSIX: no lock
             yield
             return
+        created = first_missing(self.folder)
+        lock_path = self.folder / LOCK_FILE
+        new_lock = not lock_path.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / LOCK_FILE, "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DiffdraftError(f"another diffdraft bench is running in {self.folder}") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        try:
+            with open(lock_path, "w") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise DiffdraftError(f"another diffdraft bench is running in {self.folder}") from None
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            if not self.settings_path.exists():  # a run refused before it wrote anything leaves nothing behind
+                if created is not None:
+                    shutil.rmtree(created, ignore_errors=True)
+                elif new_lock:
+                    lock_path.unlink(missing_ok=True)
 
     # ----- settings -----
     def read_settings(self) -> dict | None:
