@@ -36,6 +36,37 @@ class TargetOutput:
     taps: torch.Tensor | None  # [B, k, n_taps * D], when asked for
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Where the k rows of one forward sit and what each sees (docs/design.md, 'The row forward'):
+    row i is at position length + depth[i] and attends to the committed cache plus the rows j of
+    the same call with sees[i][j] (itself included). A chain is depth i, sees j <= i; a draft tree
+    sees its ancestors. The rows' keys and values go to cache slots length..length+k-1 in row order
+    until commit_path keeps one path of them."""
+
+    depth: tuple[int, ...]
+    sees: tuple[tuple[int, ...], ...]  # per row, the rows it sees, ascending, itself last
+
+    @staticmethod
+    def tree(parents: list[int]) -> "Rows":
+        """Rows from parents: -1 for a row that follows the committed sequence, else an earlier row."""
+        depth, sees = [], []
+        for i, parent in enumerate(parents):
+            if parent == -1:
+                depth.append(0)
+                sees.append((i,))
+            elif isinstance(parent, int) and 0 <= parent < i:
+                depth.append(depth[parent] + 1)
+                sees.append(sees[parent] + (i,))
+            else:
+                raise ValueError(f"row {i}'s parent must be -1 or an earlier row, got {parent!r}")
+        return Rows(tuple(depth), tuple(sees))
+
+    @property
+    def is_chain(self) -> bool:
+        return all(seen == tuple(range(i + 1)) for i, seen in enumerate(self.sees))
+
+
 def default_tap_layers(num_layers: int) -> tuple[int, ...]:
     """Layers spread over the depth: 1, L/2 and L-3 (hidden state after that many layers)."""
     return tuple(sorted({1, num_layers // 2, max(1, num_layers - 3)}))
@@ -56,6 +87,7 @@ class TargetBackend(ABC):
     docstring). Holds no per-request state."""
 
     kind: str = "backend"  # "hf" or "lean"
+    takes_trees: bool = False  # whether forward() takes rows other than a chain (Rows), and commit_path other paths
     weights: str = "float32"  # what its linears run on: the loaded weights, or 4-bit (lean: native, int4)
     note: str | None = None  # why this backend, where it was not the one asked for (auto's fallback)
 
@@ -127,12 +159,32 @@ class TargetBackend(ABC):
         state.length = 0
         return self._run(state, ids, want_taps, last_only=True)
 
-    def forward(self, state: TargetState, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
-        """Append k tokens. ids: [B, k] int64 -> logits [B, k, V] (+ taps [B, k, n_taps*D])."""
+    def forward(self, state: TargetState, ids: torch.Tensor, want_taps: bool = False,
+                rows: Rows | None = None) -> TargetOutput:
+        """Append k tokens. ids: [B, k] int64 -> logits [B, k, V] (+ taps [B, k, n_taps*D]). rows: where
+        they sit and what each sees (a draft tree); None is a chain."""
         self._check_owner(state)
         if state.cache is None:
             raise RuntimeError("call prefill() before forward()")
-        return self._run(state, ids, want_taps, last_only=False)
+        if rows is not None and len(rows.depth) != ids.shape[1]:
+            raise ValueError(f"rows describe {len(rows.depth)} rows for {ids.shape[1]} tokens")
+        if rows is None or rows.is_chain:
+            return self._run(state, ids, want_taps, last_only=False)
+        if not self.takes_trees:
+            raise DiffdraftError(f"the {self.kind} backend verifies chains only; draft trees need --backend lean")
+        return self._run_rows(state, ids, want_taps, rows)
+
+    def commit_path(self, state: TargetState, start: int, path: list[int]) -> None:
+        """Keep one path of the rows the last forward appended at `start`: rows path[0] < path[1] < ...
+        (each the child of the one before, path[0] at depth 0) become positions start..; the rest go."""
+        self._check_owner(state)
+        if any(b <= a for a, b in zip(path, path[1:])) or (path and not start + path[-1] < state.length):
+            raise ValueError(f"a path of rows ascending within the cache, got {path} at {start}")
+        if path != list(range(len(path))):
+            if not self.takes_trees:
+                raise DiffdraftError(f"the {self.kind} backend keeps chains only")
+            self._move_rows(state, start, path)
+        self.crop(state, start + len(path))
 
     def crop(self, state: TargetState, n: int) -> None:
         """Keep only the first n tokens in the sequence's KV cache."""
@@ -151,6 +203,14 @@ class TargetBackend(ABC):
     def _run(self, state: TargetState, ids: torch.Tensor, want_taps: bool, last_only: bool) -> TargetOutput:
         """Run ids [B, k] at positions state.length.., write their keys/values into state.cache and
         advance state.length; logits of the last position only when last_only."""
+
+    def _run_rows(self, state: TargetState, ids: torch.Tensor, want_taps: bool, rows: Rows) -> TargetOutput:
+        """forward() over rows that are not a chain (backends with takes_trees)."""
+        raise NotImplementedError
+
+    def _move_rows(self, state: TargetState, start: int, path: list[int]) -> None:
+        """Copy cache slots start + path[j] to start + j (backends with takes_trees)."""
+        raise NotImplementedError
 
     @abstractmethod
     def _crop_cache(self, state: TargetState, n: int) -> None:

@@ -36,7 +36,7 @@ from diffdraft.backends.int4 import Int4Weight
 from diffdraft.backends.kernels import Int4Linear, PreparedLinear, onednn_bf16_supported
 from diffdraft.errors import DiffdraftError
 from diffdraft.rope import rope_tables, rotate_in_place, signed_sin
-from diffdraft.target import TargetBackend, TargetOutput, TargetState
+from diffdraft.target import Rows, TargetBackend, TargetOutput, TargetState
 
 # Verify forwards up to this many tokens are computed row by row (draft lengths are far below it).
 INVARIANT_ROWS = 32
@@ -105,6 +105,7 @@ class LeanLlamaTarget(TargetBackend):
     """Static-cache Llama decoding on prepared weights (see the module docstring)."""
 
     kind = "lean"
+    takes_trees = True
 
     def __init__(
         self,
@@ -172,9 +173,19 @@ class LeanLlamaTarget(TargetBackend):
     def _crop_cache(self, state: TargetState, n: int) -> None:
         pass  # positions past the length are overwritten before they are read
 
+    def _move_rows(self, state: TargetState, start: int, path: list[int]) -> None:
+        source = start + torch.tensor(path, device=self.device)  # [n]
+        target = start + torch.arange(len(path), device=self.device)  # [n]
+        state.cache[:, :, :, target] = state.cache[:, :, :, source]  # the right side is gathered first
+
+    def _run_rows(self, state: TargetState, ids: torch.Tensor, want_taps: bool, rows: Rows) -> TargetOutput:
+        return self._run(state, ids, want_taps, last_only=False, rows=rows)
+
     @torch.inference_mode()
-    def _run(self, state: TargetState, ids: torch.Tensor, want_taps: bool, last_only: bool) -> TargetOutput:
-        """ids: [1, k]. Writes the k tokens' keys/values at positions length..length+k-1 of the state's cache."""
+    def _run(self, state: TargetState, ids: torch.Tensor, want_taps: bool, last_only: bool,
+             rows: Rows | None = None) -> TargetOutput:
+        """ids: [1, k]. Writes the k tokens' keys/values at slots length..length+k-1 of the state's cache;
+        rows (not a chain) says at which positions they sit and what each sees."""
         if ids.shape[0] != 1:
             raise ValueError(f"the lean runtime decodes one sequence at a time, got a batch of {ids.shape[0]}")
         k = ids.shape[1]
@@ -182,7 +193,11 @@ class LeanLlamaTarget(TargetBackend):
         start = state.length
         cache = state.cache  # [L, 2, Hkv, C, hd]
         x = F.embedding(ids[0].to(self.device), self._embed)  # [k, D]
-        cos, sin = self._cos[start : start + k, None], self._sin_signed[start : start + k, None]  # [k, 1, hd]
+        if rows is None:
+            cos, sin = self._cos[start : start + k, None], self._sin_signed[start : start + k, None]  # [k, 1, hd]
+        else:
+            at = start + torch.tensor(rows.depth, device=self.device)  # [k] positions
+            cos, sin = self._cos[at, None], self._sin_signed[at, None]  # [k, 1, hd]
         taps = {0: x} if want_taps and 0 in self.tap_layers else {}
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         for index, layer in enumerate(self._layers):
@@ -191,7 +206,7 @@ class LeanLlamaTarget(TargetBackend):
             new_kv = qkv[:, heads * hd :].view(k, 2, kv_heads, hd)  # rotated keys, then values
             cache[index, :, :, start : start + k] = new_kv.permute(1, 2, 0, 3)  # [2, Hkv, k, hd]
             q = qkv[:, : heads * hd].view(k, heads, hd).transpose(0, 1)  # [H, k, hd]
-            attended = self._attend(q, cache[index, 0], cache[index, 1], start)  # [k, H hd]
+            attended = self._attend(q, cache[index, 0], cache[index, 1], start, rows)  # [k, H hd]
             x = x + layer.o(attended, widen=False)  # a bfloat16 output is widened by the addition
             gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, self.eps)).split(layer.intermediate, dim=-1)
             x = x + layer.down(F.silu(gate) * up, widen=False)
@@ -205,22 +220,35 @@ class LeanLlamaTarget(TargetBackend):
         tapped = torch.cat([taps[i] for i in self.tap_layers], dim=-1)[None] if want_taps else None
         return TargetOutput(logits=logits[None], taps=tapped)
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
-        """Causal attention of q [H, k, hd] (positions start..start+k-1) over one layer's cached keys and
-        values [Hkv, C, hd] -> [k, H hd]."""
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+                rows: Rows | None = None) -> torch.Tensor:
+        """Attention of q [H, k, hd] (the rows at slots start..start+k-1) over one layer's cached keys and
+        values [Hkv, C, hd] -> [k, H hd]: each row sees the committed cache and the rows `rows` says
+        (a chain when None). Row by row up to invariant_rows, each over exactly the keys a one-token
+        forward at its position would see, in the same order."""
         heads, k, hd = q.shape
         if k <= self.invariant_rows:
-            rows = [
-                F.scaled_dot_product_attention(
-                    q[None, :, i : i + 1], keys[None, :, : start + i + 1], values[None, :, : start + i + 1],
-                    enable_gqa=True,
-                )[0]  # [H, 1, hd]
-                for i in range(k)
-            ]
-            out = rows[0] if k == 1 else torch.cat(rows, dim=1)  # [H, k, hd]
+            out = []
+            for i in range(k):
+                seen = None if rows is None else rows.sees[i]
+                if seen is None or seen == tuple(range(i + 1)):  # a chain's row: a prefix of the cache
+                    row_keys, row_values = keys[:, : start + i + 1], values[:, : start + i + 1]
+                else:  # the committed cache, then its ancestors' slots
+                    slots = torch.cat([torch.arange(start, device=q.device),
+                                       start + torch.tensor(seen, device=q.device)])
+                    row_keys, row_values = keys.index_select(1, slots), values.index_select(1, slots)
+                out.append(F.scaled_dot_product_attention(q[None, :, i : i + 1], row_keys[None], row_values[None],
+                                                          enable_gqa=True)[0])  # [H, 1, hd]
+            out = out[0] if k == 1 else torch.cat(out, dim=1)  # [H, k, hd]
         else:
             end = start + k
-            allowed = torch.arange(end, device=q.device)[None] <= torch.arange(start, end, device=q.device)[:, None]
+            if rows is None:
+                allowed = torch.arange(end, device=q.device)[None] <= torch.arange(start, end, device=q.device)[:, None]
+            else:
+                allowed = torch.zeros(k, end, dtype=torch.bool, device=q.device)  # [k, end]
+                allowed[:, :start] = True
+                for i, seen in enumerate(rows.sees):
+                    allowed[i, start + torch.tensor(seen, device=q.device)] = True
             out = F.scaled_dot_product_attention(
                 q[None], keys[None, :, :end], values[None, :, :end], attn_mask=allowed, enable_gqa=True
             )[0]
