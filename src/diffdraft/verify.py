@@ -107,3 +107,54 @@ def verify_point_mass(
     matches = (drawn[:g] == draft_tokens).int()  # [g]
     num_accepted = int(matches.cumprod(dim=0).sum()) if g else 0
     return _verdict(draft_tokens, num_accepted, int(drawn[num_accepted]))
+
+
+# ----- draft trees -----
+@dataclass(frozen=True)
+class TreeVerdict(Verdict):
+    """What verification decided for a draft tree: `path` holds the rows kept, row 0 (the last committed
+    token, the tree's root) first, then one per accepted draft token."""
+
+    path: tuple[int, ...] = (0,)
+
+
+def _walk_tree(tokens: torch.Tensor, parents: list[int], pick) -> TreeVerdict:
+    """From the root (row 0), the target picks a token at each row reached (pick(row) -> token id); the
+    walk moves to the child holding that token and stops where no child does: that pick is the
+    target's own token. tokens: [k] int64 (row 0's is the root's, never verified); parents: [k]."""
+    k = tokens.shape[0]
+    if tokens.dim() != 1 or len(parents) != k or k == 0 or parents[0] != -1:
+        raise ValueError(f"expected tokens [k] and parents [k] with row 0 the root, got {tuple(tokens.shape)} "
+                         f"and {len(parents)} parents")
+    children: dict[int, dict[int, int]] = {}
+    values = tokens.tolist()
+    for row in range(1, k):
+        if not 0 <= parents[row] < row:
+            raise ValueError(f"row {row}'s parent must be an earlier row, got {parents[row]}")
+        siblings = children.setdefault(parents[row], {})
+        if values[row] in siblings:
+            raise ValueError(f"rows {siblings[values[row]]} and {row} are siblings with the same token")
+        siblings[values[row]] = row
+    path = [0]
+    while True:
+        token = pick(path[-1])
+        child = children.get(path[-1], {}).get(token)
+        if child is None:
+            accepted = [values[r] for r in path[1:]]
+            return TreeVerdict(num_accepted=len(accepted), tokens=accepted + [token], draft_len=k - 1,
+                               path=tuple(path))
+        path.append(child)
+
+
+def verify_tree_greedy(tokens: torch.Tensor, parents: list[int], target_scores: torch.Tensor) -> TreeVerdict:
+    """Greedy matching down a tree: follow the child that is the target's argmax. target_scores: [k, V]."""
+    best = target_scores.argmax(dim=-1).tolist()  # [k]
+    return _walk_tree(tokens, parents, lambda row: best[row])
+
+
+def verify_tree_point_mass(tokens: torch.Tensor, parents: list[int], target_probs: torch.Tensor,
+                           generator: torch.Generator | None) -> TreeVerdict:
+    """Point-mass matching down a tree: at each row reached draw y ~ p_row and follow the child holding y.
+    Lossless for any tree: each emitted token is a draw from the target's law given the tokens before it.
+    target_probs: [k, V] float32."""
+    return _walk_tree(tokens, parents, lambda row: int(sample(target_probs[row], generator)))

@@ -1,0 +1,149 @@
+"""Draft trees: tree verification against exact laws, and the tree builder and its budget.
+
+The law check reuses test_verify's tables (a target p(x | last two tokens) and a drafter
+q(x | last token) over V = 5 tokens) and lawcheck's chi-square: a pure loop builds a tree
+from q's best alternatives, verifies it against p's rows along each node's path, and repeats
+until L = 3 tokens are out. Point-mass verification emits only the target's own draws, so its
+law is the target's for any tree, even one built after peeking at p (shown). Deliberately wrong
+tree verifiers (rows read one level off; a child kept when p favours it without a draw) go
+through the same check and must be caught.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffdraft.draft_length import CostCurve
+from diffdraft.draft_tree import DraftTree, best_first, best_size
+from diffdraft.sampling import sample
+from diffdraft.verify import TreeVerdict, verify_greedy, verify_tree_greedy, verify_tree_point_mass
+from lawcheck import fit
+from test_verify import L, N, SHAPES, V, Tables
+
+
+def tree_from_q(tables: Tables, context: list[int], width: int, depth: int, peek: bool = False) -> DraftTree:
+    """Best-first nodes from q's top `width` tokens at the last token, the same at every slot (any tree
+    will do for point-mass); peek: the first node is the target's own argmax at this step."""
+    q = tables.q[([V] + context)[-1]]  # [V]
+    values, tokens = q.topk(width)
+    if peek:
+        best = int(tables.p_row(context).argmax())
+        tokens = torch.tensor([best] + [t for t in tokens.tolist() if t != best][: width - 1])
+        values = q[tokens]
+    return best_first(tokens.expand(depth, -1), values.expand(depth, -1), limit=width * depth)
+
+
+def row_probs(tables: Tables, context: list[int], tree: DraftTree, shift: bool = False) -> torch.Tensor:
+    """p at each row of [root, nodes...] given the path to it: [1 + nodes, V]. shift: a node's row
+    holds its parent's p (the off-by-one bug)."""
+    rows = tree.rows()
+    paths = [[]]
+    for i in range(1, len(rows)):
+        paths.append(paths[rows[i]] + [tree.tokens[i - 1]])
+    probs = [tables.p_row(context + path) for path in paths]
+    if shift:
+        probs = [probs[0]] + [probs[rows[i]] for i in range(1, len(rows))]
+    return torch.stack(probs)
+
+
+def lenient_verify(tokens, parents, probs, gen) -> TreeVerdict:
+    """Wrong: keeps the child whose token p favours most when that p exceeds 0.3, without a draw."""
+    path = [0]
+    while True:
+        kids = [r for r in range(1, len(parents)) if parents[r] == path[-1]]
+        best = max(kids, key=lambda r: float(probs[path[-1], tokens[r]]), default=None)
+        if best is not None and float(probs[path[-1], tokens[best]]) > 0.3:
+            path.append(best)
+            continue
+        y = int(sample(probs[path[-1]], gen))
+        accepted = [int(tokens[r]) for r in path[1:]]
+        return TreeVerdict(num_accepted=len(accepted), tokens=accepted + [y], draft_len=len(parents) - 1,
+                           path=tuple(path))
+
+
+def tree_samples(tables: Tables, verifier, n: int, seed: int, peek: bool = False, shift: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    out, accepted = [], 0
+    for _ in range(n):
+        context: list[int] = []
+        while len(context) < L:
+            tree = tree_from_q(tables, context, width=2, depth=2, peek=peek)
+            tokens = torch.tensor([context[-1] if context else 0, *tree.tokens])
+            verdict = verifier(tokens, tree.rows(), row_probs(tables, context, tree, shift), gen)
+            accepted += verdict.num_accepted
+            context += verdict.tokens
+        out.append(tuple(context[:L]))
+    return out, accepted
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("peek", [False, True])
+def test_tree_point_mass_law_equals_the_target_law(shape, peek):
+    tables = Tables(SHAPES[shape], seed=3)
+    samples, accepted = tree_samples(tables, verify_tree_point_mass, N, seed=11, peek=peek)
+    result = fit(samples, tables.exact_law())
+    assert result.ok, str(result)
+    assert accepted > N // 4  # the trees were used, not just the target's own draws
+
+
+@pytest.mark.parametrize("wrong", ["shifted rows", "lenient"])
+def test_wrong_tree_verifiers_are_detected(wrong):
+    tables = Tables(SHAPES["t1"], seed=3)
+    if wrong == "shifted rows":
+        samples, _ = tree_samples(tables, verify_tree_point_mass, N, seed=11, shift=True)
+    else:
+        samples, _ = tree_samples(tables, lenient_verify, N, seed=11)
+    assert not fit(samples, tables.exact_law()).ok
+
+
+def test_tree_greedy_on_a_chain_is_chain_greedy():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        g = trial % 6
+        scores = torch.randn(g + 1, 7, generator=gen)
+        draft = scores.argmax(-1)[:g].clone()
+        if g and trial % 3 == 0:
+            draft[trial % g] = (draft[trial % g] + 1) % 7
+        chain = verify_greedy(draft, scores)
+        tree = verify_tree_greedy(torch.cat([torch.tensor([0]), draft]), [-1] + list(range(g)), scores)
+        assert (tree.tokens, tree.num_accepted) == (chain.tokens, chain.num_accepted)
+        assert tree.path == tuple(range(chain.num_accepted + 1))
+
+
+def test_tree_greedy_follows_the_argmax_branch():
+    #          root(0)
+    #         /      \
+    #     a=1(1)    b=2(2)
+    #       |         |
+    #     c=3(3)    d=4(4)
+    tokens, parents = torch.tensor([0, 1, 2, 3, 4]), [-1, 0, 0, 1, 2]
+    scores = torch.full((5, 6), -1.0)
+    scores[0, 2] = scores[2, 4] = scores[4, 5] = 1.0  # the target says b, then d, then 5
+    verdict = verify_tree_greedy(tokens, parents, scores)
+    assert verdict.tokens == [2, 4, 5] and verdict.path == (0, 2, 4) and verdict.num_accepted == 2
+    with pytest.raises(ValueError, match="siblings with the same token"):
+        verify_tree_greedy(torch.tensor([0, 1, 1]), [-1, 0, 0], scores[:3])
+
+
+def test_best_first_grows_in_falling_value_with_parents_first():
+    tokens = torch.tensor([[10, 11], [20, 21], [30, 31]])
+    values = torch.tensor([[0.8, 0.15], [0.6, 0.3], [0.9, 0.05]])
+    tree = best_first(tokens, values, limit=6)
+    assert list(tree.values) == sorted(tree.values, reverse=True)
+    assert tree.tokens[:3] == (10, 20, 30)  # the chain of best tokens leads
+    assert all(p < i for i, p in enumerate(tree.parents))
+    assert tree.values[1] == pytest.approx(0.48) and tree.values[2] == pytest.approx(0.432)
+    assert tree.values[3] == pytest.approx(0.8 * 0.3) and tree.tokens[3] == 21 and tree.parents[3] == 0
+    chain = best_first(tokens[:, :1], values[:, :1], limit=10)
+    assert chain.parents == (-1, 0, 1)  # width 1 is a chain
+
+
+def test_the_budget_follows_the_cost_curve():
+    tree = best_first(torch.arange(12).view(3, 4), torch.tensor([[0.6, 0.3, 0.05, 0.05]] * 3), limit=20)
+    flat = CostCurve(target_s=tuple(0.010 + 0.0001 * k for k in range(32)), draft_s=0.002)
+    steep = CostCurve(target_s=tuple(0.010 * (1 + k) for k in range(32)), draft_s=0.002)
+    middle = CostCurve(target_s=tuple(0.010 + 0.002 * k for k in range(32)), draft_s=0.002)
+    assert best_size(tree, flat) > 6  # a flat curve grows a wide tree
+    assert best_size(tree, steep) == 0  # each row costs a whole forward: verify nothing
+    assert 1 <= best_size(tree, middle) < best_size(tree, flat)
