@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffdraft.draft_length import CostCurve
-from diffdraft.draft_tree import DraftTree, best_first, best_size
+from diffdraft.draft_tree import DraftTree, best_first, best_size, top_chain
 from diffdraft.sampling import sample
 from diffdraft.verify import TreeVerdict, verify_greedy, verify_tree_greedy, verify_tree_point_mass
 from lawcheck import fit
@@ -137,6 +137,11 @@ def test_best_first_grows_in_falling_value_with_parents_first():
     assert tree.values[3] == pytest.approx(0.8 * 0.3) and tree.tokens[3] == 21 and tree.parents[3] == 0
     chain = best_first(tokens[:, :1], values[:, :1], limit=10)
     assert chain.parents == (-1, 0, 1)  # width 1 is a chain
+    assert top_chain(tree, tokens) == [0, 1, 2] and top_chain(tree.prefix(2), tokens) == [0, 1]
+    wide = best_first(tokens, torch.tensor([[0.5, 0.45], [0.5, 0.3], [0.9, 0.05]]), limit=6)
+    chain = top_chain(wide, tokens)  # an alternative (node 1) came before the chain's second node
+    assert wide.tokens[1] == 11 and chain[:2] == [0, 2] and len(chain) == 3
+    assert [wide.tokens[n] for n in chain] == [10, 20, 30] and wide.parents[chain[2]] == 2
 
 
 def test_the_budget_follows_the_cost_curve():
@@ -147,3 +152,109 @@ def test_the_budget_follows_the_cost_curve():
     assert best_size(tree, flat) > 6  # a flat curve grows a wide tree
     assert best_size(tree, steep) == 0  # each row costs a whole forward: verify nothing
     assert 1 <= best_size(tree, middle) < best_size(tree, flat)
+
+
+# --------------------------------------------------------------------------- through the engine
+from diffdraft.config import DraftConfig, SamplingConfig  # noqa: E402
+from diffdraft.draft_length import LengthPolicy  # noqa: E402
+from diffdraft.drafters import Draft, Drafter  # noqa: E402
+from diffdraft.engine import SpeculativeEngine  # noqa: E402
+from test_engine import LAW_PROMPT, N_ENGINE, PROMPTS, encode, engine_samples, exact_law, plain  # noqa: E402
+
+WIDTH = 3
+
+
+class HiddenAnswerDrafter(Drafter):
+    """Knows the greedy answer but ranks it first only now and then: at slot i of call c the right token
+    is alternative (c + i) % WIDTH, so a chain accepts little and a tree more."""
+
+    name = "hidden-answer"
+
+    def __init__(self, reference: list[int], vocab_size: int):
+        self.reference, self.vocab_size, self.calls = reference, vocab_size, 0
+
+    def propose(self, state, tokens, num_tokens, sampling, generator) -> Draft:
+        right = self.reference[len(tokens) : len(tokens) + num_tokens]
+        rows = []
+        for i, token in enumerate(right):
+            wrong = [(token + 1 + j) % self.vocab_size for j in range(WIDTH - 1)]
+            place = (self.calls + i) % WIDTH
+            rows.append(wrong[:place] + [token] + wrong[place:])
+        self.calls += 1
+        alternatives = torch.tensor(rows, dtype=torch.long).view(len(rows), WIDTH)  # [g, K]
+        probs = torch.tensor([[0.5, 0.3, 0.2]]).expand(len(rows), WIDTH).contiguous()
+        return Draft(tokens=alternatives[:, 0].clone(), probs=None, confidence=probs[:, 0].clone(),
+                     alternatives=(alternatives, probs))
+
+
+@pytest.mark.parametrize("tree", [0, 1, 3, 8, 20])
+def test_greedy_tree_decoding_equals_plain_decoding(tiny_target, tree):
+    target = tiny_target
+    for text in PROMPTS:
+        prompt = encode(target, text)
+        reference = plain(target, prompt).tokens
+        drafter = HiddenAnswerDrafter(prompt + reference, target.vocab_size)
+        engine = SpeculativeEngine(target, drafter, DraftConfig(draft_len=4, length="fixed", tree=tree))
+        result = engine.generate(prompt, max_new_tokens=len(reference))
+        assert result.tokens == reference, f"tree {tree} on {text!r}"
+        assert max(result.stats.proposed) == (tree or 4)
+
+
+def test_a_tree_accepts_more_than_the_chain_of_the_same_drafter(tiny_target):
+    prompt = encode(tiny_target, PROMPTS[0])
+    reference = plain(tiny_target, prompt).tokens
+    tau = {}
+    for tree in (0, 20):
+        engine = SpeculativeEngine(tiny_target, HiddenAnswerDrafter(prompt + reference, tiny_target.vocab_size),
+                                   DraftConfig(draft_len=4, length="fixed", tree=tree))
+        tau[tree] = engine.generate(prompt, max_new_tokens=len(reference)).stats.tau
+    assert tau[20] > 1.5 * tau[0], tau
+
+
+def test_the_length_rule_sizes_the_tree_by_the_cost_curve(tiny_target):
+    """A flat cost curve grows trees past the chain, a steeper one smaller trees, and one where each row
+    costs more than a whole forward verifies nothing (plain steps)."""
+    prompt = encode(tiny_target, PROMPTS[1])
+    reference = plain(tiny_target, prompt).tokens
+    sizes = {}
+    for name, curve in (("flat", CostCurve(tuple(0.01 + 0.0001 * k for k in range(32)), 0.001)),
+                        ("medium", CostCurve(tuple(0.01 + 0.003 * k for k in range(32)), 0.001)),
+                        ("steep", CostCurve(tuple(0.01 * (1 + k) ** 2 for k in range(32)), 0.001))):
+        engine = SpeculativeEngine(tiny_target, HiddenAnswerDrafter(prompt + reference, tiny_target.vocab_size),
+                                   DraftConfig(draft_len=4, tree=20), policy=LengthPolicy(curve))
+        result = engine.generate(prompt, max_new_tokens=len(reference))
+        assert result.tokens == reference
+        sizes[name] = max(result.stats.proposed)
+    assert sizes["flat"] > sizes["medium"] > sizes["steep"] == 0, sizes
+
+
+class FixedTreeDrafter(Drafter):
+    """Two alternatives per slot, fixed by the last token: (last + 1) % 4 and (last + 2) % 4."""
+
+    name = "fixed-tree"
+
+    def propose(self, state, tokens, num_tokens, sampling, generator) -> Draft:
+        last = tokens[-1]
+        alternatives = torch.tensor([[(last + 1) % 4, (last + 2) % 4]] * num_tokens, dtype=torch.long)
+        probs = torch.tensor([[0.6, 0.4]] * num_tokens)
+        return Draft(tokens=alternatives[:, 0].clone(), probs=None, confidence=probs[:, 0].clone(),
+                     alternatives=(alternatives, probs))
+
+
+def test_engine_tree_sampling_law_equals_the_target_law(small_target_for_trees):
+    """Point-mass tree verification through the engine at T = 1, top-k 3: the first 3 tokens follow the
+    target's exact law (chi-square, as test_engine's chain cases)."""
+    sampling = SamplingConfig(temperature=1.0, top_k=3)
+    engine = SpeculativeEngine(small_target_for_trees, FixedTreeDrafter(),
+                               DraftConfig(2, "point-mass", length="fixed", tree=4), sampling)
+    samples, accepted = engine_samples(engine, N_ENGINE)
+    result = fit(samples, exact_law(small_target_for_trees, LAW_PROMPT, sampling))
+    assert result.ok, str(result)
+    assert max(accepted) == 2  # whole paths of the tree were accepted
+
+
+@pytest.fixture(scope="module")
+def small_target_for_trees():
+    from test_engine import make_small_target
+
+    return make_small_target()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from diffdraft import arguments as types
 from diffdraft.backends import BACKENDS, WEIGHTS
-from diffdraft.config import (BEST_OBJECTIVE, LENGTH_MODES, PROPOSAL_MODES, TRAINABLE_KINDS, VERIFY_MODES,
+from diffdraft.config import (BEST_OBJECTIVE, LENGTH_MODES, MAX_TREE_NODES, PROPOSAL_MODES, TRAINABLE_KINDS, VERIFY_MODES,
                               DraftConfig, SamplingConfig)
 from diffdraft.drafters import DRAFTER_NAMES
 from diffdraft.errors import DiffdraftError
@@ -82,6 +82,10 @@ def add_decoding_args(parser: argparse.ArgumentParser, serving: bool = False) ->
                        help="auto (default): verify the number of drafted tokens that maximizes expected tokens/s "
                             "from this machine's measured costs and the drafter's calibrated confidences; fixed: "
                             "verify all g. Lossless either way")
+    group.add_argument("--tree", type=types.int_in(0, MAX_TREE_NODES), default=0, metavar="N",
+                       help="verify a draft tree of up to N nodes grown from the drafter's alternatives per slot "
+                            "(block-diffusion drafters, lean runtime; at T > 0 with --verify point-mass), sized "
+                            "by the length rule; 0 (default): a chain")
     group.add_argument("--proposals", default="sample", choices=PROPOSAL_MODES,
                        help="above temperature 0: draw each slot from the drafter's q (sample, default) or propose "
                             "its most likely token (argmax). Lossless either way")
@@ -102,7 +106,7 @@ def decoding_configs(args: argparse.Namespace) -> tuple[SamplingConfig, DraftCon
     sampling = SamplingConfig(temperature=getattr(args, "temperature", 0.0), top_k=getattr(args, "top_k", 0),
                               top_p=getattr(args, "top_p", 1.0))
     draft = DraftConfig(draft_len=args.draft_len, verify=args.verify, length=args.length,
-                        min_confidence=args.min_confidence, proposals=args.proposals)
+                        min_confidence=args.min_confidence, proposals=args.proposals, tree=args.tree)
     return sampling, draft
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from diffdraft.errors import DiffdraftError
 
 VERIFY_MODES = ("auto", "rejection", "point-mass")
+MAX_TREE_NODES = 31  # a tree and its root fit the lean runtime's row-by-row (bit-identical) forward
 LENGTH_MODES = ("auto", "fixed")
 PROPOSAL_MODES = ("argmax", "sample")
 # dflash: the block-diffusion drafter in DFlash's layout (q/k norms, a mask token of the target's vocabulary),
@@ -116,8 +117,14 @@ class DraftConfig:
     # 1.24x vs 1.12x plain): its q was trained on the target's own sampled answers, so sum min(p, q)
     # exceeds p(argmax q).
     proposals: str = "sample"
+    # > 0: verify a draft tree of at most this many nodes (draft_tree.py) where the drafter states its
+    # alternatives per slot and the target takes trees; the length rule then sizes the tree. 0: a chain.
+    tree: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.tree, bool) or not isinstance(self.tree, int) or not (0 <= self.tree <= MAX_TREE_NODES):
+            raise DiffdraftError(f"tree must be an integer in [0, {MAX_TREE_NODES}] (nodes; 0: a chain), "
+                                 f"got {self.tree!r}")
         if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or not (0 <= self.draft_len <= 64):
             raise DiffdraftError(f"draft length must be an integer in [0, 64], got {self.draft_len!r}")
         if isinstance(self.min_confidence, bool) or not isinstance(self.min_confidence, (int, float)) \

@@ -178,10 +178,14 @@ class LengthPolicy:
         """A fresh record of whether drafting pays, for one request."""
         return DraftingValue(self.costs)
 
+    def acceptance(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> torch.Tensor:
+        """a_1..a_available as the choice sees them, optimistic where little is known: [available] float64."""
+        with self._lock:
+            return self.calibration(greedy).estimate(confidence, available, explore=self.explore)
+
     def rates(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> torch.Tensor:
         """Expected tokens per second for k = 0..available, optimistic where little is known: [available + 1]."""
-        with self._lock:
-            acceptance = self.calibration(greedy).estimate(confidence, available, explore=self.explore)
+        acceptance = self.acceptance(confidence, available, greedy)
         cost = torch.tensor([self.costs.draft_s + self.costs.target(k + 1) for k in range(available + 1)],
                             dtype=torch.float64)
         return expected_emitted(acceptance) / cost

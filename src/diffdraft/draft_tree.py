@@ -75,3 +75,16 @@ def best_size(tree: DraftTree, costs: CostCurve) -> int:
         if rate > best_rate:
             best, best_rate = n, rate
     return best
+
+
+def top_chain(tree: DraftTree, tokens: torch.Tensor) -> list[int]:
+    """The tree's nodes that form the chain of each slot's best token, by depth (tokens: [g, K], the
+    alternatives it was grown from): the chain a length rule would have verified."""
+    chain, parent = [], -1
+    for token in tokens[:, 0].tolist():
+        node = next((i for i in range(len(tree)) if tree.parents[i] == parent and tree.tokens[i] == token), None)
+        if node is None:
+            break
+        chain.append(node)
+        parent = node
+    return chain

@@ -24,14 +24,16 @@ import torch
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.costs import cost_curve
 from diffdraft.draft_length import DraftingValue, LengthPolicy
+from diffdraft.draft_tree import best_first, best_size, top_chain
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
 from diffdraft.logprobs import TokenLogprob, check_top, token_logprobs
 from diffdraft.prompting import check_seed, check_started
 from diffdraft.sampling import logits_to_probs, sample
 from diffdraft.stats import Stats
-from diffdraft.target import TargetBackend, TargetState
-from diffdraft.verify import Verdict, verify_greedy, verify_point_mass, verify_rejection
+from diffdraft.target import Rows, TargetBackend, TargetState
+from diffdraft.verify import (Verdict, verify_greedy, verify_point_mass, verify_rejection, verify_tree_greedy,
+                              verify_tree_point_mass)
 
 
 def confident_length(draft: Draft, limit: int, min_confidence: float) -> int:
@@ -194,7 +196,7 @@ class SpeculativeEngine:
 
     def _step(self, request: RequestState, g: int, want_taps: bool) -> tuple[Verdict, int, torch.Tensor]:
         """One draft-and-verify step. Returns the verdict, how many tokens were drafted and the target's
-        logits rows [1+g, V] (row i decided the verdict's token i)."""
+        logits rows (row i decided the verdict's token i)."""
         tick = time.perf_counter()
         greedy = self.sampling.greedy
         if self.policy is not None:
@@ -203,6 +205,8 @@ class SpeculativeEngine:
                 g = 0
         if g > 0:
             draft = self.drafter.propose(request.drafter, request.tokens, g, self.proposal_sampling, request.generator)
+            if self._tree_for(draft):
+                return self._tree_step(request, draft, want_taps, tick)
             if self.policy is not None:  # reads the drafter's confidences and past steps, never this step's target
                 keep = self.policy.choose(draft.confidence, draft.tokens.shape[0], greedy)
             else:
@@ -225,6 +229,55 @@ class SpeculativeEngine:
             self.drafter.observe(request.drafter, out.taps[:, : 1 + verdict.num_accepted])
         request.stats.verify_s += time.perf_counter() - tock
         return verdict, drafted, out.logits[0]
+
+    def _tree_for(self, draft: Draft) -> bool:
+        """Whether this step verifies a tree: asked for, the drafter states alternatives, the target takes
+        trees, and the verification is greedy or point-mass (rejection sampling verifies chains)."""
+        if self.draft.tree <= 0 or draft.alternatives is None or not self.target.takes_trees:
+            return False
+        return self.sampling.greedy or self.draft.verify == "point-mass"
+
+    def _tree_step(self, request: RequestState, draft: Draft, want_taps: bool,
+                   tick: float) -> tuple[Verdict, int, torch.Tensor]:
+        """A step that verifies a draft tree grown from the drafter's alternatives (draft_tree.py), sized
+        by the length rule's costs and calibrated acceptance (read before verification, so lossless)."""
+        greedy = self.sampling.greedy
+        alt_tokens, alt_probs = draft.alternatives  # [g, K] each
+        g = alt_tokens.shape[0]
+        values = alt_probs.double()
+        if self.policy is not None:  # each slot's calibrated acceptance over the drafter's own confidence
+            confidence = draft.confidence if draft.confidence is not None else alt_probs[:, 0]
+            scale = self.policy.acceptance(confidence, g, greedy) / confidence[:g].double().clamp(min=1e-6)
+            values = (values * scale[:, None]).clamp(max=1.0)
+        tree = best_first(alt_tokens, values, limit=self.draft.tree)
+        if self.policy is not None:
+            tree = tree.prefix(best_size(tree, self.policy.costs))
+        tock = time.perf_counter()
+        request.stats.draft_s += tock - tick
+
+        start = request.target.length
+        tokens = torch.tensor([request.tokens[-1], *tree.tokens], dtype=torch.long)  # [1 + nodes]
+        parents = tree.rows()
+        out = self.target.forward(request.target, tokens[None], want_taps=want_taps, rows=Rows.tree(parents))
+        logits = out.logits[0].float().cpu()  # [1 + nodes, V]
+        if greedy:
+            verdict = verify_tree_greedy(tokens, parents, logits)
+        else:
+            verdict = verify_tree_point_mass(tokens, parents, logits_to_probs(logits, self.sampling),
+                                             request.generator)
+        path = list(verdict.path)
+        self.target.commit_path(request.target, start, path)
+        if self.policy is not None:  # the calibration learns from the chain of best tokens inside the tree
+            chain = top_chain(tree, alt_tokens)
+            followed = 0  # how far the accepted path ran along that chain
+            while followed < min(len(chain), len(path) - 1) and path[1 + followed] - 1 == chain[followed]:
+                followed += 1
+            self.policy.observe(draft.confidence, len(chain), followed, greedy)
+            request.drafting.observe(len(tree), verdict.num_accepted)
+        if want_taps:
+            self.drafter.observe(request.drafter, out.taps[:, path])
+        request.stats.verify_s += time.perf_counter() - tock
+        return verdict, len(tree), out.logits[0][path]
 
     def _verify(self, draft: Draft, target_logits: torch.Tensor, generator: torch.Generator) -> Verdict:
         """target_logits: [g+1, V]. Verification runs on the CPU, where the drafts and the generator are."""

@@ -64,15 +64,16 @@ def decoder_label(spec: str) -> str:
 
 
 # Engine settings a bench drafter entry may carry after its spec: SPEC:cut=0.5:length=fixed:propose=sample
-ENGINE_OPTIONS = {"cut": "min_confidence", "length": "length", "propose": "proposals"}
+ENGINE_OPTIONS = {"cut": "min_confidence", "length": "length", "propose": "proposals", "tree": "tree"}
 
 
 def split_engine_options(spec: str) -> tuple[str, dict]:
-    """`SPEC:cut=C:length=L:propose=P` -> (SPEC, DraftConfig keyword arguments).
+    """`SPEC:cut=C:length=L:propose=P:tree=N` -> (SPEC, DraftConfig keyword arguments).
 
     These are engine settings, not the drafter's, so they are taken off before build_drafter
     sees the spec; other `:key=value` options stay. An existing path is never split. cut is the
-    min_confidence (0 = no cut), length auto|fixed, propose argmax|sample.
+    min_confidence (0 = no cut), length auto|fixed, propose argmax|sample, tree the most nodes of
+    a draft tree (0 = a chain).
     """
     base, options = parse_options(spec)
     settings = {}
@@ -85,6 +86,10 @@ def split_engine_options(spec: str) -> tuple[str, dict]:
             settings["min_confidence"] = float(value)
         except ValueError:
             raise DiffdraftError(f"bad cut {value!r} in {spec!r}: write cut=0.3 (a confidence in [0, 1))") from None
+    if "tree" in settings:
+        if not settings["tree"].isdigit():
+            raise DiffdraftError(f"bad tree {settings['tree']!r} in {spec!r}: write tree=8 (the most nodes)")
+        settings["tree"] = int(settings["tree"])
     return (format_options(base, options) if settings else spec), settings
 
 

@@ -32,11 +32,15 @@ class Draft:
     # engine may cut the draft where the product falls below DraftConfig.min_confidence and each
     # kept token still follows its q (the cut is decided before the token is drawn).
     confidence: torch.Tensor | None = None
+    # If the drafter has them: each slot's best tokens, best first, and the drafter's own (unsharpened)
+    # probability of each, ([g, K] int64 target ids, [g, K] float32); draft_tree.py grows trees from them.
+    alternatives: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def truncated(self, n: int) -> "Draft":
-        """The first n tokens (with their q and confidence)."""
+        """The first n tokens (with their q, confidence and alternatives)."""
         return Draft(tokens=self.tokens[:n], probs=None if self.probs is None else self.probs[:n],
-                     confidence=None if self.confidence is None else self.confidence[:n])
+                     confidence=None if self.confidence is None else self.confidence[:n],
+                     alternatives=None if self.alternatives is None else tuple(a[:n] for a in self.alternatives))
 
     @staticmethod
     def empty() -> "Draft":

@@ -30,6 +30,7 @@ from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusio
 from diffdraft.sampling import logits_to_probs, sample
 
 KIND = "block-diffusion"
+ALTERNATIVES = 4  # best tokens per slot offered to draft trees
 
 
 def target_signature(target) -> dict:
@@ -193,9 +194,10 @@ class BlockDiffusionDrafter(HeadedDrafter):
         # top-k / top-p filter that is the law itself, so no second softmax)
         plain = law if sampling.temperature == 1.0 and sampling.top_k == 0 and sampling.top_p == 1.0 \
             else logits.softmax(dim=-1)
-        confidence = plain.max(dim=-1).values
+        best, choices = plain.topk(min(ALTERNATIVES, plain.shape[-1]), dim=-1)  # [count, K]
         return Draft(tokens=self.head.to_target_ids(picked).cpu(), probs=self.head.to_full(law).cpu(),
-                     confidence=confidence.cpu())
+                     confidence=best[:, 0].cpu(),
+                     alternatives=(self.head.to_target_ids(choices).cpu(), best.float().cpu()))
 
     # ----- checkpoints -----
     @classmethod
