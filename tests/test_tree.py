@@ -258,3 +258,37 @@ def small_target_for_trees():
     from test_engine import make_small_target
 
     return make_small_target()
+
+
+# ------------------------------------------------------------------------- same seed, same tokens
+from diffdraft.drafters import NgramDrafter  # noqa: E402
+from diffdraft.sampling import position_uniforms  # noqa: E402
+
+
+def test_position_uniforms_are_keyed_by_seed_and_position_only():
+    a = position_uniforms(7, 0, 2000)
+    assert torch.equal(a[10:20], position_uniforms(7, 10, 10))  # the same whatever came first
+    assert not torch.equal(a[:50], position_uniforms(8, 0, 50))
+    assert bool(((a >= 0) & (a < 1)).all()) and abs(float(a.mean()) - 0.5) < 0.03
+    assert len(set(a.tolist())) == 2000
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_p=0.9)])
+@pytest.mark.parametrize("tree", [0, 8])
+def test_seeded_point_mass_decoding_emits_exactly_seeded_plain_decoding(tiny_target, sampling, tree):
+    """At T > 0 with point-mass verification (chain or tree) a seed gives plain decoding's very tokens,
+    whatever the engine answered before (its length rule calibrated by other requests)."""
+    target = tiny_target
+    prompts = [encode(target, text) for text in PROMPTS]
+    plain_engine = SpeculativeEngine(target, None, sampling=sampling)
+    for seed in (0, 1, 2):
+        prompt = prompts[seed % len(prompts)]
+        reference = plain_engine.generate(prompt, max_new_tokens=32, seed=seed).tokens
+        drafter = NgramDrafter() if tree == 0 else HiddenAnswerDrafter(prompt + reference, target.vocab_size)
+        engine = SpeculativeEngine(target, drafter, DraftConfig(draft_len=4, verify="point-mass", length="fixed",
+                                                                tree=tree), sampling)
+        first = engine.generate(prompt, max_new_tokens=32, seed=seed)
+        engine.generate(prompts[(seed + 1) % len(prompts)], max_new_tokens=20, seed=99)  # another request between
+        again = engine.generate(prompt, max_new_tokens=32, seed=seed)
+        assert first.tokens == reference == again.tokens
+        assert first.stats.steps < len(reference) - 1 or tree == 0  # the tree accepted drafted tokens

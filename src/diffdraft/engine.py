@@ -29,7 +29,7 @@ from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
 from diffdraft.logprobs import TokenLogprob, check_top, token_logprobs
 from diffdraft.prompting import check_seed, check_started
-from diffdraft.sampling import logits_to_probs, sample
+from diffdraft.sampling import logits_to_probs, position_uniforms, sample
 from diffdraft.stats import Stats
 from diffdraft.target import Rows, TargetBackend, TargetState
 from diffdraft.verify import (Verdict, verify_greedy, verify_point_mass, verify_rejection, verify_tree_greedy,
@@ -67,6 +67,12 @@ class RequestState:
     generator: torch.Generator
     stats: Stats
     drafting: DraftingValue | None = None  # whether drafting has paid lately in this request (the length rule's)
+    seed: int = 0
+    prompt_len: int = 0
+
+    def uniforms(self, count: int) -> torch.Tensor:
+        """The uniforms of the next `count` answer positions (sampling.position_uniforms): [count]."""
+        return position_uniforms(self.seed, len(self.tokens) - self.prompt_len, count)
 
 
 @dataclass
@@ -147,14 +153,15 @@ class SpeculativeEngine:
         request = RequestState(tokens=list(prompt), target=self.target.new_state(),
                                drafter=self.drafter.new_state() if self.drafter is not None else None,
                                generator=torch.Generator().manual_seed(seed), stats=stats,
-                               drafting=self.policy.new_value() if self.policy is not None else None)
+                               drafting=self.policy.new_value() if self.policy is not None else None,
+                               seed=seed, prompt_len=len(prompt))
         want_taps = self.drafter is not None and self.drafter.wants_taps
         start = time.perf_counter()
 
         out = self.target.prefill(request.target, torch.tensor([prompt], dtype=torch.long), want_taps=want_taps)
         if self.drafter is not None:
             self.drafter.begin(request.drafter, list(prompt), out.taps)
-        first = self._pick(out.logits[0, -1], request.generator)
+        first = self._pick(out.logits[0, -1], request)
         stats.ttft_s = time.perf_counter() - start
         request.tokens.append(first)
         new_tokens = [first]
@@ -188,11 +195,11 @@ class SpeculativeEngine:
         stats.new_tokens = len(new_tokens)
         return GenerationResult(tokens=new_tokens, stop_reason=stop_reason, stats=stats, logprobs=reported)
 
-    def _pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
-        """The target's own next token from logits [V]."""
+    def _pick(self, logits: torch.Tensor, request: RequestState) -> int:
+        """The target's own next token from logits [V], drawn with its position's uniform."""
         if self.sampling.greedy:
             return int(logits.argmax())
-        return int(sample(logits_to_probs(logits, self.sampling), generator))
+        return int(sample(logits_to_probs(logits, self.sampling), None, request.uniforms(1)))
 
     def _step(self, request: RequestState, g: int, want_taps: bool) -> tuple[Verdict, int, torch.Tensor]:
         """One draft-and-verify step. Returns the verdict, how many tokens were drafted and the target's
@@ -220,7 +227,7 @@ class SpeculativeEngine:
         drafted = draft.tokens.shape[0]
         block = torch.tensor([[request.tokens[-1]] + draft.tokens.tolist()], dtype=torch.long)  # [1, 1+g]
         out = self.target.forward(request.target, block, want_taps=want_taps)
-        verdict = self._verify(draft, out.logits[0], request.generator)  # logits [1+g, V]
+        verdict = self._verify(draft, out.logits[0], request)  # logits [1+g, V]
         self.target.crop(request.target, request.target.length - (drafted - verdict.num_accepted))
         if self.policy is not None and g > 0:  # the drafter was called, whatever it was left to verify
             self.policy.observe(draft.confidence, drafted, verdict.num_accepted, greedy)
@@ -258,13 +265,14 @@ class SpeculativeEngine:
         start = request.target.length
         tokens = torch.tensor([request.tokens[-1], *tree.tokens], dtype=torch.long)  # [1 + nodes]
         parents = tree.rows()
-        out = self.target.forward(request.target, tokens[None], want_taps=want_taps, rows=Rows.tree(parents))
+        rows = Rows.tree(parents)
+        out = self.target.forward(request.target, tokens[None], want_taps=want_taps, rows=rows)
         logits = out.logits[0].float().cpu()  # [1 + nodes, V]
         if greedy:
             verdict = verify_tree_greedy(tokens, parents, logits)
         else:
-            verdict = verify_tree_point_mass(tokens, parents, logits_to_probs(logits, self.sampling),
-                                             request.generator)
+            verdict = verify_tree_point_mass(tokens, parents, logits_to_probs(logits, self.sampling), None,
+                                             request.uniforms(max(rows.depth) + 1))
         path = list(verdict.path)
         self.target.commit_path(request.target, start, path)
         if self.policy is not None:  # the calibration learns from the chain of best tokens inside the tree
@@ -279,8 +287,11 @@ class SpeculativeEngine:
         request.stats.verify_s += time.perf_counter() - tock
         return verdict, len(tree), out.logits[0][path]
 
-    def _verify(self, draft: Draft, target_logits: torch.Tensor, generator: torch.Generator) -> Verdict:
-        """target_logits: [g+1, V]. Verification runs on the CPU, where the drafts and the generator are."""
+    def _verify(self, draft: Draft, target_logits: torch.Tensor, request: RequestState) -> Verdict:
+        """target_logits: [g+1, V]. Verification runs on the CPU, where the drafts and the generator are.
+        Point-mass matching draws with the positions' own uniforms (same seed, same tokens as plain
+        decoding); rejection sampling with the request's generator."""
+        generator = request.generator
         target_logits = target_logits.float().cpu()
         if self.sampling.greedy:
             return verify_greedy(draft.tokens, target_logits)
@@ -295,4 +306,4 @@ class SpeculativeEngine:
                     "use verify=point-mass or auto"
                 )
             return verify_rejection(draft.tokens, draft.probs, target_probs, generator)
-        return verify_point_mass(draft.tokens, target_probs, generator)
+        return verify_point_mass(draft.tokens, target_probs, None, request.uniforms(draft.tokens.numel() + 1))

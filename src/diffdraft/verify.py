@@ -97,13 +97,15 @@ def verify_point_mass(
     draft_tokens: torch.Tensor,
     target_probs: torch.Tensor,
     generator: torch.Generator | None,
+    uniforms: torch.Tensor | None = None,
 ) -> Verdict:
     """Point-mass matching: draw y_i ~ p_i, accept while y_i == x_i.
 
-    draft_tokens: [g] int64; target_probs: [g+1, V] float32.
+    draft_tokens: [g] int64; target_probs: [g+1, V] float32; uniforms: [g+1] float64, the draws'
+    uniforms instead of the generator's (sampling.position_uniforms: same seed, same tokens).
     """
     g = _check_shapes(draft_tokens, target_probs)
-    drawn = sample(target_probs, generator)  # [g+1]; row i only matters if rows < i matched
+    drawn = sample(target_probs, generator, uniforms)  # [g+1]; row i only matters if rows < i matched
     matches = (drawn[:g] == draft_tokens).int()  # [g]
     num_accepted = int(matches.cumprod(dim=0).sum()) if g else 0
     return _verdict(draft_tokens, num_accepted, int(drawn[num_accepted]))
@@ -153,8 +155,17 @@ def verify_tree_greedy(tokens: torch.Tensor, parents: list[int], target_scores: 
 
 
 def verify_tree_point_mass(tokens: torch.Tensor, parents: list[int], target_probs: torch.Tensor,
-                           generator: torch.Generator | None) -> TreeVerdict:
+                           generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> TreeVerdict:
     """Point-mass matching down a tree: at each row reached draw y ~ p_row and follow the child holding y.
     Lossless for any tree: each emitted token is a draw from the target's law given the tokens before it.
-    target_probs: [k, V] float32."""
-    return _walk_tree(tokens, parents, lambda row: int(sample(target_probs[row], generator)))
+    target_probs: [k, V] float32; uniforms: [tree depth + 1] float64, one per depth (the root's first)
+    instead of the generator's: every row at one depth, one answer position, draws with the same one."""
+    depth = [0] * len(parents)
+    for row in range(1, len(parents)):
+        depth[row] = depth[parents[row]] + 1 if 0 <= parents[row] < row else 0
+
+    def pick(row: int) -> int:
+        u = None if uniforms is None else uniforms[depth[row] : depth[row] + 1]
+        return int(sample(target_probs[row], generator, u))
+
+    return _walk_tree(tokens, parents, pick)

@@ -64,16 +64,17 @@ def decoder_label(spec: str) -> str:
 
 
 # Engine settings a bench drafter entry may carry after its spec: SPEC:cut=0.5:length=fixed:propose=sample
-ENGINE_OPTIONS = {"cut": "min_confidence", "length": "length", "propose": "proposals", "tree": "tree"}
+ENGINE_OPTIONS = {"cut": "min_confidence", "length": "length", "propose": "proposals", "tree": "tree",
+                  "verify": "verify"}
 
 
 def split_engine_options(spec: str) -> tuple[str, dict]:
-    """`SPEC:cut=C:length=L:propose=P:tree=N` -> (SPEC, DraftConfig keyword arguments).
+    """`SPEC:cut=C:length=L:propose=P:tree=N:verify=V` -> (SPEC, DraftConfig keyword arguments).
 
     These are engine settings, not the drafter's, so they are taken off before build_drafter
     sees the spec; other `:key=value` options stay. An existing path is never split. cut is the
     min_confidence (0 = no cut), length auto|fixed, propose argmax|sample, tree the most nodes of
-    a draft tree (0 = a chain).
+    a draft tree (0 = a chain), verify auto|rejection|point-mass (this entry's, over --verify).
     """
     base, options = parse_options(spec)
     settings = {}
@@ -108,7 +109,7 @@ def engine_decoders(
                 continue  # "none" named again: plain is already there
             raise DiffdraftError(f"drafter {entry!r} is listed twice")
         spec, settings = split_engine_options(spec)
-        draft = DraftConfig(draft_len=g, verify=verify, **settings)  # validates g and the settings
+        draft = DraftConfig(draft_len=g, **{"verify": verify, **settings})  # validates g and the settings
         drafter = build_drafter(spec, target, early_exit_layers=early_exit_layers)
         decoders[name] = EngineDecoder(name, target, drafter, draft, spec=spec)
         decoders[name].reference = PLAIN + suffix
