@@ -72,7 +72,7 @@ def test_calibration_learns_from_observed_acceptance():
     assert after[0] < 0.1
     assert after[1] == pytest.approx(0.9)  # slot 2 was never reached: still the prior
     policy = LengthPolicy(CPU_LIKE, explore=0.0)
-    policy._calibration[True] = calibration
+    policy._calibration[True, "drafter"] = calibration
     assert policy.choose(conf(0.9, 0.9), 2, greedy=True) == 0
     assert policy.choose(conf(0.9, 0.9), 2, greedy=False) == 2  # sampled decoding keeps its own table
 

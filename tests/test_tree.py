@@ -291,3 +291,46 @@ def test_seeded_point_mass_decoding_emits_exactly_seeded_plain_decoding(tiny_tar
         again = engine.generate(prompt, max_new_tokens=32, seed=seed)
         assert first.tokens == reference == again.tokens
         assert first.stats.steps < len(reference) - 1 or tree == 0  # the tree accepted drafted tokens
+
+
+# ------------------------------------------------------------------------ other drafters' branches
+from diffdraft.draft_tree import followed, with_branch  # noqa: E402
+
+
+def test_a_branch_shares_the_prefix_the_tree_holds_and_keeps_parents_first():
+    tree = best_first(torch.tensor([[10, 11], [20, 21]]), torch.tensor([[0.6, 0.3], [0.5, 0.4]]), limit=4)
+    merged = with_branch(tree, [10, 25, 30], [0.9, 0.8, 0.1])
+    assert len(merged) == len(tree) + 2  # 10 is shared; 25 and 30 are new
+    assert list(merged.values) == sorted(merged.values, reverse=True)
+    assert all(p < i for i, p in enumerate(merged.parents))
+    root_ten = merged.tokens.index(10)
+    assert merged.parents[root_ten] == -1 and merged.values[root_ten] == pytest.approx(0.9)  # the larger value
+    branch = [root_ten, merged.tokens.index(25), merged.tokens.index(30)]
+    assert merged.parents[branch[1]] == branch[0] and merged.parents[branch[2]] == branch[1]
+    path = [0, branch[0] + 1, branch[1] + 1]  # rows: the root, then nodes + 1
+    assert followed(branch, path) == 2 and followed(branch, [0]) == 0
+
+
+class UselessDrafter(Drafter):
+    """Alternatives that are never right (tokens nobody emits): only a tree's lookup branch can be accepted."""
+
+    name = "useless"
+
+    def propose(self, state, tokens, num_tokens, sampling, generator) -> Draft:
+        alternatives = torch.tensor([[297, 298, 299]] * num_tokens, dtype=torch.long)
+        probs = torch.tensor([[0.5, 0.3, 0.2]] * num_tokens)
+        return Draft(tokens=alternatives[:, 0].clone(), probs=None, confidence=probs[:, 0].clone(),
+                     alternatives=(alternatives, probs))
+
+
+def test_the_lookup_branch_is_accepted_where_the_drafter_fails(tiny_target):
+    prompt = encode(tiny_target, "abcabcabcabc abcabcabcabc abcabcabcabc")
+    reference = plain(tiny_target, prompt).tokens
+    accepted = {}
+    for lookup in (False, True):
+        engine = SpeculativeEngine(tiny_target, UselessDrafter(),
+                                   DraftConfig(draft_len=4, length="fixed", tree=8, lookup=lookup))
+        result = engine.generate(prompt, max_new_tokens=len(reference))
+        assert result.tokens == reference
+        accepted[lookup] = sum(result.stats.accepted)
+    assert accepted[False] == 0 and accepted[True] > 0, accepted

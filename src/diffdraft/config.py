@@ -120,8 +120,13 @@ class DraftConfig:
     # > 0: verify a draft tree of at most this many nodes (draft_tree.py) where the drafter states its
     # alternatives per slot and the target takes trees; the length rule then sizes the tree. 0: a chain.
     tree: int = 0
+    # In a tree, also the n-gram lookup's continuation (what followed the last earlier occurrence of the
+    # context's suffix) as a branch from the root, valued by its own calibrated acceptance.
+    lookup: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.lookup, bool):
+            raise DiffdraftError(f"lookup must be true or false, got {self.lookup!r}")
         if isinstance(self.tree, bool) or not isinstance(self.tree, int) or not (0 <= self.tree <= MAX_TREE_NODES):
             raise DiffdraftError(f"tree must be an integer in [0, {MAX_TREE_NODES}] (nodes; 0: a chain), "
                                  f"got {self.tree!r}")

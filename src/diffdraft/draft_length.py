@@ -165,11 +165,12 @@ class LengthPolicy:
     def __init__(self, costs: CostCurve, explore: float = EXPLORE):
         self.costs = costs
         self.explore = explore
-        self._calibration: dict[bool, AcceptanceCalibration] = {}
+        self._calibration: dict[tuple[bool, str], AcceptanceCalibration] = {}
         self._lock = threading.Lock()  # requests running at once share the calibration
 
-    def calibration(self, greedy: bool) -> AcceptanceCalibration:
-        return self._calibration.setdefault(greedy, AcceptanceCalibration())
+    def calibration(self, greedy: bool, source: str = "drafter") -> AcceptanceCalibration:
+        """The calibration of one source of drafts ("drafter", or "lookup": a tree's n-gram branch)."""
+        return self._calibration.setdefault((greedy, source), AcceptanceCalibration())
 
     def longest_useful(self, limit: int) -> int:
         return self.costs.longest_useful(limit)
@@ -178,10 +179,11 @@ class LengthPolicy:
         """A fresh record of whether drafting pays, for one request."""
         return DraftingValue(self.costs)
 
-    def acceptance(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> torch.Tensor:
+    def acceptance(self, confidence: torch.Tensor | None, available: int, greedy: bool,
+                   source: str = "drafter") -> torch.Tensor:
         """a_1..a_available as the choice sees them, optimistic where little is known: [available] float64."""
         with self._lock:
-            return self.calibration(greedy).estimate(confidence, available, explore=self.explore)
+            return self.calibration(greedy, source).estimate(confidence, available, explore=self.explore)
 
     def rates(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> torch.Tensor:
         """Expected tokens per second for k = 0..available, optimistic where little is known: [available + 1]."""
@@ -196,7 +198,8 @@ class LengthPolicy:
             return 0
         return int(self.rates(confidence, available, greedy).argmax())
 
-    def observe(self, confidence: torch.Tensor | None, verified: int, accepted: int, greedy: bool) -> None:
+    def observe(self, confidence: torch.Tensor | None, verified: int, accepted: int, greedy: bool,
+                source: str = "drafter") -> None:
         """A drafting step verified `verified` drafted tokens and accepted the first `accepted`."""
         with self._lock:
-            self.calibration(greedy).observe(confidence, verified, accepted)
+            self.calibration(greedy, source).observe(confidence, verified, accepted)

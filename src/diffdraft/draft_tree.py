@@ -6,7 +6,8 @@ token once reached) offers more than a chain: any sequence of one alternative pe
 slot after slot, is a candidate path. Its value, the probability of being reached and
 accepted, is the product of its tokens' values. `best_first` grows the tree in falling order
 of value (a node's value never exceeds its parent's, so the parents come first), and
-`best_size` keeps the prefix that maximizes expected tokens per second,
+`with_branch` merges another drafter's chain (the n-gram lookup's continuation) into the
+tree, sharing prefixes. `best_size` keeps the prefix that maximizes expected tokens per second,
 (1 + sum of values) / (d + c(1 + nodes)), by the measured cost curve: a flat curve grows
 the tree, a steep one shrinks it to a chain or to nothing. The chain is the case K = 1.
 Pure arithmetic on small tensors; knows nothing of models or verification.
@@ -80,8 +81,50 @@ def best_size(tree: DraftTree, costs: CostCurve) -> int:
 def top_chain(tree: DraftTree, tokens: torch.Tensor) -> list[int]:
     """The tree's nodes that form the chain of each slot's best token, by depth (tokens: [g, K], the
     alternatives it was grown from): the chain a length rule would have verified."""
+    return branch_nodes(tree, tokens[:, 0].tolist())
+
+
+def with_branch(tree: DraftTree, tokens: list[int], values: list[float]) -> DraftTree:
+    """The tree with one more branch from the root (another drafter's chain: an n-gram lookup's
+    continuation), sharing the nodes of any prefix the tree already holds (a shared node keeps the
+    larger value). Nodes are put back in falling order of value, parents first."""
+    nodes_tokens, nodes_parents, nodes_values = list(tree.tokens), list(tree.parents), list(tree.values)
+    parent = -1
+    for token, value in zip(tokens, values):
+        node = next((i for i in range(len(nodes_tokens)) if nodes_parents[i] == parent and nodes_tokens[i] == token),
+                    None)
+        if node is None:
+            node = len(nodes_tokens)
+            nodes_tokens.append(token)
+            nodes_parents.append(parent)
+            nodes_values.append(value)
+        else:
+            nodes_values[node] = max(nodes_values[node], value)
+        parent = node
+    depth = []
+    for p in nodes_parents:
+        depth.append(0 if p == -1 else depth[p] + 1)
+    # a node's value never exceeds its parent's, so falling value (then depth) keeps parents first
+    order = sorted(range(len(nodes_tokens)), key=lambda i: (-nodes_values[i], depth[i], i))
+    where = {old: new for new, old in enumerate(order)}
+    return DraftTree(tuple(nodes_tokens[i] for i in order),
+                     tuple(-1 if nodes_parents[i] == -1 else where[nodes_parents[i]] for i in order),
+                     tuple(nodes_values[i] for i in order))
+
+
+def followed(nodes: list[int], path: list[int]) -> int:
+    """How far an accepted path (rows: 0 the root, then node + 1) ran along `nodes`, a chain of the tree's
+    nodes from the root."""
+    n = 0
+    while n < min(len(nodes), len(path) - 1) and path[1 + n] - 1 == nodes[n]:
+        n += 1
+    return n
+
+
+def branch_nodes(tree: DraftTree, tokens: list[int]) -> list[int]:
+    """The tree's nodes holding the chain `tokens` from the root, as far as it holds them."""
     chain, parent = [], -1
-    for token in tokens[:, 0].tolist():
+    for token in tokens:
         node = next((i for i in range(len(tree)) if tree.parents[i] == parent and tree.tokens[i] == token), None)
         if node is None:
             break

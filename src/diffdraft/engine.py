@@ -23,8 +23,9 @@ import torch
 
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.costs import cost_curve
-from diffdraft.draft_length import DraftingValue, LengthPolicy
-from diffdraft.draft_tree import best_first, best_size, top_chain
+from diffdraft.draft_length import NO_CONFIDENCE, DraftingValue, LengthPolicy
+from diffdraft.draft_tree import best_first, best_size, branch_nodes, followed, top_chain, with_branch
+from diffdraft.drafters.ngram import lookup_continuation
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
 from diffdraft.logprobs import TokenLogprob, check_top, token_logprobs
@@ -34,6 +35,9 @@ from diffdraft.stats import Stats
 from diffdraft.target import Rows, TargetBackend, TargetState
 from diffdraft.verify import (Verdict, verify_greedy, verify_point_mass, verify_rejection, verify_tree_greedy,
                               verify_tree_point_mass)
+
+
+LOOKUP_NGRAM = 3  # the longest suffix a tree's n-gram lookup matches (NgramDrafter's default)
 
 
 def confident_length(draft: Draft, limit: int, min_confidence: float) -> int:
@@ -257,8 +261,15 @@ class SpeculativeEngine:
             scale = self.policy.acceptance(confidence, g, greedy) / confidence[:g].double().clamp(min=1e-6)
             values = (values * scale[:, None]).clamp(max=1.0)
         tree = best_first(alt_tokens, values, limit=self.draft.tree)
+        lookup = lookup_continuation(request.tokens, g, LOOKUP_NGRAM, 1) if self.draft.lookup else []
+        if lookup:  # the n-gram lookup's continuation as one more branch, valued by its own calibration
+            rates = self.policy.acceptance(None, len(lookup), greedy, "lookup") if self.policy is not None \
+                else torch.full((len(lookup),), NO_CONFIDENCE, dtype=torch.float64)
+            tree = with_branch(tree, lookup, torch.cumprod(rates, dim=0).tolist())
         if self.policy is not None:
             tree = tree.prefix(best_size(tree, self.policy.costs))
+        else:
+            tree = tree.prefix(self.draft.tree)
         tock = time.perf_counter()
         request.stats.draft_s += tock - tick
 
@@ -277,10 +288,10 @@ class SpeculativeEngine:
         self.target.commit_path(request.target, start, path)
         if self.policy is not None:  # the calibration learns from the chain of best tokens inside the tree
             chain = top_chain(tree, alt_tokens)
-            followed = 0  # how far the accepted path ran along that chain
-            while followed < min(len(chain), len(path) - 1) and path[1 + followed] - 1 == chain[followed]:
-                followed += 1
-            self.policy.observe(draft.confidence, len(chain), followed, greedy)
+            self.policy.observe(draft.confidence, len(chain), followed(chain, path), greedy)
+            if lookup:  # and the lookup's calibration from its branch
+                branch = branch_nodes(tree, lookup)
+                self.policy.observe(None, len(branch), followed(branch, path), greedy, "lookup")
             request.drafting.observe(len(tree), verdict.num_accepted)
         if want_taps:
             self.drafter.observe(request.drafter, out.taps[:, path])

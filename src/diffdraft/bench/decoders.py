@@ -65,16 +65,17 @@ def decoder_label(spec: str) -> str:
 
 # Engine settings a bench drafter entry may carry after its spec: SPEC:cut=0.5:length=fixed:propose=sample
 ENGINE_OPTIONS = {"cut": "min_confidence", "length": "length", "propose": "proposals", "tree": "tree",
-                  "verify": "verify"}
+                  "verify": "verify", "lookup": "lookup"}
 
 
 def split_engine_options(spec: str) -> tuple[str, dict]:
-    """`SPEC:cut=C:length=L:propose=P:tree=N:verify=V` -> (SPEC, DraftConfig keyword arguments).
+    """`SPEC:cut=C:length=L:propose=P:tree=N:verify=V:lookup=0|1` -> (SPEC, DraftConfig keyword arguments).
 
     These are engine settings, not the drafter's, so they are taken off before build_drafter
     sees the spec; other `:key=value` options stay. An existing path is never split. cut is the
     min_confidence (0 = no cut), length auto|fixed, propose argmax|sample, tree the most nodes of
-    a draft tree (0 = a chain), verify auto|rejection|point-mass (this entry's, over --verify).
+    a draft tree (0 = a chain), verify auto|rejection|point-mass (this entry's, over --verify), lookup
+    whether a tree takes the n-gram lookup's branch.
     """
     base, options = parse_options(spec)
     settings = {}
@@ -91,6 +92,10 @@ def split_engine_options(spec: str) -> tuple[str, dict]:
         if not settings["tree"].isdigit():
             raise DiffdraftError(f"bad tree {settings['tree']!r} in {spec!r}: write tree=8 (the most nodes)")
         settings["tree"] = int(settings["tree"])
+    if "lookup" in settings:
+        if settings["lookup"] not in ("0", "1"):
+            raise DiffdraftError(f"bad lookup {settings['lookup']!r} in {spec!r}: write lookup=0 or lookup=1")
+        settings["lookup"] = settings["lookup"] == "1"
     return (format_options(base, options) if settings else spec), settings
 
 
