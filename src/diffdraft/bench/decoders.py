@@ -75,7 +75,7 @@ def split_engine_options(spec: str) -> tuple[str, dict]:
     sees the spec; other `:key=value` options stay. An existing path is never split. cut is the
     min_confidence (0 = no cut), length auto|fixed, propose argmax|sample, tree the most nodes of
     a draft tree (0 = a chain), verify auto|rejection|point-mass (this entry's, over --verify), lookup
-    whether a tree takes the n-gram lookup's branch.
+    whether a tree takes the n-gram lookup's branch (default 0).
     """
     base, options = parse_options(spec)
     settings = {}
