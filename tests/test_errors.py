@@ -537,6 +537,24 @@ def test_an_unforeseen_exception_is_one_line_and_a_report_file(capsys, monkeypat
     assert report.is_file() and "Traceback" in report.read_text() and "generate hi" in report.read_text()
 
 
+def test_a_failure_after_a_swallowed_ctrl_c_is_an_interruption(capsys, monkeypatch, isolated_cache):
+    """Found in a suite run: SIGINT inside a third-party import was swallowed there and left numpy half
+    imported, so the run ended in a RecursionError reported as an internal error. After a Ctrl-C any
+    failure is an interruption: one line, exit 130, no crash report."""
+    from diffdraft import cli, interrupts
+
+    def recursed(args):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_generate(parser(), recursed))
+    assert cli.main(["generate", "hi"]) == 1  # without a Ctrl-C it is a bug
+    capsys.readouterr()
+    monkeypatch.setattr(interrupts, "happened", lambda: True)
+    assert cli.main(["generate", "hi"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["diffdraft: interrupted"]
+
+
 def _with_generate(parser, func):
     parser._subparsers._group_actions[0].choices["generate"].set_defaults(func=func)
     return parser

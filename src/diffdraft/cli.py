@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from diffdraft import arguments as types
+from diffdraft import interrupts
 from diffdraft.backends import BACKENDS, WEIGHTS
 from diffdraft.config import (BEST_OBJECTIVE, LENGTH_MODES, MAX_TREE_NODES, PROPOSAL_MODES, TRAINABLE_KINDS, VERIFY_MODES,
                               DraftConfig, SamplingConfig)
@@ -615,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\ndiffdraft: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # unforeseen: the whole report goes to a file, one line to the terminal
+        if interrupts.happened():  # a Ctrl-C that a library swallowed, leaving this failure behind it
+            print("\ndiffdraft: interrupted", file=sys.stderr)
+            return 130
         where = write_crash_report(argv)
         message = " ".join(str(err).split())[:300]
         print(f"diffdraft: internal error: {type(err).__name__}: {message} (full report: {where})", file=sys.stderr)
@@ -645,4 +649,5 @@ def write_crash_report(argv: list[str] | None) -> str:
 
 
 if __name__ == "__main__":
+    interrupts.install()
     sys.exit(main())

@@ -14,6 +14,9 @@ INTERRUPTED = 130
 
 
 def main() -> int:
+    from diffdraft import interrupts  # no imports of its own beyond the standard library
+
+    interrupts.install()
     try:
         from diffdraft.cli import main as run
 
