@@ -91,8 +91,7 @@ def with_branch(tree: DraftTree, tokens: list[int], values: list[float]) -> Draf
     nodes_tokens, nodes_parents, nodes_values = list(tree.tokens), list(tree.parents), list(tree.values)
     parent = -1
     for token, value in zip(tokens, values):
-        node = next((i for i in range(len(nodes_tokens)) if nodes_parents[i] == parent and nodes_tokens[i] == token),
-                    None)
+        node = _child(nodes_tokens, nodes_parents, parent, token)
         if node is None:
             node = len(nodes_tokens)
             nodes_tokens.append(token)
@@ -125,9 +124,14 @@ def branch_nodes(tree: DraftTree, tokens: list[int]) -> list[int]:
     """The tree's nodes holding the chain `tokens` from the root, as far as it holds them."""
     chain, parent = [], -1
     for token in tokens:
-        node = next((i for i in range(len(tree)) if tree.parents[i] == parent and tree.tokens[i] == token), None)
+        node = _child(tree.tokens, tree.parents, parent, token)
         if node is None:
             break
         chain.append(node)
         parent = node
     return chain
+
+
+def _child(tokens, parents, parent: int, token: int) -> int | None:
+    """The node under `parent` (-1: the root) that holds `token`, if any (siblings hold distinct tokens)."""
+    return next((i for i in range(len(tokens)) if parents[i] == parent and tokens[i] == token), None)

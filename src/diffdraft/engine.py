@@ -25,7 +25,7 @@ from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.costs import cost_curve
 from diffdraft.draft_length import NO_CONFIDENCE, DraftingValue, LengthPolicy
 from diffdraft.draft_tree import best_first, best_size, branch_nodes, followed, top_chain, with_branch
-from diffdraft.drafters.ngram import lookup_continuation
+from diffdraft.drafters.ngram import MAX_NGRAM, lookup_continuation
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
 from diffdraft.logprobs import TokenLogprob, check_top, token_logprobs
@@ -35,9 +35,6 @@ from diffdraft.stats import Stats
 from diffdraft.target import Rows, TargetBackend, TargetState
 from diffdraft.verify import (Verdict, verify_greedy, verify_point_mass, verify_rejection, verify_tree_greedy,
                               verify_tree_point_mass)
-
-
-LOOKUP_NGRAM = 3  # the longest suffix a tree's n-gram lookup matches (NgramDrafter's default)
 
 
 def confident_length(draft: Draft, limit: int, min_confidence: float) -> int:
@@ -261,7 +258,7 @@ class SpeculativeEngine:
             scale = self.policy.acceptance(confidence, g, greedy) / confidence[:g].double().clamp(min=1e-6)
             values = (values * scale[:, None]).clamp(max=1.0)
         tree = best_first(alt_tokens, values, limit=self.draft.tree)
-        lookup = lookup_continuation(request.tokens, g, LOOKUP_NGRAM, 1) if self.draft.lookup else []
+        lookup = lookup_continuation(request.tokens, g, MAX_NGRAM, 1) if self.draft.lookup else []
         if lookup:  # the n-gram lookup's continuation as one more branch, valued by its own calibration
             rates = self.policy.acceptance(None, len(lookup), greedy, "lookup") if self.policy is not None \
                 else torch.full((len(lookup),), NO_CONFIDENCE, dtype=torch.float64)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from diffdraft.drafters.ngram import MAX_NGRAM  # HF prompt lookup matches what the n-gram drafter does
 from diffdraft.decoding import DecodeRun, Decoder
 from diffdraft.config import SamplingConfig
 from diffdraft.errors import DiffdraftError
@@ -33,7 +34,6 @@ HF_GENERATE = "hf-generate"
 HF_PROMPT_LOOKUP = "hf-prompt-lookup"
 LLAMA_CPP = "llama.cpp"
 PEER_NAMES = (HF_GENERATE, HF_PROMPT_LOOKUP, LLAMA_CPP)
-HF_MAX_NGRAM = 3  # the engine's n-gram drafter matches suffixes of up to 3 tokens too
 
 
 class _Trace:
@@ -118,7 +118,7 @@ class HFGenerate(PeerDecoder):
         else:  # exactly the engine's law: temperature, then top-k (0 = off), then top-p (1.0 = off)
             options.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         if self.draft_len:
-            options.update(prompt_lookup_num_tokens=self.draft_len, max_matching_ngram_size=HF_MAX_NGRAM)
+            options.update(prompt_lookup_num_tokens=self.draft_len, max_matching_ngram_size=MAX_NGRAM)
         return GenerationConfig(**options)
 
     def _run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> DecodeRun:
@@ -149,7 +149,7 @@ class HFGenerate(PeerDecoder):
         dtype = str(self.target.dtype).removeprefix("torch.")
         info = {**super().describe(), "library": "transformers", "dtype": dtype, "runtime": f"transformers, {dtype}"}
         if self.draft_len:
-            info["max_matching_ngram_size"] = HF_MAX_NGRAM
+            info["max_matching_ngram_size"] = MAX_NGRAM
         return info
 
 

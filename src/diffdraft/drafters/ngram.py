@@ -14,10 +14,13 @@ from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
 
 
+MAX_NGRAM = 3  # the longest suffix looked up by default
+
+
 class NgramDrafter(Drafter):
     name = "ngram"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = MAX_NGRAM, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
             raise DiffdraftError(f"n-gram sizes must satisfy 1 <= min <= max, got min={min_ngram}, max={max_ngram}")
         self.max_ngram = max_ngram
