@@ -607,7 +607,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help (0), or a bad value, already told in one line (2)
         return stop.code if isinstance(stop.code, int) else 2
     try:
-        return args.func(args)
+        code = args.func(args)
+        if interrupts.happened():  # a Ctrl-C that a library swallowed while the command went on
+            print("\ndiffdraft: interrupted", file=sys.stderr)
+            return 130
+        return code
     except DiffdraftError as err:
         message = " ".join(str(err).split())  # always one line, whatever the cause's text held
         print(f"diffdraft: error: {message}", file=sys.stderr)
