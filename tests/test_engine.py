@@ -126,8 +126,8 @@ GREEDY_CASES = [(kind, g) for kind in DRAFTERS for g in (1, 4)] + [
 def test_greedy_matches_plain_decoding(tiny_target, kind, draft_len):
     forwards = []
     real_forward = tiny_target.forward
-    tiny_target.forward = lambda state, ids, want_taps=False: (forwards.append(ids.shape[1])
-                                                               or real_forward(state, ids, want_taps))
+    tiny_target.forward = lambda state, ids, want_taps=False, rows=None: (forwards.append(ids.shape[1])
+                                                                          or real_forward(state, ids, want_taps, rows))
     totals = [0, 0]  # accepted, proposed over all prompts
     for text in PROMPTS:
         prompt = encode(tiny_target, text)

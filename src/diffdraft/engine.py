@@ -16,7 +16,7 @@ The drafter and verifier draw from the request's generator.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -24,7 +24,7 @@ import torch
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.costs import cost_curve
 from diffdraft.draft_length import NO_CONFIDENCE, DraftingValue, LengthPolicy
-from diffdraft.draft_tree import best_first, best_size, branch_nodes, followed, top_chain, with_branch
+from diffdraft.draft_tree import DraftTree, best_first, best_size, branch_nodes, followed, top_chain, with_branch
 from diffdraft.drafters.ngram import MAX_NGRAM, lookup_continuation
 from diffdraft.drafters.base import Draft, Drafter
 from diffdraft.errors import DiffdraftError
@@ -32,7 +32,7 @@ from diffdraft.logprobs import TokenLogprob, check_top, token_logprobs
 from diffdraft.prompting import check_seed, check_started
 from diffdraft.sampling import logits_to_probs, position_uniforms, sample
 from diffdraft.stats import Stats
-from diffdraft.target import Rows, TargetBackend, TargetState
+from diffdraft.target import Rows, SequenceRows, TargetBackend, TargetOutput, TargetState
 from diffdraft.verify import (Verdict, verify_greedy, verify_point_mass, verify_rejection, verify_tree_greedy,
                               verify_tree_point_mass)
 
@@ -84,6 +84,77 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None  # one per token, when asked for
 
 
+@dataclass
+class Emitted:
+    """What one step of a generation hands out: its new tokens and, when asked for, their log probabilities."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Step:
+    """One generation's step between plan() and conclude(): the rows it gives the target forward and what
+    verification needs of its draft."""
+
+    drafted: int  # slots the drafter was asked for (0: a plain step)
+    start: int  # the committed length the rows follow
+    tick: float  # when planning began
+    tock: float = 0.0  # when planning ended
+    part: SequenceRows | None = None  # the rows: [last token, *draft] (a chain) or a tree's nodes
+    draft: Draft | None = None  # the verified chain (a chain step)
+    full_draft: Draft | None = None  # what the drafter proposed, before the length rule cut it
+    tree: DraftTree | None = None  # the verified tree (a tree step)
+    lookup: list[int] = field(default_factory=list)  # the tree's n-gram branch
+
+
+@dataclass
+class Generation:
+    """One request in flight on an engine: its RequestState and what it has emitted (begin() makes it)."""
+
+    engine: "SpeculativeEngine"
+    request: RequestState
+    max_new_tokens: int
+    top: int | None = None  # logprobs asked for (alternatives per token), or None
+    want_taps: bool = False
+    tokens: list[int] = field(default_factory=list)  # new tokens so far, EOS included when it ended the answer
+    logprobs: list[TokenLogprob] | None = None
+    stop_reason: str | None = None  # set when it has ended
+    first: Emitted | None = None  # the prefill's emission
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        if self.top is not None:
+            self.logprobs = []
+
+    def take(self, tokens: list[int], rows: torch.Tensor) -> Emitted:
+        """Record a step's tokens; rows [>= len(tokens), V]: the logits that decided them."""
+        entries = None
+        if self.top is not None:
+            entries = token_logprobs(rows[: len(tokens)], tokens, self.engine.sampling, self.top) if tokens else []
+            self.logprobs.extend(entries)
+        self.request.tokens.extend(tokens)
+        self.tokens.extend(tokens)
+        return Emitted(tokens, entries)
+
+    @staticmethod
+    def deliver(emitted: Emitted, on_tokens: Callable[[list[int]], None] | None,
+                on_logprobs: Callable[[list[TokenLogprob]], None] | None) -> None:
+        """Hand an emission to callbacks: the log probabilities first, then the tokens."""
+        if not emitted.tokens:
+            return
+        if on_logprobs is not None and emitted.logprobs:
+            on_logprobs(emitted.logprobs)
+        if on_tokens is not None:
+            on_tokens(emitted.tokens)
+
+    def result(self) -> GenerationResult:
+        stats = self.request.stats
+        stats.total_s = time.perf_counter() - self.started
+        stats.new_tokens = len(self.tokens)
+        return GenerationResult(tokens=self.tokens, stop_reason=self.stop_reason, stats=stats, logprobs=self.logprobs)
+
+
 class SpeculativeEngine:
     """Lossless speculative decoding of one target with one drafter (or none)."""
 
@@ -127,74 +198,110 @@ class SpeculativeEngine:
         logprobs: int | None = None,
         on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
     ) -> GenerationResult:
-        """Generate up to max_new_tokens tokens after `prompt` (token ids, template applied).
+        """Generate up to max_new_tokens tokens after `prompt` (token ids, template applied): the step loop
+        over a batch of one (diffdraft.batching runs the same steps for many requests at once).
 
         on_tokens receives each step's new tokens; should_stop, asked before each step, ends the
         generation when it returns a reason (a cancelled request, a deadline), which becomes the
         stop reason. logprobs (0..20 alternatives) adds the target's log probability of every token
         (diffdraft.logprobs), handed to on_logprobs just before on_tokens gets the same tokens."""
+        generation = self.begin(prompt, max_new_tokens, seed, logprobs)
+        generation.deliver(generation.first, on_tokens, on_logprobs)
+        while (step := self.plan(generation, should_stop)) is not None:
+            out = self.target.forward_many([step.part], want_taps=generation.want_taps)[0]
+            generation.deliver(self.conclude(generation, step, out), on_tokens, on_logprobs)
+        return generation.result()
+
+    def begin(self, prompt: list[int], max_new_tokens: int = 128, seed: int = 0,
+              logprobs: int | None = None) -> "Generation":
+        """Check a request, prefill its prompt and pick its first token: a Generation, whose first emission
+        is `first`, ready for its steps (plan, one target forward, conclude)."""
         if not prompt:
             raise DiffdraftError("the prompt is empty")
         check_started(self.target, len(prompt), max_new_tokens)
         check_seed(seed)
         check_top(logprobs)
-        reported: list[TokenLogprob] | None = [] if logprobs is not None else None
-
-        def emit(tokens: list[int], rows: torch.Tensor) -> None:
-            """Hand a step's tokens out; rows [>= len(tokens), V]: the logits that decided them."""
-            if reported is not None and tokens:
-                entries = token_logprobs(rows[: len(tokens)], tokens, self.sampling, logprobs)
-                reported.extend(entries)
-                if on_logprobs:
-                    on_logprobs(entries)
-            if on_tokens:
-                on_tokens(tokens)
-
         stats = Stats(draft_len=self.draft_len, cost_curve=self.policy.costs.to_dict() if self.policy else None)
         request = RequestState(tokens=list(prompt), target=self.target.new_state(),
                                drafter=self.drafter.new_state() if self.drafter is not None else None,
                                generator=torch.Generator().manual_seed(seed), stats=stats,
                                drafting=self.policy.new_value() if self.policy is not None else None,
                                seed=seed, prompt_len=len(prompt))
-        want_taps = self.drafter is not None and self.drafter.wants_taps
-        start = time.perf_counter()
+        generation = Generation(engine=self, request=request, max_new_tokens=max_new_tokens, top=logprobs,
+                                want_taps=self.drafter is not None and self.drafter.wants_taps)
 
-        out = self.target.prefill(request.target, torch.tensor([prompt], dtype=torch.long), want_taps=want_taps)
+        out = self.target.prefill(request.target, torch.tensor([prompt], dtype=torch.long),
+                                  want_taps=generation.want_taps)
         if self.drafter is not None:
             self.drafter.begin(request.drafter, list(prompt), out.taps)
         first = self._pick(out.logits[0, -1], request)
-        stats.ttft_s = time.perf_counter() - start
-        request.tokens.append(first)
-        new_tokens = [first]
-        emit([first], out.logits[0, -1:])
-        stop_reason = "eos" if first in self.target.eos_token_ids else None
+        stats.ttft_s = time.perf_counter() - generation.started
+        generation.first = generation.take([first], out.logits[0, -1:])
+        if first in self.target.eos_token_ids:
+            generation.stop_reason = "eos"
+        return generation
 
-        while stop_reason is None:
-            if len(new_tokens) >= max_new_tokens:
-                stop_reason = "length"
-                break
-            if should_stop is not None and (stop_reason := should_stop()) is not None:
-                break
-            room = self.target.max_context - request.target.length - 1  # after feeding the last token
-            if room < 1:
-                stop_reason = "context"
-                break
-            g = min(self.draft_len, max_new_tokens - len(new_tokens) - 1, room - 1)
-            verdict, proposed, rows = self._step(request, max(g, 0), want_taps)
-            emitted = verdict.tokens[: max_new_tokens - len(new_tokens)]
-            for i, token in enumerate(emitted):
-                if token in self.target.eos_token_ids:
-                    emitted = emitted[: i + 1]
-                    stop_reason = "eos"
-                    break
-            stats.record_step(proposed=proposed, accepted=verdict.num_accepted, emitted=len(emitted))
-            request.tokens.extend(emitted)
-            new_tokens.extend(emitted)
-            emit(emitted, rows)
+    def plan(self, generation: "Generation", should_stop: Callable[[], str | None] | None = None) -> "Step | None":
+        """The next step of a generation up to its target forward: the rows to run (drafted and sized by the
+        length rule, or a plain step), or None when it has ended (its stop_reason says why: eos, length,
+        should_stop's reason, or context)."""
+        if generation.stop_reason is not None:
+            return None
+        request = generation.request
+        if len(generation.tokens) >= generation.max_new_tokens:
+            generation.stop_reason = "length"
+            return None
+        if should_stop is not None and (reason := should_stop()) is not None:
+            generation.stop_reason = reason
+            return None
+        room = self.target.max_context - request.target.length - 1  # after feeding the last token
+        if room < 1:
+            generation.stop_reason = "context"
+            return None
+        g = max(min(self.draft_len, generation.max_new_tokens - len(generation.tokens) - 1, room - 1), 0)
+        tick = time.perf_counter()
+        if self.policy is not None:
+            g = self.policy.longest_useful(g)  # the drafter computes only slots that could be verified
+            if g > 0 and not request.drafting.draft_now():  # drafting has not paid lately: a plain step
+                g = 0
+        step = Step(drafted=g, start=request.target.length, tick=tick)
+        if g > 0:
+            draft = self.drafter.propose(request.drafter, request.tokens, g, self.proposal_sampling, request.generator)
+            if self._tree_for(draft):
+                return self._plan_tree(request, draft, step)
+            if self.policy is not None:  # reads the drafter's confidences and past steps, never this step's target
+                keep = self.policy.choose(draft.confidence, draft.tokens.shape[0], self.sampling.greedy)
+            else:
+                keep = confident_length(draft, g, self.draft.min_confidence)
+            step.full_draft = draft
+            draft = draft.truncated(keep)
+        else:
+            draft = Draft.empty()
+        step.draft = draft
+        block = torch.tensor([request.tokens[-1]] + draft.tokens.tolist(), dtype=torch.long)  # [1 + drafted]
+        step.part = SequenceRows(request.target, block)
+        step.tock = time.perf_counter()
+        request.stats.draft_s += step.tock - tick
+        return step
 
-        stats.total_s = time.perf_counter() - start
-        stats.new_tokens = len(new_tokens)
-        return GenerationResult(tokens=new_tokens, stop_reason=stop_reason, stats=stats, logprobs=reported)
+    def conclude(self, generation: "Generation", step: "Step", out: TargetOutput) -> "Emitted":
+        """Verify a planned step against its target forward's output, commit what was accepted and return
+        the tokens it emits (cut at EOS and at max_new_tokens)."""
+        request = generation.request
+        if step.tree is not None:
+            verdict, logits = self._conclude_tree(request, step, out)
+        else:
+            verdict, logits = self._conclude_chain(request, step, out)
+        emitted = verdict.tokens[: generation.max_new_tokens - len(generation.tokens)]
+        for i, token in enumerate(emitted):
+            if token in self.target.eos_token_ids:
+                emitted = emitted[: i + 1]
+                generation.stop_reason = "eos"
+                break
+        proposed = len(step.tree) if step.tree is not None else step.draft.tokens.shape[0]
+        request.stats.record_step(proposed=proposed, accepted=verdict.num_accepted, emitted=len(emitted))
+        request.stats.verify_s += time.perf_counter() - step.tock
+        return generation.take(emitted, logits)
 
     def _pick(self, logits: torch.Tensor, request: RequestState) -> int:
         """The target's own next token from logits [V], drawn with its position's uniform."""
@@ -202,41 +309,18 @@ class SpeculativeEngine:
             return int(logits.argmax())
         return int(sample(logits_to_probs(logits, self.sampling), None, request.uniforms(1)))
 
-    def _step(self, request: RequestState, g: int, want_taps: bool) -> tuple[Verdict, int, torch.Tensor]:
-        """One draft-and-verify step. Returns the verdict, how many tokens were drafted and the target's
-        logits rows (row i decided the verdict's token i)."""
-        tick = time.perf_counter()
-        greedy = self.sampling.greedy
-        if self.policy is not None:
-            g = self.policy.longest_useful(g)  # the drafter computes only slots that could be verified
-            if g > 0 and not request.drafting.draft_now():  # drafting has not paid lately: a plain step
-                g = 0
-        if g > 0:
-            draft = self.drafter.propose(request.drafter, request.tokens, g, self.proposal_sampling, request.generator)
-            if self._tree_for(draft):
-                return self._tree_step(request, draft, want_taps, tick)
-            if self.policy is not None:  # reads the drafter's confidences and past steps, never this step's target
-                keep = self.policy.choose(draft.confidence, draft.tokens.shape[0], greedy)
-            else:
-                keep = confident_length(draft, g, self.draft.min_confidence)
-            draft = draft.truncated(keep)
-        else:
-            draft = Draft.empty()
-        tock = time.perf_counter()
-        request.stats.draft_s += tock - tick
-
+    def _conclude_chain(self, request: RequestState, step: "Step", out: TargetOutput) -> tuple[Verdict, torch.Tensor]:
+        """Verify a chain (or a plain step): the verdict and the logits rows that decided its tokens."""
+        draft, greedy = step.draft, self.sampling.greedy
         drafted = draft.tokens.shape[0]
-        block = torch.tensor([[request.tokens[-1]] + draft.tokens.tolist()], dtype=torch.long)  # [1, 1+g]
-        out = self.target.forward(request.target, block, want_taps=want_taps)
         verdict = self._verify(draft, out.logits[0], request)  # logits [1+g, V]
         self.target.crop(request.target, request.target.length - (drafted - verdict.num_accepted))
-        if self.policy is not None and g > 0:  # the drafter was called, whatever it was left to verify
-            self.policy.observe(draft.confidence, drafted, verdict.num_accepted, greedy)
+        if self.policy is not None and step.drafted > 0:  # the drafter was called, whatever it was left to verify
+            self.policy.observe(step.full_draft.confidence, drafted, verdict.num_accepted, greedy)
             request.drafting.observe(drafted, verdict.num_accepted)
-        if self.drafter is not None and want_taps:
+        if self.drafter is not None and out.taps is not None:
             self.drafter.observe(request.drafter, out.taps[:, : 1 + verdict.num_accepted])
-        request.stats.verify_s += time.perf_counter() - tock
-        return verdict, drafted, out.logits[0]
+        return verdict, out.logits[0]
 
     def _tree_for(self, draft: Draft) -> bool:
         """Whether this step verifies a tree: asked for, the drafter states alternatives, the target takes
@@ -245,8 +329,7 @@ class SpeculativeEngine:
             return False
         return self.sampling.greedy or self.draft.verify == "point-mass"
 
-    def _tree_step(self, request: RequestState, draft: Draft, want_taps: bool,
-                   tick: float) -> tuple[Verdict, int, torch.Tensor]:
+    def _plan_tree(self, request: RequestState, draft: Draft, step: "Step") -> "Step":
         """A step that verifies a draft tree grown from the drafter's alternatives (draft_tree.py), sized
         by the length rule's costs and calibrated acceptance (read before verification, so lossless)."""
         greedy = self.sampling.greedy
@@ -267,14 +350,17 @@ class SpeculativeEngine:
             tree = tree.prefix(best_size(tree, self.policy.costs))
         else:
             tree = tree.prefix(self.draft.tree)
-        tock = time.perf_counter()
-        request.stats.draft_s += tock - tick
-
-        start = request.target.length
+        step.full_draft, step.tree, step.lookup = draft, tree, lookup
         tokens = torch.tensor([request.tokens[-1], *tree.tokens], dtype=torch.long)  # [1 + nodes]
-        parents = tree.rows()
-        rows = Rows.tree(parents)
-        out = self.target.forward(request.target, tokens[None], want_taps=want_taps, rows=rows)
+        step.part = SequenceRows(request.target, tokens, Rows.tree(tree.rows()))
+        step.tock = time.perf_counter()
+        request.stats.draft_s += step.tock - step.tick
+        return step
+
+    def _conclude_tree(self, request: RequestState, step: "Step", out: TargetOutput) -> tuple[Verdict, torch.Tensor]:
+        """Verify a tree step: the verdict, and the logits rows along its accepted path."""
+        greedy, tree, draft, rows = self.sampling.greedy, step.tree, step.full_draft, step.part.rows
+        tokens, parents = step.part.ids, list(tree.rows())
         logits = out.logits[0].float().cpu()  # [1 + nodes, V]
         if greedy:
             verdict = verify_tree_greedy(tokens, parents, logits)
@@ -282,18 +368,17 @@ class SpeculativeEngine:
             verdict = verify_tree_point_mass(tokens, parents, logits_to_probs(logits, self.sampling), None,
                                              request.uniforms(max(rows.depth) + 1))
         path = list(verdict.path)
-        self.target.commit_path(request.target, start, path)
+        self.target.commit_path(request.target, step.start, path)
         if self.policy is not None:  # the calibration learns from the chain of best tokens inside the tree
-            chain = top_chain(tree, alt_tokens)
+            chain = top_chain(tree, draft.alternatives[0])
             self.policy.observe(draft.confidence, len(chain), followed(chain, path), greedy)
-            if lookup:  # and the lookup's calibration from its branch
-                branch = branch_nodes(tree, lookup)
+            if step.lookup:  # and the lookup's calibration from its branch
+                branch = branch_nodes(tree, step.lookup)
                 self.policy.observe(None, len(branch), followed(branch, path), greedy, "lookup")
             request.drafting.observe(len(tree), verdict.num_accepted)
-        if want_taps:
+        if out.taps is not None:
             self.drafter.observe(request.drafter, out.taps[:, path])
-        request.stats.verify_s += time.perf_counter() - tock
-        return verdict, len(tree), out.logits[0][path]
+        return verdict, out.logits[0][path]
 
     def _verify(self, draft: Draft, target_logits: torch.Tensor, request: RequestState) -> Verdict:
         """target_logits: [g+1, V]. Verification runs on the CPU, where the drafts and the generator are.

@@ -14,7 +14,10 @@ the HF peers in the bench); decoding goes through the backend, never through the
 
 Implementations live in diffdraft.backends: `hf` (any HF causal LM) and `lean` (the Llama
 family, static cache, row-invariant kernels). Nothing here knows of drafting or verification.
-Each state holds one sequence (batch size 1) for now; tensors keep their batch dimension.
+Each state holds one sequence; tensors keep their batch dimension of 1. Several sequences go
+through one call with forward_many (a batch of requests): on a backend that `takes_batches`
+their rows share one forward, elsewhere they run one after another, and either way each
+sequence gets the logits its own forward() would give.
 """
 
 from __future__ import annotations
@@ -67,6 +70,16 @@ class Rows:
         return all(seen == tuple(range(i + 1)) for i, seen in enumerate(self.sees))
 
 
+@dataclass
+class SequenceRows:
+    """One sequence's part of a forward over several (TargetBackend.forward_many): its state, the new
+    token ids [k] and where they sit (None: a chain after the committed cache)."""
+
+    state: "TargetState"
+    ids: torch.Tensor  # [k] int64
+    rows: Rows | None = None
+
+
 def default_tap_layers(num_layers: int) -> tuple[int, ...]:
     """Layers spread over the depth: 1, L/2 and L-3 (hidden state after that many layers)."""
     return tuple(sorted({1, num_layers // 2, max(1, num_layers - 3)}))
@@ -88,6 +101,7 @@ class TargetBackend(ABC):
 
     kind: str = "backend"  # "hf" or "lean"
     takes_trees: bool = False  # whether forward() takes rows other than a chain (Rows), and commit_path other paths
+    takes_batches: bool = False  # whether forward_many() runs several sequences' rows in one forward
     weights: str = "float32"  # what its linears run on: the loaded weights, or 4-bit (lean: native, int4)
     note: str | None = None  # why this backend, where it was not the one asked for (auto's fallback)
 
@@ -173,6 +187,30 @@ class TargetBackend(ABC):
         if not self.takes_trees:
             raise DiffdraftError(f"the {self.kind} backend verifies chains only; draft trees need --backend lean")
         return self._run_rows(state, ids, want_taps, rows)
+
+    def forward_many(self, parts: list[SequenceRows], want_taps: bool = False) -> list[TargetOutput]:
+        """Append new rows to several sequences at once (docs/design.md, 'The row forward'): one output per
+        part, each what forward(part.state, part.ids[None], want_taps, part.rows) would return. A backend
+        that takes batches runs them in one forward; others run them one after another."""
+        for part in parts:
+            self._check_owner(part.state)
+            if part.state.cache is None:
+                raise RuntimeError("call prefill() before forward()")
+            if part.ids.dim() != 1 or part.ids.numel() == 0:
+                raise ValueError(f"each sequence brings a row or more of token ids [k], got {tuple(part.ids.shape)}")
+            if part.rows is not None and len(part.rows.depth) != part.ids.shape[0]:
+                raise ValueError(f"rows describe {len(part.rows.depth)} rows for {part.ids.shape[0]} tokens")
+            if part.rows is not None and not part.rows.is_chain and not self.takes_trees:
+                raise DiffdraftError(f"the {self.kind} backend verifies chains only; draft trees need --backend lean")
+        if len({id(part.state) for part in parts}) != len(parts):
+            raise ValueError("a sequence can appear only once in a forward over several")
+        if len(parts) <= 1 or not self.takes_batches:
+            return [self.forward(part.state, part.ids[None], want_taps, part.rows) for part in parts]
+        return self._run_many(parts, want_taps)
+
+    def _run_many(self, parts: list[SequenceRows], want_taps: bool) -> list[TargetOutput]:
+        """forward_many() in one forward (backends with takes_batches)."""
+        raise NotImplementedError
 
     def commit_path(self, state: TargetState, start: int, path: list[int]) -> None:
         """Keep one path of the rows the last forward appended at `start`: rows path[0] < path[1] < ...

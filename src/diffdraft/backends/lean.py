@@ -22,7 +22,11 @@ the GGUF file's own blocks, "native", or the float weights rounded, "int4"); a f
 whose parts are not all 4-bit stays float. The residual stream, norms, attention and the
 LM head stay float32 either way; only the 4-bit matmuls read bfloat16 activations.
 
-It knows nothing of drafting. One sequence per state (batch size 1). On CUDA the same module
+Several sequences' rows run through one forward (forward_many, a batch of requests): the
+row-wise parts over all rows at once, the cache writes and attention per sequence and row,
+so each sequence's logits are bit-identical to its own forward's (tested).
+
+It knows nothing of drafting. One sequence per state. On CUDA the same module
 runs with `F.linear` (no CUDA graphs yet: no GPU was lent to test them).
 """
 
@@ -36,7 +40,7 @@ from diffdraft.backends.int4 import Int4Weight
 from diffdraft.backends.kernels import Int4Linear, PreparedLinear, onednn_bf16_supported
 from diffdraft.errors import DiffdraftError
 from diffdraft.rope import rope_tables, rotate_in_place, signed_sin
-from diffdraft.target import Rows, TargetBackend, TargetOutput, TargetState
+from diffdraft.target import Rows, SequenceRows, TargetBackend, TargetOutput, TargetState
 
 # Verify forwards up to this many tokens are computed row by row (draft lengths are far below it).
 INVARIANT_ROWS = 32
@@ -106,6 +110,7 @@ class LeanLlamaTarget(TargetBackend):
 
     kind = "lean"
     takes_trees = True
+    takes_batches = True
 
     def __init__(
         self,
@@ -181,44 +186,70 @@ class LeanLlamaTarget(TargetBackend):
     def _run_rows(self, state: TargetState, ids: torch.Tensor, want_taps: bool, rows: Rows) -> TargetOutput:
         return self._run(state, ids, want_taps, last_only=False, rows=rows)
 
-    @torch.inference_mode()
     def _run(self, state: TargetState, ids: torch.Tensor, want_taps: bool, last_only: bool,
              rows: Rows | None = None) -> TargetOutput:
         """ids: [1, k]. Writes the k tokens' keys/values at slots length..length+k-1 of the state's cache;
         rows (not a chain) says at which positions they sit and what each sees."""
         if ids.shape[0] != 1:
-            raise ValueError(f"the lean runtime decodes one sequence at a time, got a batch of {ids.shape[0]}")
-        k = ids.shape[1]
-        self._check_room(state, k)
-        start = state.length
-        cache = state.cache  # [L, 2, Hkv, C, hd]
-        x = F.embedding(ids[0].to(self.device), self._embed)  # [k, D]
-        if rows is None:
-            cos, sin = self._cos[start : start + k, None], self._sin_signed[start : start + k, None]  # [k, 1, hd]
+            raise ValueError(f"the lean runtime decodes one sequence per state, got a batch of {ids.shape[0]}")
+        return self._run_parts([SequenceRows(state, ids[0], rows)], want_taps, last_only)[0]
+
+    def _run_many(self, parts: list[SequenceRows], want_taps: bool) -> list[TargetOutput]:
+        return self._run_parts(parts, want_taps, last_only=False)
+
+    @torch.inference_mode()
+    def _run_parts(self, parts: list[SequenceRows], want_taps: bool, last_only: bool) -> list[TargetOutput]:
+        """Every part's rows in one forward: the linears, norms and RoPE over all R rows at once (row-invariant
+        kernels), the cache writes and attention per sequence, per row. Each part's keys/values go to its
+        own cache at slots length..length+k-1 and its length advances by k."""
+        sizes = [part.ids.shape[0] for part in parts]
+        for part, k in zip(parts, sizes):
+            self._check_room(part.state, k)
+        starts = [part.state.length for part in parts]
+        ids = torch.cat([part.ids for part in parts]).to(self.device)  # [R]
+        rows_total = ids.shape[0]
+        x = F.embedding(ids, self._embed)  # [R, D]
+        if len(parts) == 1 and parts[0].rows is None:
+            cos = self._cos[starts[0] : starts[0] + rows_total, None]  # [R, 1, hd]
+            sin = self._sin_signed[starts[0] : starts[0] + rows_total, None]
         else:
-            at = start + torch.tensor(rows.depth, device=self.device)  # [k] positions
-            cos, sin = self._cos[at, None], self._sin_signed[at, None]  # [k, 1, hd]
+            at = torch.cat([start + (torch.arange(k) if part.rows is None else torch.tensor(part.rows.depth))
+                            for part, start, k in zip(parts, starts, sizes)]).to(self.device)  # [R] positions
+            cos, sin = self._cos[at, None], self._sin_signed[at, None]  # [R, 1, hd]
+        offsets = [sum(sizes[:i]) for i in range(len(parts))]
         taps = {0: x} if want_taps and 0 in self.tap_layers else {}
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         for index, layer in enumerate(self._layers):
-            qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [k, (H + 2 Hkv) hd]
-            rotate_in_place(qkv[:, : (heads + kv_heads) * hd].view(k, heads + kv_heads, hd), cos, sin)  # q and k
-            new_kv = qkv[:, heads * hd :].view(k, 2, kv_heads, hd)  # rotated keys, then values
-            cache[index, :, :, start : start + k] = new_kv.permute(1, 2, 0, 3)  # [2, Hkv, k, hd]
-            q = qkv[:, : heads * hd].view(k, heads, hd).transpose(0, 1)  # [H, k, hd]
-            attended = self._attend(q, cache[index, 0], cache[index, 1], start, rows)  # [k, H hd]
+            qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [R, (H + 2 Hkv) hd]
+            rotate_in_place(qkv[:, : (heads + kv_heads) * hd].view(rows_total, heads + kv_heads, hd), cos, sin)
+            new_kv = qkv[:, heads * hd :].view(rows_total, 2, kv_heads, hd)  # rotated keys, then values
+            q_all = qkv[:, : heads * hd].view(rows_total, heads, hd)
+            attended = []
+            for part, start, k, offset in zip(parts, starts, sizes, offsets):
+                cache = part.state.cache  # [L, 2, Hkv, C, hd]
+                cache[index, :, :, start : start + k] = new_kv[offset : offset + k].permute(1, 2, 0, 3)  # [2, Hkv, k, hd]
+                q = q_all[offset : offset + k].transpose(0, 1)  # [H, k, hd]
+                attended.append(self._attend(q, cache[index, 0], cache[index, 1], start, part.rows))  # [k, H hd]
+            attended = attended[0] if len(attended) == 1 else torch.cat(attended)  # [R, H hd]
             x = x + layer.o(attended, widen=False)  # a bfloat16 output is widened by the addition
             gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, self.eps)).split(layer.intermediate, dim=-1)
             x = x + layer.down(F.silu(gate) * up, widen=False)
             if want_taps and index + 1 in self.tap_layers and index + 1 < self.num_layers:
                 taps[index + 1] = x
-        state.length = start + k
+        for part, start, k in zip(parts, starts, sizes):
+            part.state.length = start + k
         if want_taps and self.num_layers in self.tap_layers:
             taps[self.num_layers] = rms_norm(x, self._final_norm, self.eps)  # HF's last hidden state is normed
-        hidden = x[-1:] if last_only else x
-        logits = self._head(rms_norm(hidden, self._final_norm, self.eps))  # [k or 1, V]
-        tapped = torch.cat([taps[i] for i in self.tap_layers], dim=-1)[None] if want_taps else None
-        return TargetOutput(logits=logits[None], taps=tapped)
+        ends = [offset + k for offset, k in zip(offsets, sizes)]
+        hidden = x[[end - 1 for end in ends]] if last_only else x  # [P or R, D]
+        logits = self._head(rms_norm(hidden, self._final_norm, self.eps))  # [P or R, V]
+        tapped = torch.cat([taps[i] for i in self.tap_layers], dim=-1) if want_taps else None  # [R, n D]
+        outputs = []
+        for i, (offset, end) in enumerate(zip(offsets, ends)):
+            part_logits = logits[i : i + 1] if last_only else logits[offset:end]
+            outputs.append(TargetOutput(logits=part_logits[None],
+                                        taps=None if tapped is None else tapped[offset:end][None]))
+        return outputs
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
                 rows: Rows | None = None) -> torch.Tensor:
