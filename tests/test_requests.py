@@ -154,7 +154,7 @@ FORBIDDEN = {
     "diffdraft.api": ("diffdraft.cli", "diffdraft.serve", "diffdraft.bench", "diffdraft.train"),
     "diffdraft.serve": ("diffdraft.cli", "diffdraft.bench", "diffdraft.train"),
 }
-ENGINE_LAYER = ("diffdraft.engine", "diffdraft.decoding", "diffdraft.target", "diffdraft.backends",
+ENGINE_LAYER = ("diffdraft.engine", "diffdraft.batching", "diffdraft.decoding", "diffdraft.target", "diffdraft.backends",
                 "diffdraft.drafters", "diffdraft.verify", "diffdraft.prompting", "diffdraft.dllm", "diffdraft.suites")
 for prefix in ENGINE_LAYER:
     FORBIDDEN[prefix] = ("diffdraft.api", "diffdraft.cli", "diffdraft.serve", "diffdraft.bench", "diffdraft.train")

@@ -21,12 +21,14 @@ from typing import Callable
 import torch
 
 from diffdraft.backends import build_target
+from diffdraft.batching import Batch
 from diffdraft.config import DraftConfig, SamplingConfig, check_threads
 from diffdraft.dllm.decode import DLLMResult
 from diffdraft.dllm.loading import BASE, check_choices, dllm_runners
 from diffdraft.dllm.runner import DLLMRunner
 from diffdraft.decoding import Decoder, DLLMDecoder, EngineDecoder
 from diffdraft.drafters import build_drafter, required_tap_layers
+from diffdraft.engine import Generation
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import gguf_path, load_model
 from diffdraft.logprobs import TokenLogprob
@@ -107,6 +109,32 @@ class _Answering:
             streamer.finish(text)
         return Answer(text=text, tokens=run.tokens, stop_reason=run.stop_reason, stats=run.stats,
                       prompt_tokens=len(ids), dllm=run.dllm, logprobs=run.logprobs)
+
+    def begin_ids(
+        self,
+        ids: list[int],
+        max_new_tokens: int = 128,
+        sampling: SamplingConfig | None = None,
+        draft: DraftConfig | None = None,
+        seed: int = 0,
+        logprobs: int | None = None,
+    ) -> Generation:
+        """Start answering prompt ids for a Batch (diffdraft.batching), checked as generate_ids checks them:
+        prefilled, with its first token; answer_of() makes its Answer once it has ended."""
+        check_fits(self.target, len(ids), max_new_tokens)
+        decoder = self.decoder(draft)
+        decoder.refuse_logprobs(logprobs)
+        return decoder.begin(ids, max_new_tokens, sampling or SamplingConfig(), seed, logprobs)
+
+    def batch(self, max_batch: int) -> Batch:
+        """An empty Batch on this pipeline's target, for generations begun by begin_ids to step together."""
+        return Batch(self.target, max_batch)
+
+    def answer_of(self, generation: Generation) -> Answer:
+        """The Answer of a generation begun by begin_ids, once it has ended."""
+        result = generation.result()
+        return Answer(text=self.target.decode(result.tokens), tokens=result.tokens, stop_reason=result.stop_reason,
+                      stats=result.stats, prompt_tokens=generation.request.prompt_len, logprobs=result.logprobs)
 
 
 class Pipeline(_Answering):

@@ -247,7 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(model_name=args.served_model_name or served_name(args.model), api_key=api_key or None,
                               queue_limit=args.queue_limit, request_timeout_s=args.request_timeout,
                               max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
-                              workers=args.workers)
+                              workers=args.workers, max_batch=args.max_batch)
     if args.threads is None:  # the cores are shared among the workers: no more torch threads than cores
         args.threads = max(1, (os.cpu_count() or 1) // settings.workers)
     if args.dllm is not None:
@@ -256,7 +256,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pipe = _load(args)
         pipe.decoder(draft)  # measure the costs for the length rule now, not in the first request
     print(f"diffdraft serve: {settings.model_name} with {pipe.describe} ({pipe.target.runtime}) on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if api_key else ''}; {settings.workers} worker(s) x {args.threads} thread(s)",
+          f"{' (API key required)' if api_key else ''}; "
+          + (f"batches of up to {settings.max_batch} requests x {args.threads} thread(s)" if settings.max_batch > 1
+             else f"{settings.workers} worker(s) x {args.threads} thread(s)"),
           file=sys.stderr)
     run(pipe, settings, draft, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -448,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--workers", type=types.positive_int, default=1,
                      help="requests generated at once, each on its own thread sharing the loaded weights; the "
                           "cores are split among them unless --threads is given (default 1)")
+    net.add_argument("--max-batch", type=types.positive_int, default=1,
+                     help="requests decoded together, every step one target forward over all of their rows, each "
+                          "answer exactly what it would be alone (lean runtime); 1: one request per worker (default 1)")
     net.add_argument("--request-timeout", type=types.positive_float, default=600.0,
                      help="seconds a request may take, waiting included; generation stops there (default 600)")
     net.add_argument("--max-body-bytes", type=types.positive_int, default=1 << 20, help="largest request body (default 1 MiB)")

@@ -25,7 +25,7 @@ from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.dllm.decode import DLLMResult
 from diffdraft.dllm.runner import DLLMRunner, to_stats
 from diffdraft.drafters.base import Drafter
-from diffdraft.engine import SpeculativeEngine, length_policy
+from diffdraft.engine import Generation, SpeculativeEngine, length_policy
 from diffdraft.errors import DiffdraftError
 from diffdraft.logprobs import TokenLogprob
 from diffdraft.stats import Stats
@@ -55,6 +55,7 @@ class Decoder:
     draft_len: int = 0
     reference: str = PLAIN  # the decoder this one's speedup and equality are measured against
     offers_logprobs: bool = False  # whether run() reports the target's log probability of each token
+    takes_batches: bool = False  # whether begin() starts a Generation that a Batch can step with others
 
     def run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
             on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None,
@@ -62,6 +63,11 @@ class Decoder:
         """logprobs: None, or the alternatives (0..20) to report beside each token's log probability;
         a decoder that does not offer them refuses (see refuse_logprobs)."""
         raise NotImplementedError
+
+    def begin(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
+              logprobs: int | None = None) -> Generation:
+        """Start a request for a Batch (diffdraft.batching): prefilled, its first token picked."""
+        raise DiffdraftError(f"the {self.name} decoder answers one request at a time: it does not batch requests")
 
     def refuse_logprobs(self, logprobs: int | None) -> None:
         if logprobs is not None and not self.offers_logprobs:
@@ -77,6 +83,7 @@ class EngineDecoder(Decoder):
 
     kind = "engine"
     offers_logprobs = True
+    takes_batches = True
 
     def __init__(self, name: str, target: TargetBackend, drafter: Drafter | None, draft: DraftConfig,
                  spec: str | None = None):
@@ -98,6 +105,11 @@ class EngineDecoder(Decoder):
                                  should_stop=should_stop, logprobs=logprobs, on_logprobs=on_logprobs)
         return DecodeRun(tokens=result.tokens, stop_reason=result.stop_reason, stats=result.stats,
                          logprobs=result.logprobs)
+
+    def begin(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
+              logprobs: int | None = None) -> Generation:
+        engine = SpeculativeEngine(self.target, self.drafter, draft=self.draft, sampling=sampling, policy=self.policy)
+        return engine.begin(prompt, max_new_tokens, seed, logprobs)
 
     def describe(self) -> dict:
         return {**super().describe(), "spec": self.spec, "runtime": self.target.runtime, "verify": self.draft.verify,

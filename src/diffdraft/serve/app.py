@@ -5,8 +5,9 @@ ending with `data: [DONE]`), GET /v1/models, /health and /metrics (Prometheus te
 Every answer other than 200 is OpenAI's error JSON with a status from protocol's rules,
 401 for a wrong API key, 404 for an unknown model or path, 413 for an oversized body, 429
 (with Retry-After) when the queue is full, 500 for a bug; no traceback is ever sent. The
-model is loaded before the app is made; generation runs on the Worker's threads, off the event
-loop.
+model is loaded before the app is made; generation runs off the event loop, on the Worker's
+threads or, with max_batch > 1, on the BatchWorker's one thread, every running request in each
+step's one forward.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from diffdraft.serve.metrics import Metrics
 from diffdraft.serve.protocol import (FINISH_REASONS, ApiError, GenerationRequest, LogprobsWriter, answer_json,
                                       bad_request, chunk_json, diffdraft_block, new_id, parse_body, parse_request,
                                       usage, usage_chunk_json)
-from diffdraft.serve.worker import Job, Worker
+from diffdraft.serve.worker import BatchWorker, Job, Worker
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
@@ -40,9 +41,10 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks tha
 class ServerSettings:
     def __init__(self, model_name: str, api_key: str | None = None, queue_limit: int = 16,
                  request_timeout_s: float = 600.0, max_body_bytes: int = 1 << 20, default_max_tokens: int = 512,
-                 workers: int = 1):
+                 workers: int = 1, max_batch: int = 1):
         for name, value in (("queue limit", queue_limit), ("max body bytes", max_body_bytes),
-                            ("default max tokens", default_max_tokens), ("workers", workers)):
+                            ("default max tokens", default_max_tokens), ("workers", workers),
+                            ("max batch", max_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DiffdraftError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(request_timeout_s, (int, float)) and math.isfinite(request_timeout_s)
@@ -51,7 +53,16 @@ class ServerSettings:
         self.model_name, self.api_key, self.queue_limit = model_name, api_key, queue_limit
         self.request_timeout_s, self.max_body_bytes, self.default_max_tokens = (request_timeout_s, max_body_bytes,
                                                                                 default_max_tokens)
+        if workers > 1 and max_batch > 1:
+            raise DiffdraftError("a batched server runs one batch on one thread: give --workers or --max-batch, "
+                                 "not both")
         self.workers = workers  # requests generated at once, each on its own thread
+        self.max_batch = max_batch  # requests stepped together in one forward (1: the thread workers)
+
+    @property
+    def concurrent(self) -> int:
+        """Requests generated at once."""
+        return max(self.workers, self.max_batch)
 
 
 log = logging.getLogger("diffdraft.serve")
@@ -60,7 +71,13 @@ log = logging.getLogger("diffdraft.serve")
 def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = None) -> FastAPI:
     """The app over a loaded pipeline (diffdraft.api Pipeline or DLLMPipeline)."""
     metrics = Metrics()
-    worker = Worker(pipeline, draft, metrics, settings.queue_limit, threads=settings.workers)
+    if settings.max_batch > 1:
+        if not pipeline.decoder(draft).takes_batches:
+            raise DiffdraftError(f"the {decoder_name_of(pipeline)} decoder does not batch requests: "
+                                 "serve it with --max-batch 1")
+        worker = BatchWorker(pipeline, draft, metrics, settings.queue_limit, settings.max_batch)
+    else:
+        worker = Worker(pipeline, draft, metrics, settings.queue_limit, threads=settings.workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -69,7 +86,7 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
 
     app = FastAPI(title="diffdraft", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.metrics, app.state.worker = metrics, worker
-    decoder_name = getattr(pipeline, "describe", "diffdraft")
+    decoder_name = decoder_name_of(pipeline)
 
 
     @app.exception_handler(ApiError)
@@ -133,7 +150,7 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
             except queue.Full:
                 raise ApiError(429, f"the server is busy: {settings.queue_limit} requests are waiting; retry later",
                                type="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": str(_retry_after(metrics, settings.workers))}) from None
+                               headers={"Retry-After": str(_retry_after(metrics, settings.concurrent))}) from None
             kind_, value = await _next_event(job, request)
             if kind_ == "error":
                 raise value
@@ -270,6 +287,10 @@ def _unknown_model(name: str, settings: ServerSettings) -> ApiError:
 
 def _model_card(name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "diffdraft"}
+
+
+def decoder_name_of(pipeline) -> str:
+    return getattr(pipeline, "describe", "diffdraft")
 
 
 def _retry_after(metrics: Metrics, workers: int) -> int:

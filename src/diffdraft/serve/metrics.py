@@ -2,7 +2,8 @@
 
 Requests by endpoint and status, prompt and completion tokens, verify steps and the tokens
 they emitted (tau = emitted / steps), drafted and accepted tokens by draft position
-(per-position acceptance = accepted / proposed), queue depth, and histograms of request
+(per-position acceptance = accepted / proposed), queue depth, the batch worker's steps with
+their requests and rows (batch size, rows per step), and histograms of request
 latency and time to first token. Thread-safe: the worker and the event loop both record.
 Knows nothing of HTTP or models.
 """
@@ -52,6 +53,7 @@ class Metrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.queue_depth = 0  # requests waiting or running
         self.service_s, self.served = 0.0, 0  # generation time on the worker (no waiting), for Retry-After
+        self.batch_steps, self.batch_sequences, self.batch_rows = 0, 0, 0  # the batch worker's steps and their sizes
 
     def request(self, endpoint: str, status: int, latency_s: float | None = None) -> None:
         with self._lock:
@@ -75,6 +77,13 @@ class Metrics:
                 for position in range(1, proposed + 1):
                     self.proposed_at[position] += 1
                     self.accepted_at[position] += position <= accepted
+
+    def batch_step(self, sequences: int, rows: int) -> None:
+        """A batched step ran one forward over `rows` rows of `sequences` requests."""
+        with self._lock:
+            self.batch_steps += 1
+            self.batch_sequences += sequences
+            self.batch_rows += rows
 
     def mean_service_s(self) -> float:
         """Mean generation time of a request on the worker so far (1 s before the first)."""
@@ -113,6 +122,19 @@ class Metrics:
                       for p, n in sorted(self.proposed_at.items())]
             lines += ["# HELP diffdraft_queue_depth Requests waiting or running.", "# TYPE diffdraft_queue_depth gauge",
                       f"diffdraft_queue_depth {self.queue_depth}",
+                      "# HELP diffdraft_batch_steps_total Batched steps (one target forward each).",
+                      "# TYPE diffdraft_batch_steps_total counter", f"diffdraft_batch_steps_total {self.batch_steps}",
+                      "# HELP diffdraft_batch_sequences_total Requests stepped, summed over batched steps.",
+                      "# TYPE diffdraft_batch_sequences_total counter",
+                      f"diffdraft_batch_sequences_total {self.batch_sequences}",
+                      "# HELP diffdraft_batch_rows_total Rows in the batched steps' forwards (drafts included).",
+                      "# TYPE diffdraft_batch_rows_total counter", f"diffdraft_batch_rows_total {self.batch_rows}",
+                      "# HELP diffdraft_batch_size Mean requests per batched step so far.",
+                      "# TYPE diffdraft_batch_size gauge",
+                      f"diffdraft_batch_size {self.batch_sequences / self.batch_steps if self.batch_steps else 0:.4f}",
+                      "# HELP diffdraft_batch_rows_per_step Mean rows per batched step so far.",
+                      "# TYPE diffdraft_batch_rows_per_step gauge",
+                      f"diffdraft_batch_rows_per_step {self.batch_rows / self.batch_steps if self.batch_steps else 0:.4f}",
                       "# HELP diffdraft_request_latency_seconds Time from request to last byte.",
                       "# TYPE diffdraft_request_latency_seconds histogram",
                       *self.latency.lines("diffdraft_request_latency_seconds"),

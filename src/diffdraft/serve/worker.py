@@ -1,8 +1,9 @@
 """Generation workers off the event loop, fed by a bounded queue.
 
-The loaded pipeline answers requests on worker threads, one request per thread at a time
-(one thread by default; each request's decoding state is its own, so several threads may
-share the loaded weights). Requests wait in a queue of fixed size: `submit` refuses when it
+Two kinds. Worker answers requests on worker threads, one request per thread at a time
+(each request's decoding state is its own, so several threads may share the loaded weights).
+BatchWorker runs every admitted request on one thread, all of them in each step's one
+target forward (continuous batching, diffdraft.batching), up to a maximum batch. Requests wait in a queue of fixed size: `submit` refuses when it
 is full (the server answers 429). Each job reports back to the event loop through an asyncio
 queue: "started", then "text" deltas (stop strings already applied) each with the log
 probabilities of the tokens that arrived since the last one (when asked for), then "done" with the
@@ -21,7 +22,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from diffdraft.api import Answer
+from diffdraft.api import Answer, TextStreamer
 from diffdraft.config import DraftConfig
 from diffdraft.errors import DiffdraftError
 from diffdraft.serve.metrics import Metrics
@@ -39,6 +40,17 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+
+    def admissible(self) -> bool:
+        """Whether the job should start now: not when its client left while it waited, nor past its deadline
+        (then it answers 503)."""
+        if self.cancel.is_set():
+            return False
+        if time.monotonic() > self.deadline:
+            self.emit("error", ApiError(503, "the request waited in the queue past its deadline; try again later",
+                                        type="server_error", code="timeout"))
+            return False
+        return True
 
     def emit(self, kind: str, value=None) -> None:
         """Hand an event to the request's coroutine (from the worker thread)."""
@@ -80,50 +92,144 @@ class Worker:
                 self.metrics.queue(-1)
 
     def _run(self, job: Job) -> None:
-        if job.cancel.is_set():
-            return  # its client left while it waited
-        if time.monotonic() > job.deadline:
-            job.emit("error", ApiError(503, "the request waited in the queue past its deadline; try again later",
-                                       type="server_error", code="timeout"))
+        if not job.admissible():
             return
-        job.emit("started")
-        stops = StopMatcher(job.request.stops)
-        pending: list = []  # log probabilities of tokens whose text has not gone out yet
-
-        def taken() -> list:
-            entries = pending[:]
-            pending.clear()
-            return entries
-
-        def on_text(delta: str) -> None:
-            shown = stops.feed(delta)
-            if shown:
-                job.emit("text", (shown, taken()))
-
-        def should_stop() -> str | None:
-            if stops.hit:
-                return "stop"
-            if job.cancel.is_set():
-                return "cancelled"
-            if time.monotonic() > job.deadline:
-                return "deadline"
-            return None
-
+        run = JobRun(job, self.metrics)
         try:
             answer: Answer = self.pipeline.generate_ids(
-                job.ids, job.max_tokens, job.request.sampling, self.draft, job.seed, on_text=on_text,
-                should_stop=should_stop, logprobs=job.request.logprobs,
-                on_logprobs=pending.extend if job.request.logprobs is not None else None)
-        except DiffdraftError as err:
-            job.emit("error", bad_request(err))
+                job.ids, job.max_tokens, job.request.sampling, self.draft, job.seed, on_text=run.on_text,
+                should_stop=run.should_stop, logprobs=job.request.logprobs, on_logprobs=run.on_logprobs)
+        except Exception as err:  # noqa: BLE001 - JobRun.fail tells a refusal from a bug
+            run.fail(err)
             return
-        except Exception:  # a bug: logged here, never sent to the client
-            traceback.print_exc(file=sys.stderr)
-            job.emit("error", ApiError(500, "the server failed while generating; see its log", type="server_error",
-                                       code="internal_error"))
-            return
-        tail = stops.flush()
+        run.finish(answer)
+
+
+class JobRun:
+    """One job's output while it generates: stop strings, log probabilities waiting for their text, and the
+    events "text", "done" or "error" (see the module docstring)."""
+
+    def __init__(self, job: Job, metrics: Metrics):
+        self.job, self.metrics = job, metrics
+        self.stops = StopMatcher(job.request.stops)
+        self.pending: list = []  # log probabilities of tokens whose text has not gone out yet
+        self.on_logprobs = self.pending.extend if job.request.logprobs is not None else None
+        job.emit("started")
+
+    def taken(self) -> list:
+        entries = self.pending[:]
+        self.pending.clear()
+        return entries
+
+    def on_text(self, delta: str) -> None:
+        shown = self.stops.feed(delta)
+        if shown:
+            self.job.emit("text", (shown, self.taken()))
+
+    def should_stop(self) -> str | None:
+        if self.stops.hit:
+            return "stop"
+        if self.job.cancel.is_set():
+            return "cancelled"
+        if time.monotonic() > self.job.deadline:
+            return "deadline"
+        return None
+
+    def finish(self, answer: Answer) -> None:
+        tail = self.stops.flush()
         if tail:
-            job.emit("text", (tail, taken()))
+            self.job.emit("text", (tail, self.taken()))
         self.metrics.generation(answer.prompt_tokens, answer.stats)
-        job.emit("done", (answer, "stop" if stops.hit else answer.stop_reason, taken()))
+        self.job.emit("done", (answer, "stop" if self.stops.hit else answer.stop_reason, self.taken()))
+
+    def fail(self, err: Exception) -> None:
+        """A refusal (DiffdraftError) answers 400 with its message; anything else is a bug, logged here and
+        answered 500 without its details."""
+        if isinstance(err, DiffdraftError):
+            self.job.emit("error", bad_request(err))
+            return
+        traceback.print_exception(err, file=sys.stderr)
+        self.job.emit("error", ApiError(500, "the server failed while generating; see its log", type="server_error",
+                                        code="internal_error"))
+
+
+class BatchWorker:
+    """One thread that steps every running request together (diffdraft.batching): at each step boundary it
+    admits waiting jobs up to `max_batch`, then runs one batch step, one target forward for all of them.
+    Same queue, events and endings as Worker; each answer is what it would be alone."""
+
+    def __init__(self, pipeline, draft: DraftConfig | None, metrics: Metrics, queue_limit: int, max_batch: int):
+        if queue_limit < 1:
+            raise DiffdraftError(f"the queue limit must be at least 1, got {queue_limit}")
+        self.pipeline, self.draft, self.metrics = pipeline, draft, metrics
+        self.batch = pipeline.batch(max_batch)
+        self.waiting: queue.Queue[Job | None] = queue.Queue(maxsize=queue_limit)
+        self.thread = threading.Thread(target=self._loop, name="diffdraft-batch", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; queue.Full when the queue is full."""
+        self.waiting.put_nowait(job)
+        self.metrics.queue(+1)
+
+    def close(self) -> None:
+        self.waiting.put(None)
+
+    def _loop(self) -> None:
+        closing = False
+        while not closing or len(self.batch):
+            while not closing and not self.batch.full:
+                try:  # wait for work only when there is nothing to step
+                    job = self.waiting.get(block=not len(self.batch))
+                except queue.Empty:
+                    break
+                if job is None:
+                    closing = True
+                else:
+                    self._admit(job)
+            if len(self.batch):
+                self._step()
+
+    def _admit(self, job: Job) -> None:
+        """Prefill a job and put it in the batch (or end it here: refused, cancelled, or done at once)."""
+        if not job.admissible():
+            self.metrics.queue(-1)
+            return
+        run = JobRun(job, self.metrics)
+        try:
+            generation = self.pipeline.begin_ids(job.ids, job.max_tokens, job.request.sampling, self.draft, job.seed,
+                                                 logprobs=job.request.logprobs)
+        except Exception as err:  # noqa: BLE001 - JobRun.fail tells a refusal from a bug
+            run.fail(err)
+            self.metrics.queue(-1)
+            return
+        streamer = TextStreamer(self.pipeline.target, run.on_text)
+        generation.deliver(generation.first, streamer, run.on_logprobs)
+        member = self.batch.add(generation, run.should_stop, key=(run, streamer))
+        if generation.stop_reason is not None:  # its first token ended it
+            self.batch.cancel(member)
+            self._end(member.generation, run, streamer)
+
+    def _step(self) -> None:
+        try:
+            report = self.batch.step()
+        except Exception as err:  # noqa: BLE001 - a bug: every request in the step fails alike, the server goes on
+            for member in list(self.batch.members):
+                self.batch.cancel(member, "failed")
+                run, _ = member.key
+                run.fail(err if not isinstance(err, DiffdraftError) else RuntimeError(str(err)))
+                self.metrics.queue(-1)
+            return
+        self.metrics.batch_step(report.sequences, report.rows)
+        for member, emitted in report.emitted:
+            run, streamer = member.key
+            member.generation.deliver(emitted, streamer, run.on_logprobs)
+        for member in report.ended:
+            run, streamer = member.key
+            self._end(member.generation, run, streamer)
+
+    def _end(self, generation, run: JobRun, streamer: TextStreamer) -> None:
+        answer = self.pipeline.answer_of(generation)
+        streamer.finish(answer.text)
+        run.finish(answer)
+        self.metrics.queue(-1)
