@@ -127,7 +127,7 @@ T1 = SamplingConfig(temperature=1.0)
 class AlwaysDraft(DraftingValue):
     """Never skips the drafter (the rule without its skip, for controls)."""
 
-    def draft_now(self) -> bool:
+    def draft_now(self, costs=None) -> bool:
         return True
 
 
@@ -187,7 +187,7 @@ class _PeekingPolicy(LengthPolicy):
         super().__init__(CostCurve(target_s=(1.0, 1.0, 1.0)))
         self.target, self.drafter, self.sampling = target, drafter, sampling
 
-    def choose(self, confidence, available, greedy):
+    def choose(self, confidence, available, greedy, costs=None):
         if available == 0:
             return 0
         x = int(self.drafter.draft.tokens[0])

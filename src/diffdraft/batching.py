@@ -77,9 +77,10 @@ class Batch:
         (at planning, or by what this step emitted) leave the batch and are listed in `ended`."""
         report = StepReport()
         planned = []
+        sequences = len(self.members)  # the length rule prices each request's rows as its share of the step
         for member in list(self.members):
             generation = member.generation
-            step = generation.engine.plan(generation, member.should_stop)
+            step = generation.engine.plan(generation, member.should_stop, sequences)
             if step is None:
                 self._retire(member, report)
             else:

@@ -398,6 +398,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             dllm_drafter_layers=args.dllm_drafter_layers, dllm_block_size=args.dllm_block_size,
             dllm_steps=args.dllm_steps,
         )
+        if args.concurrency:
+            return _bench_concurrency(config, args.concurrency)
         results = run_bench(config)
     for t, summary in results["temperatures"].items():
         overall = summary["figures"].get("all", {})
@@ -415,6 +417,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"results in {args.out}/results.json, .md and .png; engine and dLLM outputs differing from their "
           f"reference (plain, or the dLLM's own decoding): {bugs}")
     return 1 if bugs else 0
+
+
+def _bench_concurrency(config, levels: list[int]) -> int:
+    """bench --concurrency: every decoder at every level, through one continuous batch each (bench.concurrency)."""
+    from diffdraft.bench.concurrency import check_levels, run_concurrency
+    from diffdraft.bench.runner import select_prompts
+
+    if config.dllm is not None or config.peers:
+        raise DiffdraftError("--concurrency batches the engine's decoders: no --dllm and no peers")
+    check_levels(levels)
+    config.validate()
+    results = run_concurrency(config, select_prompts(config), levels)
+    unequal = 0
+    for t, figures in results["temperatures"].items():
+        for level in results["levels"]:
+            for name, by_level in figures.items():
+                f = by_level[level]
+                print(f"T={t} C={level:<3d} {name:18s} {f['tokens_per_s']:7.1f} tok/s  "
+                      f"{f['speedup_vs_plain_same_c']:.2f}x plain at C={level}  tau {f['tau']:.2f}  "
+                      f"latency p50 {f['latency_p50_s']:.2f} s  {f['rows_per_step']:.1f} rows/step  "
+                      f"equal {f['equal_to_plain']}/{f['requests']}")
+                unequal += float(t) == 0 and f["equal_to_plain"] != f["requests"]
+    print(f"results in {config.out}/concurrency.json and .md; greedy answers differing from plain at "
+          f"C={results['levels'][0]}: {unequal}")
+    return 1 if unequal else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -484,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=types.threads, default=None, help="torch and llama.cpp threads")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--report-only", action="store_true", help="only rebuild the reports from --out")
+    bench.add_argument("--concurrency", type=types.positive_int, nargs="+", default=None, metavar="C",
+                       help="instead: each decoder at each number of requests in flight, batched "
+                            "(total and per-request tok/s, latency p50/p95); e.g. 1 4 8 16")
     add_dllm_args(bench, bench=True)
     bench.set_defaults(func=cmd_bench)
 

@@ -26,6 +26,7 @@ Pure arithmetic on floats and small tensors; knows nothing of models.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -78,8 +79,22 @@ class CostCurve:
                 best = k
         return best
 
+    def in_batch(self, sequences: int) -> "CostCurve":
+        """The curve as one request sees it in a step over `sequences` requests with a row each: its share
+        of those rows, c(B) / B, plus what its own k - 1 further rows add, c(B + k - 1) - c(B). The same
+        curve for B = 1; flatter as B grows on a machine where rows cost more in bulk (docs/design.md,
+        'Batched decoding'). The drafter's cost stays whole: each request's drafter runs on its own."""
+        return _in_batch(self, sequences) if sequences > 1 else self
+
     def to_dict(self) -> dict:
         return {"target_ms": [round(c * 1000, 3) for c in self.target_s], "draft_ms": round(self.draft_s * 1000, 3)}
+
+
+@functools.lru_cache(maxsize=64)
+def _in_batch(curve: CostCurve, sequences: int) -> CostCurve:
+    base = curve.target(sequences)
+    rows = range(1, len(curve.target_s) + 1)
+    return CostCurve(tuple(base / sequences + curve.target(sequences + k - 1) - base for k in rows), curve.draft_s)
 
 
 @dataclass
@@ -132,17 +147,20 @@ class DraftingValue:
     seconds: float = 0.0
     skipped: int = 0  # steps skipped in a row
 
-    def observe(self, verified: int, accepted: int) -> None:
-        """A drafting step verified `verified` drafted tokens (0: the drafter was called, none verified)."""
+    def observe(self, verified: int, accepted: int, costs: CostCurve | None = None) -> None:
+        """A drafting step verified `verified` drafted tokens (0: the drafter was called, none verified);
+        costs: the curve it ran under (a batch's, CostCurve.in_batch), else the request's own."""
+        costs = costs or self.costs
         self.emitted = VALUE_DECAY * self.emitted + 1 + accepted
-        self.seconds = VALUE_DECAY * self.seconds + self.costs.draft_s + self.costs.target(verified + 1)
+        self.seconds = VALUE_DECAY * self.seconds + costs.draft_s + costs.target(verified + 1)
 
-    def pays(self) -> bool:
-        return self.seconds == 0 or self.emitted / self.seconds >= 1.0 / self.costs.target(1)
+    def pays(self, costs: CostCurve | None = None) -> bool:
+        return self.seconds == 0 or self.emitted / self.seconds >= 1.0 / (costs or self.costs).target(1)
 
-    def draft_now(self) -> bool:
-        """Whether this step calls the drafter: where drafting pays, and every PROBE_EVERY-th step else."""
-        if self.pays() or self.skipped + 1 >= PROBE_EVERY:
+    def draft_now(self, costs: CostCurve | None = None) -> bool:
+        """Whether this step calls the drafter: where drafting pays (against a plain step under `costs`),
+        and every PROBE_EVERY-th step else."""
+        if self.pays(costs) or self.skipped + 1 >= PROBE_EVERY:
             self.skipped = 0
             return True
         self.skipped += 1
@@ -172,8 +190,8 @@ class LengthPolicy:
         """The calibration of one source of drafts ("drafter", or "lookup": a tree's n-gram branch)."""
         return self._calibration.setdefault((greedy, source), AcceptanceCalibration())
 
-    def longest_useful(self, limit: int) -> int:
-        return self.costs.longest_useful(limit)
+    def longest_useful(self, limit: int, costs: CostCurve | None = None) -> int:
+        return (costs or self.costs).longest_useful(limit)
 
     def new_value(self) -> DraftingValue:
         """A fresh record of whether drafting pays, for one request."""
@@ -185,18 +203,21 @@ class LengthPolicy:
         with self._lock:
             return self.calibration(greedy, source).estimate(confidence, available, explore=self.explore)
 
-    def rates(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> torch.Tensor:
-        """Expected tokens per second for k = 0..available, optimistic where little is known: [available + 1]."""
+    def rates(self, confidence: torch.Tensor | None, available: int, greedy: bool,
+              costs: CostCurve | None = None) -> torch.Tensor:
+        """Expected tokens per second for k = 0..available, optimistic where little is known: [available + 1].
+        costs: the curve this step runs under (a batch's), else the policy's own."""
+        costs = costs or self.costs
         acceptance = self.acceptance(confidence, available, greedy)
-        cost = torch.tensor([self.costs.draft_s + self.costs.target(k + 1) for k in range(available + 1)],
-                            dtype=torch.float64)
+        cost = torch.tensor([costs.draft_s + costs.target(k + 1) for k in range(available + 1)], dtype=torch.float64)
         return expected_emitted(acceptance) / cost
 
-    def choose(self, confidence: torch.Tensor | None, available: int, greedy: bool) -> int:
+    def choose(self, confidence: torch.Tensor | None, available: int, greedy: bool,
+               costs: CostCurve | None = None) -> int:
         """How many of the `available` drafted tokens to verify (0..available)."""
         if available <= 0:
             return 0
-        return int(self.rates(confidence, available, greedy).argmax())
+        return int(self.rates(confidence, available, greedy, costs).argmax())
 
     def observe(self, confidence: torch.Tensor | None, verified: int, accepted: int, greedy: bool,
                 source: str = "drafter") -> None:

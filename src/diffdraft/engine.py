@@ -23,7 +23,7 @@ import torch
 
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.costs import cost_curve
-from diffdraft.draft_length import NO_CONFIDENCE, DraftingValue, LengthPolicy
+from diffdraft.draft_length import NO_CONFIDENCE, CostCurve, DraftingValue, LengthPolicy
 from diffdraft.draft_tree import DraftTree, best_first, best_size, branch_nodes, followed, top_chain, with_branch
 from diffdraft.drafters.ngram import MAX_NGRAM, lookup_continuation
 from diffdraft.drafters.base import Draft, Drafter
@@ -100,6 +100,7 @@ class Step:
     drafted: int  # slots the drafter was asked for (0: a plain step)
     start: int  # the committed length the rows follow
     tick: float  # when planning began
+    costs: CostCurve | None = None  # the length rule's costs for this step (its share of a batch's forward)
     tock: float = 0.0  # when planning ended
     part: SequenceRows | None = None  # the rows: [last token, *draft] (a chain) or a tree's nodes
     draft: Draft | None = None  # the verified chain (a chain step)
@@ -241,10 +242,12 @@ class SpeculativeEngine:
             generation.stop_reason = "eos"
         return generation
 
-    def plan(self, generation: "Generation", should_stop: Callable[[], str | None] | None = None) -> "Step | None":
+    def plan(self, generation: "Generation", should_stop: Callable[[], str | None] | None = None,
+             sequences: int = 1) -> "Step | None":
         """The next step of a generation up to its target forward: the rows to run (drafted and sized by the
         length rule, or a plain step), or None when it has ended (its stop_reason says why: eos, length,
-        should_stop's reason, or context)."""
+        should_stop's reason, or context). sequences: how many requests share the step's forward (a batch);
+        the length rule then prices rows as this request's share of it (CostCurve.in_batch)."""
         if generation.stop_reason is not None:
             return None
         request = generation.request
@@ -260,17 +263,18 @@ class SpeculativeEngine:
             return None
         g = max(min(self.draft_len, generation.max_new_tokens - len(generation.tokens) - 1, room - 1), 0)
         tick = time.perf_counter()
+        costs = self.policy.costs.in_batch(sequences) if self.policy is not None else None
         if self.policy is not None:
-            g = self.policy.longest_useful(g)  # the drafter computes only slots that could be verified
-            if g > 0 and not request.drafting.draft_now():  # drafting has not paid lately: a plain step
+            g = self.policy.longest_useful(g, costs)  # the drafter computes only slots that could be verified
+            if g > 0 and not request.drafting.draft_now(costs):  # drafting has not paid lately: a plain step
                 g = 0
-        step = Step(drafted=g, start=request.target.length, tick=tick)
+        step = Step(drafted=g, start=request.target.length, tick=tick, costs=costs)
         if g > 0:
             draft = self.drafter.propose(request.drafter, request.tokens, g, self.proposal_sampling, request.generator)
             if self._tree_for(draft):
                 return self._plan_tree(request, draft, step)
             if self.policy is not None:  # reads the drafter's confidences and past steps, never this step's target
-                keep = self.policy.choose(draft.confidence, draft.tokens.shape[0], self.sampling.greedy)
+                keep = self.policy.choose(draft.confidence, draft.tokens.shape[0], self.sampling.greedy, costs)
             else:
                 keep = confident_length(draft, g, self.draft.min_confidence)
             step.full_draft = draft
@@ -317,7 +321,7 @@ class SpeculativeEngine:
         self.target.crop(request.target, request.target.length - (drafted - verdict.num_accepted))
         if self.policy is not None and step.drafted > 0:  # the drafter was called, whatever it was left to verify
             self.policy.observe(step.full_draft.confidence, drafted, verdict.num_accepted, greedy)
-            request.drafting.observe(drafted, verdict.num_accepted)
+            request.drafting.observe(drafted, verdict.num_accepted, step.costs)
         if self.drafter is not None and out.taps is not None:
             self.drafter.observe(request.drafter, out.taps[:, : 1 + verdict.num_accepted])
         return verdict, out.logits[0]
@@ -347,7 +351,7 @@ class SpeculativeEngine:
                 else torch.full((len(lookup),), NO_CONFIDENCE, dtype=torch.float64)
             tree = with_branch(tree, lookup, torch.cumprod(rates, dim=0).tolist())
         if self.policy is not None:
-            tree = tree.prefix(best_size(tree, self.policy.costs))
+            tree = tree.prefix(best_size(tree, step.costs))
         else:
             tree = tree.prefix(self.draft.tree)
         step.full_draft, step.tree, step.lookup = draft, tree, lookup
@@ -375,7 +379,7 @@ class SpeculativeEngine:
             if step.lookup:  # and the lookup's calibration from its branch
                 branch = branch_nodes(tree, step.lookup)
                 self.policy.observe(None, len(branch), followed(branch, path), greedy, "lookup")
-            request.drafting.observe(len(tree), verdict.num_accepted)
+            request.drafting.observe(len(tree), verdict.num_accepted, step.costs)
         if out.taps is not None:
             self.drafter.observe(request.drafter, out.taps[:, path])
         return verdict, out.logits[0][path]
