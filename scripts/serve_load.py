@@ -2,6 +2,7 @@
 with the queue limit forced small. A benchmark that prints figures, not a timed test.
 
     .venv/bin/python scripts/serve_load.py                      # SmolLM2, 8 clients x 25 requests
+    .venv/bin/python scripts/serve_load.py --servers w1,w2,b8 --clients 8,16
     .venv/bin/python scripts/serve_load.py --model DIR --clients 2 --requests 3 --max-tokens 8
 
 Each run starts `diffdraft serve` as its own process on a free loopback port, waits for
@@ -14,9 +15,10 @@ served, failed, lost (never answered) and still refused when the client stopped 
 streaming: the first text chunk, otherwise the whole answer), completion tokens per second
 over the run's wall time, and the server's own /metrics figures (tau). The clients run on
 the same machine as the server, so on a small CPU they take some of its time.
-Run 1 uses the server's default queue (once per `--workers` count, side by side, so their
-ratio is measured under the same conditions); run 2 forces --queue-limit small (skipped with
---small-queue 0). Bounded: every request has a client timeout, and the whole script a deadline.
+The runs use the server's default queue, once per client count and per server in `--servers`
+(wN: N thread workers, one request each; bN: one batch of up to N requests stepped together),
+one after another, so their ratios are measured under the same conditions; a last run forces
+--queue-limit small on the last server (skipped with --small-queue 0). Bounded: every request has a client timeout, and the whole script a deadline.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -44,9 +47,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, queue_limit: int, workers: int, port: int, log: Path) -> subprocess.Popen:
+def parse_server(spec: str) -> tuple[int, int | str]:
+    """'w2' -> 2 thread workers (max batch 1); 'b8' -> one batched worker, max batch 8; 'bauto' -> the server's
+    own choice of max batch."""
+    kind, count = spec[:1], spec[1:]
+    if kind == "b" and count == "auto":
+        return 1, "auto"
+    if kind not in ("w", "b") or not count.isdigit() or int(count) < 1:
+        raise SystemExit(f"a server is wN (N thread workers), bN (batches of up to N) or bauto, got {spec!r}")
+    return (int(count), 1) if kind == "w" else (1, int(count))
+
+
+def served_max_batch(log: Path) -> int:
+    """The max batch the server announced (1 for thread workers)."""
+    found = re.search(r"batches of up to (\d+) requests", log.read_text())
+    return int(found.group(1)) if found else 1
+
+
+def start_server(args, queue_limit: int, workers: int, max_batch: int | str, port: int, log: Path) -> subprocess.Popen:
     cmd = [str(ROOT / ".venv/bin/diffdraft"), "serve", "--port", str(port), "--queue-limit", str(queue_limit),
-           "--served-model-name", "load", "--log-level", "warning", "--workers", str(workers)]
+           "--served-model-name", "load", "--log-level", "warning", "--workers", str(workers),
+           "--max-batch", str(max_batch)]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     if args.model:
@@ -110,9 +131,10 @@ def one_request(client: openai.OpenAI, prompt: str, stream: bool, max_tokens: in
             return {"ok": False, "error": f"{type(err).__name__}: {err}", "429": seen_429}
 
 
-def run_load(args, queue_limit: int, workers: int, label: str, out: Path) -> dict:
+def run_load(args, queue_limit: int, workers: int, max_batch: int | str, clients: int, label: str, out: Path) -> dict:
     port = free_port()
-    server = start_server(args, queue_limit, workers, port, out / f"server-{label}.log")
+    server = start_server(args, queue_limit, workers, max_batch, port, out / f"server-{label}.log")
+    asked, max_batch = max_batch, served_max_batch(out / f"server-{label}.log")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                timeout=args.timeout)
@@ -129,7 +151,7 @@ def run_load(args, queue_limit: int, workers: int, label: str, out: Path) -> dic
                     results.append(result)
 
         start = time.monotonic()
-        threads = [threading.Thread(target=worker, args=(c,)) for c in range(args.clients)]
+        threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
@@ -141,14 +163,20 @@ def run_load(args, queue_limit: int, workers: int, label: str, out: Path) -> dic
         server.terminate()
         server.wait(30)
     ok = [r for r in results if r["ok"]]
-    sent = args.clients * args.requests
+    sent = clients * args.requests
 
     def pct(values: list[float], q: float) -> float:
         return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else 0.0)
 
-    tau = next((float(line.split()[1]) for line in metrics.splitlines() if line.startswith("diffdraft_tau ")), 0.0)
+    def gauge(name: str) -> float:
+        return next((float(line.split()[1]) for line in metrics.splitlines() if line.startswith(name + " ")), 0.0)
+
+    tau = gauge("diffdraft_tau")
     summary = {
-        "run": label, "queue_limit": queue_limit, "workers": workers, "clients": args.clients, "requests_sent": sent,
+        "run": label, "queue_limit": queue_limit, "workers": workers, "max_batch": max_batch,
+        "max_batch_asked": asked, "clients": clients,
+        "requests_sent": sent, "server_batch_size": gauge("diffdraft_batch_size"),
+        "server_rows_per_step": gauge("diffdraft_batch_rows_per_step"),
         "served": len(ok), "failed": sum(1 for r in results if not r["ok"] and not r.get("refused")),
         "lost": sent - len(results), "refused_at_the_end": sum(1 for r in results if r.get("refused")),
         "rejected_429": sum(r["429"] for r in results), "wall_s": round(wall, 2),
@@ -170,7 +198,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="default: smollm2")
     parser.add_argument("--drafter", default=None, help="default: the server's (auto)")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", default="8", help="concurrent clients; a comma list runs each count (default 8)")
     parser.add_argument("--requests", type=int, default=25, help="per client")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--small-queue", type=int, default=2, help="the queue limit of run 2")
@@ -178,24 +206,32 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="client timeout per request (s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="server torch threads (default: the server's, every core split among its workers)")
-    parser.add_argument("--workers", default="1",
-                        help="server workers; a comma list runs the default-queue load once per count (default 1)")
+    parser.add_argument("--servers", default="w1",
+                        help="servers side by side, a comma list of wN (N thread workers) and bN (one batch of up to N "
+                             "requests), e.g. w1,w2,b8 (default w1)")
     parser.add_argument("--out", default="results/serve-load")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    counts = [int(w) for w in args.workers.split(",")]
-    runs = [run_load(args, 16, w, "default-queue" + (f"-w{w}" if len(counts) > 1 else ""), out) for w in counts]
+    servers = [(spec, *parse_server(spec)) for spec in args.servers.split(",")]
+    client_counts = [int(c) for c in args.clients.split(",")]
+    runs = []
+    for clients in client_counts:  # every server under the same load, one after another
+        for spec, workers, max_batch in servers:
+            runs.append(run_load(args, 16, workers, max_batch, clients, f"c{clients}-{spec}", out))
     if args.small_queue > 0:
-        runs.append(run_load(args, args.small_queue, counts[0], "small-queue", out))
+        spec, workers, max_batch = servers[-1]
+        runs.append(run_load(args, args.small_queue, workers, max_batch, client_counts[0], f"small-queue-{spec}", out))
     (out / "load.json").write_text(json.dumps({"command": " ".join(sys.argv), "runs": runs}, indent=2) + "\n")
     for r in runs:
-        print(f"{r['run']:16s} queue {r['queue_limit']:2d}, {r['workers']} worker(s): served "
+        print(f"{r['run']:16s} {r['clients']} clients, queue {r['queue_limit']:2d}, {r['workers']} worker(s), max batch "
+              f"{r['max_batch']}: served "
               f"{r['served']}/{r['requests_sent']}, failed "
               f"{r['failed']}, lost {r['lost']}, refused at the end {r['refused_at_the_end']}, 429s "
               f"{r['rejected_429']}; latency p50 {r['latency_p50_s']:.2f} s "
               f"p95 {r['latency_p95_s']:.2f} s max {r['latency_max_s']:.1f} s; TTFT (stream) p50 {r['ttft_stream_p50_s']:.2f} s p95 "
-              f"{r['ttft_stream_p95_s']:.2f} s; {r['tokens_per_s']:.1f} tok/s; tau {r['server_tau']:.2f}"
+              f"{r['ttft_stream_p95_s']:.2f} s; {r['tokens_per_s']:.1f} tok/s; tau {r['server_tau']:.2f}; "
+              f"batch {r['server_batch_size']:.1f} requests, {r['server_rows_per_step']:.1f} rows per step"
               + (f"; errors {r['errors']}" if r["errors"] else ""))
     return 0 if all(r["failed"] == 0 and r["lost"] == 0 for r in runs) else 1
 

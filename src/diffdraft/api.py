@@ -21,8 +21,9 @@ from typing import Callable
 import torch
 
 from diffdraft.backends import build_target
-from diffdraft.batching import Batch
+from diffdraft.batching import MAX_AUTO_BATCH, Batch, default_max_batch
 from diffdraft.config import DraftConfig, SamplingConfig, check_threads
+from diffdraft.costs import cost_curve
 from diffdraft.dllm.decode import DLLMResult
 from diffdraft.dllm.loading import BASE, check_choices, dllm_runners
 from diffdraft.dllm.runner import DLLMRunner
@@ -125,6 +126,13 @@ class _Answering:
         decoder = self.decoder(draft)
         decoder.refuse_logprobs(logprobs)
         return decoder.begin(ids, max_new_tokens, sampling or SamplingConfig(), seed, logprobs)
+
+    def auto_max_batch(self) -> int:
+        """The batch size `serve --max-batch auto` takes: from this machine's measured forward costs over 1..16
+        rows (cached; batching.default_max_batch), or 1 where the decoder does not batch."""
+        if not self.decoder().takes_batches:
+            return 1
+        return default_max_batch(cost_curve(self.target, None, MAX_AUTO_BATCH - 1))
 
     def batch(self, max_batch: int) -> Batch:
         """An empty Batch on this pipeline's target, for generations begun by begin_ids to step together."""

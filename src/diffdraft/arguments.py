@@ -41,6 +41,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_int_or_auto(text: str) -> int | str:
+    """A positive integer, or "auto" (the program chooses)."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
 def non_negative_int(text: str) -> int:
     value = _int(text)
     if value < 0:

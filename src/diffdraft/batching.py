@@ -19,9 +19,24 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from diffdraft.draft_length import CostCurve
 from diffdraft.engine import Emitted, Generation
 from diffdraft.errors import DiffdraftError
 from diffdraft.target import TargetBackend
+
+
+# The default batch size is the fewest requests whose step reaches this share of the best throughput (rows
+# per second) that the measured cost curve shows: more would add latency to every request for little.
+BATCH_THROUGHPUT_SHARE = 0.9
+MAX_AUTO_BATCH = 16  # rows measured for that choice
+
+
+def default_max_batch(costs: CostCurve, share: float = BATCH_THROUGHPUT_SHARE) -> int:
+    """The fewest sequences B (one row each) whose forward c(B) reaches `share` of the best B / c(B) within the
+    measured curve."""
+    rates = [b / costs.target(b) for b in range(1, len(costs.target_s) + 1)]
+    best = max(rates)
+    return next(b for b, rate in enumerate(rates, start=1) if rate >= share * best)
 
 
 @dataclass

@@ -244,10 +244,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _, draft = decoding_configs(args)
     _dllm_only_options(args)
     api_key = args.api_key if args.api_key is not None else os.environ.get("DIFFDRAFT_API_KEY")
-    settings = ServerSettings(model_name=args.served_model_name or served_name(args.model), api_key=api_key or None,
+    auto_batch = args.max_batch == "auto"
+
+    def settings_with(max_batch: int):
+        return ServerSettings(model_name=args.served_model_name or served_name(args.model), api_key=api_key or None,
                               queue_limit=args.queue_limit, request_timeout_s=args.request_timeout,
                               max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
-                              workers=args.workers, max_batch=args.max_batch)
+                              workers=args.workers, max_batch=max_batch)
+
+    settings = settings_with(1 if auto_batch else args.max_batch)  # refuses bad settings before the slow load
     if args.threads is None:  # the cores are shared among the workers: no more torch threads than cores
         args.threads = max(1, (os.cpu_count() or 1) // settings.workers)
     if args.dllm is not None:
@@ -255,6 +260,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         pipe = _load(args)
         pipe.decoder(draft)  # measure the costs for the length rule now, not in the first request
+    if auto_batch and args.workers == 1:
+        settings = settings_with(pipe.auto_max_batch())
     print(f"diffdraft serve: {settings.model_name} with {pipe.describe} ({pipe.target.runtime}) on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}; "
           + (f"batches of up to {settings.max_batch} requests x {args.threads} thread(s)" if settings.max_batch > 1
@@ -477,9 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--workers", type=types.positive_int, default=1,
                      help="requests generated at once, each on its own thread sharing the loaded weights; the "
                           "cores are split among them unless --threads is given (default 1)")
-    net.add_argument("--max-batch", type=types.positive_int, default=1,
+    net.add_argument("--max-batch", type=types.positive_int_or_auto, default="auto",
                      help="requests decoded together, every step one target forward over all of their rows, each "
-                          "answer exactly what it would be alone (lean runtime); 1: one request per worker (default 1)")
+                          "answer exactly what it would be alone; 1: one request per worker thread (--workers); "
+                          "auto: the fewest that reach 90%% of the best throughput of this machine's measured "
+                          "forward costs, or 1 with --workers > 1 or a decoder that does not batch (default auto)")
     net.add_argument("--request-timeout", type=types.positive_float, default=600.0,
                      help="seconds a request may take, waiting included; generation stops there (default 600)")
     net.add_argument("--max-body-bytes", type=types.positive_int, default=1 << 20, help="largest request body (default 1 MiB)")
