@@ -13,6 +13,7 @@ import pytest
 import diffdraft
 from diffdraft import suites
 from diffdraft.cli import main
+from diffdraft.config import DraftConfig
 from diffdraft.errors import DiffdraftError
 from diffdraft.prompting import RequestError, chat_ids, check_fits, check_messages, check_text, text_ids
 from diffdraft.train import data as train_data
@@ -196,3 +197,15 @@ def test_server_request_and_cli_share_the_sampling_checks():
         parse_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "chat")
     assert caught.value.status == 400 and caught.value.param == "top_p"
     assert json.loads(json.dumps(caught.value.body()))["error"]["message"].startswith("top_p must be in (0, 1]")
+
+
+def test_one_default_draft_length_everywhere():
+    """The API, generate, serve and bench draft the same number of tokens by default."""
+    from diffdraft.bench import BenchConfig
+    from diffdraft.cli import build_parser
+
+    parser = build_parser()
+    commands = {c: parser.parse_args(argv) for c, argv in (("generate", ["generate", "hi"]), ("serve", ["serve"]),
+                                                          ("bench", ["bench"]))}
+    assert {c: a.draft_len for c, a in commands.items()} == dict.fromkeys(commands, DraftConfig().draft_len)
+    assert BenchConfig().draft_len == DraftConfig().draft_len

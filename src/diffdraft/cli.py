@@ -16,8 +16,8 @@ from pathlib import Path
 from diffdraft import arguments as types
 from diffdraft import interrupts
 from diffdraft.backends import BACKENDS, WEIGHTS
-from diffdraft.config import (BEST_OBJECTIVE, LENGTH_MODES, MAX_TREE_NODES, PROPOSAL_MODES, TRAINABLE_KINDS, VERIFY_MODES,
-                              DraftConfig, SamplingConfig)
+from diffdraft.config import (BEST_OBJECTIVE, DEFAULT_DRAFT_LEN, LENGTH_MODES, MAX_TREE_NODES, PROPOSAL_MODES,
+                              TRAINABLE_KINDS, VERIFY_MODES, DraftConfig, SamplingConfig)
 from diffdraft.drafters import DRAFTER_NAMES
 from diffdraft.errors import DiffdraftError
 from diffdraft.loading import DTYPES
@@ -77,8 +77,8 @@ def add_dllm_args(parser: argparse.ArgumentParser, bench: bool = False) -> None:
 def add_decoding_args(parser: argparse.ArgumentParser, serving: bool = False) -> None:
     """Drafting and sampling options; a server takes only the drafting ones (sampling comes per request)."""
     group = parser.add_argument_group("decoding")
-    group.add_argument("--draft-len", type=types.int_in(0, 64), default=15,
-                       help="the most tokens drafted per step, g (default 15)")
+    group.add_argument("--draft-len", type=types.int_in(0, 64), default=DEFAULT_DRAFT_LEN,
+                       help=f"the most tokens drafted per step, g (default {DEFAULT_DRAFT_LEN})")
     group.add_argument("--length", default="auto", choices=LENGTH_MODES,
                        help="auto (default): verify the number of drafted tokens that maximizes expected tokens/s "
                             "from this machine's measured costs and the drafter's calibrated confidences; fixed: "
@@ -510,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peers", nargs="*", default=None, metavar="PEER",
                        help="hf-generate hf-prompt-lookup llama.cpp (default: every one installed, none with --dllm; "
                             "'none' for none)")
-    bench.add_argument("--draft-len", type=types.int_in(0, 64), default=8, help="tokens drafted per step, g (default 8)")
+    bench.add_argument("--draft-len", type=types.int_in(0, 64), default=DEFAULT_DRAFT_LEN,
+                       help=f"tokens drafted per step, g (default {DEFAULT_DRAFT_LEN})")
     bench.add_argument("--verify", default="auto", choices=VERIFY_MODES, help="verification mode (default auto)")
     bench.add_argument("--temperatures", type=types.non_negative_float, nargs="+", default=[0.0, 1.0], help="default: 0 1")
     bench.add_argument("--max-new-tokens", type=types.positive_int, default=128)

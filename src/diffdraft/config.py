@@ -93,6 +93,12 @@ class SamplingConfig:
         return cls(**data)
 
 
+# The most tokens drafted per step, everywhere a default is needed (the API, generate, serve, bench): the
+# shipped block-diffusion drafter fills 15 slots per pass (a block of 16 holds the last token too), and the
+# length rule verifies fewer where rows are dear.
+DEFAULT_DRAFT_LEN = 15
+
+
 @dataclass(frozen=True)
 class DraftConfig:
     """How many tokens to draft per step and how to verify them.
@@ -101,7 +107,7 @@ class DraftConfig:
     drafter states its exact q, and point-mass matching otherwise.
     """
 
-    draft_len: int = 16  # the most tokens drafted per step
+    draft_len: int = DEFAULT_DRAFT_LEN  # the most tokens drafted per step
     verify: str = "auto"
     # "auto": verify the number of drafted tokens that maximizes expected tokens per second on this
     # machine (draft_length.py); "fixed": verify all draft_len of them.

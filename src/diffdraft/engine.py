@@ -6,11 +6,14 @@ target's own, and the target cache is cropped to what was accepted. With no draf
 g = 0) it is plain decoding, one target forward per token, through the same code.
 How many drafted tokens a step verifies is the length rule's choice (draft_length.py), made
 from the drafter's output and past steps only, or a fixed length, or the confidence cut.
-Batch size 1. The engine holds what is shared by requests (the target and drafter with their
-weights, the settings, the length rule); each generate() call makes its own RequestState (the
-target's KV cache, the drafter's context, the tokens, the generator, the stats) and drops it
-when it returns, so any number of generations may run at once on one loaded target and drafter.
-The drafter and verifier draw from the request's generator.
+The loop is begin() (check, prefill, first token), then per step plan() (draft and size the
+rows), one target forward, conclude() (verify, commit, emit): generate() runs it for one
+request, diffdraft.batching for many sharing each step's forward. The engine holds what is
+shared by requests (the target and drafter with their weights, the settings, the length rule);
+each request has its own RequestState inside its Generation (the target's KV cache, the
+drafter's context, the tokens, the generator, the stats), dropped when it ends, so any number
+of generations may run at once on one loaded target and drafter. The drafter and verifier draw
+from the request's generator.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class RequestState:
     drafting: DraftingValue | None = None  # whether drafting has paid lately in this request (the length rule's)
     seed: int = 0
     prompt_len: int = 0
+    # Tapped features of committed tokens the drafter has not read yet, [1, n, n_taps * D] each: handed over
+    # in one observe() just before it drafts again, so steps that do not draft cost it nothing.
+    unread_taps: list = field(default_factory=list)
 
     def uniforms(self, count: int) -> torch.Tensor:
         """The uniforms of the next `count` answer positions (sampling.position_uniforms): [count]."""
@@ -270,6 +276,10 @@ class SpeculativeEngine:
                 g = 0
         step = Step(drafted=g, start=request.target.length, tick=tick, costs=costs)
         if g > 0:
+            if request.unread_taps:  # the drafter catches up on what was committed since it last drafted
+                taps = request.unread_taps
+                self.drafter.observe(request.drafter, taps[0] if len(taps) == 1 else torch.cat(taps, dim=1))
+                request.unread_taps = []
             draft = self.drafter.propose(request.drafter, request.tokens, g, self.proposal_sampling, request.generator)
             if self._tree_for(draft):
                 return self._plan_tree(request, draft, step)
@@ -323,7 +333,7 @@ class SpeculativeEngine:
             self.policy.observe(step.full_draft.confidence, drafted, verdict.num_accepted, greedy)
             request.drafting.observe(drafted, verdict.num_accepted, step.costs)
         if self.drafter is not None and out.taps is not None:
-            self.drafter.observe(request.drafter, out.taps[:, : 1 + verdict.num_accepted])
+            request.unread_taps.append(out.taps[:, : 1 + verdict.num_accepted])
         return verdict, out.logits[0]
 
     def _tree_for(self, draft: Draft) -> bool:
@@ -381,7 +391,7 @@ class SpeculativeEngine:
                 self.policy.observe(None, len(branch), followed(branch, path), greedy, "lookup")
             request.drafting.observe(len(tree), verdict.num_accepted, step.costs)
         if out.taps is not None:
-            self.drafter.observe(request.drafter, out.taps[:, path])
+            request.unread_taps.append(out.taps[:, path])
         return verdict, out.logits[0][path]
 
     def _verify(self, draft: Draft, target_logits: torch.Tensor, request: RequestState) -> Verdict:

@@ -38,7 +38,7 @@ from diffdraft.bench.peers import PEER_NAMES, build_peers
 from diffdraft.bench.report import write_reports
 from diffdraft.bench.store import RecordStore, record_key, stats_to_dict
 from diffdraft.suites import Prompt, interleave_categories, load_suite
-from diffdraft.config import DraftConfig, SamplingConfig
+from diffdraft.config import DEFAULT_DRAFT_LEN, DraftConfig, SamplingConfig
 from diffdraft.dllm.loading import check_choices
 from diffdraft.drafters import required_tap_layers
 from diffdraft.errors import DiffdraftError
@@ -65,7 +65,7 @@ class BenchConfig:
     weights: tuple[str, ...] = ("auto",)
     drafters: tuple[str, ...] = ("ngram", "early-exit")  # build_drafter specs, SPEC@G sets g; plain always runs
     peers: tuple[str, ...] | None = None  # None: every peer that can run here
-    draft_len: int = 8
+    draft_len: int = DEFAULT_DRAFT_LEN
     verify: str = "auto"
     backend: str = "auto"  # the target runtime (diffdraft.backends)
     early_exit_layers: int = 4
