@@ -156,3 +156,32 @@ def test_the_hf_backend_batches_by_running_sequences_in_turn(model, tiny_tokeniz
     assert [r[0] for r in results] == [r[0] for r in expected]  # tokens; HF's logits vary with the sequence count
     torch.testing.assert_close([lp for r in results for _, lp, _ in r[1]],
                                [lp for r in expected for _, lp, _ in r[1]], rtol=0, atol=1e-5)
+
+
+def test_a_request_reserves_the_cache_it_needs(model, tiny_tokenizer):
+    """A request's KV cache holds its prompt, its answer and the widest step's rows, not the whole context; a
+    fixed tree of 6 nodes at the very end of the answer still fits."""
+    target = lean(model, tiny_tokenizer)
+    engine = engine_for(target, "block-diffusion", GREEDY, length="fixed", proposals="sample", tree=6)
+    generation = engine.begin(PROMPTS[0], 10)
+    assert generation.request.target.capacity == len(PROMPTS[0]) + 10 + 1 + 6 < target.max_context
+    assert generation.request.target.cache.shape[3] == generation.request.target.capacity
+    while (step := engine.plan(generation)) is not None:
+        engine.conclude(generation, step, target.forward_many([step.part], want_taps=generation.want_taps)[0])
+    assert generation.stop_reason in ("length", "eos") and len(generation.tokens) <= 10
+    assert engine.kv_bytes(len(PROMPTS[0]), 10) == target.kv_bytes(generation.request.target.capacity) \
+        == generation.request.target.cache.numel() * 4
+
+
+def test_the_batch_keeps_its_kv_memory_limit(model, tiny_tokenizer):
+    target = lean(model, tiny_tokenizer)
+    engine = engine_for(target, "none", GREEDY)
+    one = engine.kv_bytes(len(PROMPTS[0]), 20)
+    batch = Batch(target, 4, memory_limit=one + one // 2)  # room for one such request, not two
+    assert batch.ever_fits(one) and not batch.ever_fits(2 * one) and batch.has_room(one)
+    batch.add(engine.begin(PROMPTS[0], 20))
+    assert not batch.has_room(one) and batch.reserved == one
+    with pytest.raises(DiffdraftError, match="KV memory is full"):
+        batch.add(engine.begin(PROMPTS[0], 20))
+    with pytest.raises(DiffdraftError, match="KV memory limit must be a positive"):
+        Batch(target, 4, memory_limit=0)

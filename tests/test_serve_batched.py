@@ -40,8 +40,8 @@ class GatedBatches:
     def __getattr__(self, name):  # prompt_ids, decoder, begin_ids: the pipeline's own
         return getattr(self.pipe, name)
 
-    def batch(self, max_batch):
-        batch = self.pipe.batch(max_batch)
+    def batch(self, max_batch, memory_limit=None):
+        batch = self.pipe.batch(max_batch, memory_limit)
         step = batch.step
 
         def gated_step():
@@ -168,3 +168,38 @@ def test_what_cannot_batch_is_refused_in_one_line(tiny_model_dir, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "give --workers or --max-batch, not both" in err
     assert main(["serve", "--model", tiny_model_dir, "--max-batch", "0"]) == 2
+
+
+def test_the_kv_memory_limit_queues_or_refuses_cleanly(pipe):
+    """With room for one request's KV cache, two requests are answered one after the other (the second waits
+    for memory, not for a place in the batch), and a request that could never fit answers 503."""
+    ids = pipe.prompt_ids(PROMPTS[0])
+    one = pipe.kv_bytes(ids, MAX_TOKENS)
+    gated = GatedBatches(pipe)
+    gated.gate.clear()
+    running = Running(gated, max_batch=4, kv_memory_bytes=one + one // 2)
+    try:
+        results = []
+
+        def send():
+            results.append(chat(running.client(), max_tokens=MAX_TOKENS,
+                                messages=[{"role": "user", "content": PROMPTS[0]}]))
+
+        threads = [threading.Thread(target=send) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while running.app.state.metrics.queue_depth < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gated.gate.set()
+        for thread in threads:
+            thread.join(60)
+        assert len(results) == 2 and results[0].choices[0].message.content == results[1].choices[0].message.content
+        assert max(gated.sizes) == 1  # never two in a batch: their caches would not fit together
+        status, _, answer = running.raw("POST", "/v1/chat/completions", body(max_tokens=4 * MAX_TOKENS))
+        assert status == 503 and answer["error"]["code"] == "kv_memory_limit"
+        assert "ask for fewer tokens" in answer["error"]["message"]
+    finally:
+        gated.gate.set()
+        running.close()

@@ -134,9 +134,17 @@ class _Answering:
             return 1
         return default_max_batch(cost_curve(self.target, None, MAX_AUTO_BATCH - 1))
 
-    def batch(self, max_batch: int) -> Batch:
-        """An empty Batch on this pipeline's target, for generations begun by begin_ids to step together."""
-        return Batch(self.target, max_batch)
+    def batch(self, max_batch: int, memory_limit: int | None = None) -> Batch:
+        """An empty Batch on this pipeline's target, for generations begun by begin_ids to step together, their
+        KV caches reserving at most memory_limit bytes together (None: no limit)."""
+        return Batch(self.target, max_batch, memory_limit)
+
+    def kv_bytes(self, ids: list[int], max_new_tokens: int, draft: DraftConfig | None = None) -> int:
+        """Bytes of KV cache a request begun by begin_ids would reserve."""
+        decoder = self.decoder(draft)
+        if not decoder.takes_batches:
+            return self.target.kv_bytes(self.target.max_context)
+        return decoder.kv_bytes(len(ids), max_new_tokens)
 
     def answer_of(self, generation: Generation) -> Answer:
         """The Answer of a generation begun by begin_ids, once it has ended."""

@@ -62,16 +62,34 @@ class StepReport:
 class Batch:
     """The generations in flight on one target (see the module docstring)."""
 
-    def __init__(self, target: TargetBackend, max_batch: int):
+    def __init__(self, target: TargetBackend, max_batch: int, memory_limit: int | None = None):
+        """memory_limit: the most bytes of KV cache the members may reserve together (None: no limit)."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise DiffdraftError(f"the batch size must be a positive integer, got {max_batch!r}")
+        if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
+                                         or memory_limit < 1):
+            raise DiffdraftError(f"the KV memory limit must be a positive number of bytes, got {memory_limit!r}")
         self.target = target
         self.max_batch = max_batch
+        self.memory_limit = memory_limit
         self.members: list[Member] = []
 
     @property
     def full(self) -> bool:
         return len(self.members) >= self.max_batch
+
+    @property
+    def reserved(self) -> int:
+        """Bytes of KV cache the members reserve (their caches' capacities)."""
+        return sum(self.target.kv_bytes(m.generation.request.target.capacity) for m in self.members)
+
+    def ever_fits(self, kv_bytes: int) -> bool:
+        """Whether a request that reserves kv_bytes fits the memory limit at all (in an empty batch)."""
+        return self.memory_limit is None or kv_bytes <= self.memory_limit
+
+    def has_room(self, kv_bytes: int) -> bool:
+        """Whether a request that reserves kv_bytes may join now: a free place, and memory within the limit."""
+        return not self.full and (self.memory_limit is None or self.reserved + kv_bytes <= self.memory_limit)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -81,6 +99,10 @@ class Batch:
         """Admit a begun generation (engine.begin); it takes its first step with the batch's next one."""
         if self.full:
             raise DiffdraftError(f"the batch is full ({self.max_batch} generations)")
+        need = self.target.kv_bytes(generation.request.target.capacity)
+        if not self.has_room(need):
+            raise DiffdraftError(f"the batch's KV memory is full: {self.reserved + need} bytes asked, the limit is "
+                                 f"{self.memory_limit}")
         if generation.engine.target is not self.target:
             raise ValueError("a generation joins the batch of its own target")
         member = Member(generation, should_stop, key)

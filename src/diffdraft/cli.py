@@ -228,6 +228,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_kv_memory_mb() -> int:
+    """Half of this machine's physical memory, in MiB (4 GiB where it cannot be read)."""
+    try:
+        return max(1, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 // 2**20)
+    except (ValueError, OSError, AttributeError):
+        return 4096
+
+
 def served_name(model: str | None) -> str:
     """The model id clients send by default: a short name, never a path (a file's stem, a folder's name)."""
     if model is None:
@@ -250,7 +258,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return ServerSettings(model_name=args.served_model_name or served_name(args.model), api_key=api_key or None,
                               queue_limit=args.queue_limit, request_timeout_s=args.request_timeout,
                               max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
-                              workers=args.workers, max_batch=max_batch)
+                              workers=args.workers, max_batch=max_batch,
+                              kv_memory_bytes=(args.kv_memory if args.kv_memory is not None else default_kv_memory_mb())
+                              * 2**20)
 
     settings = settings_with(1 if auto_batch else args.max_batch)  # refuses bad settings before the slow load
     if args.threads is None:  # the cores are shared among the workers: no more torch threads than cores
@@ -489,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "answer exactly what it would be alone; 1: one request per worker thread (--workers); "
                           "auto: the fewest that reach 90%% of the best throughput of this machine's measured "
                           "forward costs, or 1 with --workers > 1 or a decoder that does not batch (default auto)")
+    net.add_argument("--kv-memory", type=types.positive_int, default=None, metavar="MIB",
+                     help="MiB of KV cache the batched requests may reserve together (each reserves what its prompt "
+                          "and max_tokens need); a request waits until it fits, and one that never could answers "
+                          "503 (default: half of this machine's memory)")
     net.add_argument("--request-timeout", type=types.positive_float, default=600.0,
                      help="seconds a request may take, waiting included; generation stops there (default 600)")
     net.add_argument("--max-body-bytes", type=types.positive_int, default=1 << 20, help="largest request body (default 1 MiB)")

@@ -111,6 +111,11 @@ class EngineDecoder(Decoder):
         engine = SpeculativeEngine(self.target, self.drafter, draft=self.draft, sampling=sampling, policy=self.policy)
         return engine.begin(prompt, max_new_tokens, seed, logprobs)
 
+    def kv_bytes(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Bytes of the target's KV cache one request reserves (SpeculativeEngine.capacity)."""
+        return SpeculativeEngine(self.target, self.drafter, draft=self.draft, policy=self.policy).kv_bytes(
+            prompt_tokens, max_new_tokens)
+
     def describe(self) -> dict:
         return {**super().describe(), "spec": self.spec, "runtime": self.target.runtime, "verify": self.draft.verify,
                 "min_confidence": self.draft.min_confidence, "length": self.draft.length,

@@ -107,6 +107,7 @@ class Step:
     start: int  # the committed length the rows follow
     tick: float  # when planning began
     costs: CostCurve | None = None  # the length rule's costs for this step (its share of a batch's forward)
+    room: int = 0  # cache slots left after the last token's: the most drafted rows the step may run
     tock: float = 0.0  # when planning ended
     part: SequenceRows | None = None  # the rows: [last token, *draft] (a chain) or a tree's nodes
     draft: Draft | None = None  # the verified chain (a chain step)
@@ -229,7 +230,8 @@ class SpeculativeEngine:
         check_seed(seed)
         check_top(logprobs)
         stats = Stats(draft_len=self.draft_len, cost_curve=self.policy.costs.to_dict() if self.policy else None)
-        request = RequestState(tokens=list(prompt), target=self.target.new_state(),
+        request = RequestState(tokens=list(prompt), target=self.target.new_state(self.capacity(len(prompt),
+                                                                                             max_new_tokens)),
                                drafter=self.drafter.new_state() if self.drafter is not None else None,
                                generator=torch.Generator().manual_seed(seed), stats=stats,
                                drafting=self.policy.new_value() if self.policy is not None else None,
@@ -248,6 +250,16 @@ class SpeculativeEngine:
             generation.stop_reason = "eos"
         return generation
 
+    def capacity(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """The cache a request needs, in tokens: its prompt and answer, and room for the widest step's rows
+        beyond them (the last token, then a chain of draft_len or a tree), within the model's context."""
+        widest = 1 + max(self.draft_len, self.draft.tree if self.drafter is not None else 0)
+        return min(self.target.max_context, prompt_tokens + max_new_tokens + widest)
+
+    def kv_bytes(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Bytes of the target's KV cache a request reserves (capacity())."""
+        return self.target.kv_bytes(self.capacity(prompt_tokens, max_new_tokens))
+
     def plan(self, generation: "Generation", should_stop: Callable[[], str | None] | None = None,
              sequences: int = 1) -> "Step | None":
         """The next step of a generation up to its target forward: the rows to run (drafted and sized by the
@@ -263,7 +275,7 @@ class SpeculativeEngine:
         if should_stop is not None and (reason := should_stop()) is not None:
             generation.stop_reason = reason
             return None
-        room = self.target.max_context - request.target.length - 1  # after feeding the last token
+        room = request.target.capacity - request.target.length - 1  # after feeding the last token
         if room < 1:
             generation.stop_reason = "context"
             return None
@@ -274,7 +286,7 @@ class SpeculativeEngine:
             g = self.policy.longest_useful(g, costs)  # the drafter computes only slots that could be verified
             if g > 0 and not request.drafting.draft_now(costs):  # drafting has not paid lately: a plain step
                 g = 0
-        step = Step(drafted=g, start=request.target.length, tick=tick, costs=costs)
+        step = Step(drafted=g, start=request.target.length, tick=tick, costs=costs, room=room)
         if g > 0:
             if request.unread_taps:  # the drafter catches up on what was committed since it last drafted
                 taps = request.unread_taps
@@ -361,9 +373,9 @@ class SpeculativeEngine:
                 else torch.full((len(lookup),), NO_CONFIDENCE, dtype=torch.float64)
             tree = with_branch(tree, lookup, torch.cumprod(rates, dim=0).tolist())
         if self.policy is not None:
-            tree = tree.prefix(best_size(tree, step.costs))
+            tree = tree.prefix(min(best_size(tree, step.costs), step.room))
         else:
-            tree = tree.prefix(self.draft.tree)
+            tree = tree.prefix(min(self.draft.tree, step.room))
         step.full_draft, step.tree, step.lookup = draft, tree, lookup
         tokens = torch.tensor([request.tokens[-1], *tree.tokens], dtype=torch.long)  # [1 + nodes]
         step.part = SequenceRows(request.target, tokens, Rows.tree(tree.rows()))

@@ -86,11 +86,13 @@ def default_tap_layers(num_layers: int) -> tuple[int, ...]:
 
 
 class TargetState:
-    """One sequence's decoding state on one backend: its KV cache (the backend's own kind) and the
-    number of tokens the cache holds. Made by TargetBackend.new_state(); never shared by requests."""
+    """One sequence's decoding state on one backend: its KV cache (the backend's own kind), the number of
+    tokens the cache holds, and the most it may hold (its capacity, at most the model's context; a static
+    cache reserves that many slots). Made by TargetBackend.new_state(); never shared by requests."""
 
-    def __init__(self, owner: "TargetBackend"):
+    def __init__(self, owner: "TargetBackend", capacity: int):
         self.owner = owner
+        self.capacity = capacity
         self.cache = None  # made by the first prefill
         self.length = 0  # tokens held in the cache
 
@@ -160,16 +162,28 @@ class TargetBackend(ABC):
         out = self.module(input_ids=tokens, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
         return torch.cat([out.hidden_states[i] for i in layers], dim=-1)
 
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes of keys and values that `tokens` positions take in a sequence's cache."""
+        config = self.module.config
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or self.hidden_size // config.num_attention_heads
+        return tokens * self.num_layers * 2 * kv_heads * head_dim * self.dtype.itemsize
+
     # ----- incremental decoding -----
-    def new_state(self) -> TargetState:
-        """An empty sequence on this target; prefill() starts it."""
-        return TargetState(self)
+    def new_state(self, capacity: int | None = None) -> TargetState:
+        """An empty sequence on this target, holding up to `capacity` tokens (default: the model's context);
+        prefill() starts it."""
+        if capacity is None:
+            capacity = self.max_context
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= self.max_context:
+            raise ValueError(f"a sequence holds 1 to {self.max_context} tokens, got {capacity!r}")
+        return TargetState(self, capacity)
 
     def prefill(self, state: TargetState, ids: torch.Tensor, want_taps: bool = False) -> TargetOutput:
         """Start (or restart) the sequence. ids: [B, T] int64 -> the last position's logits [B, 1, V]
         (+ taps [B, T, ...])."""
         self._check_owner(state)
-        state.cache = self._empty_cache(state.cache)
+        state.cache = self._empty_cache(state.cache, state.capacity)
         state.length = 0
         return self._run(state, ids, want_taps, last_only=True)
 
@@ -234,8 +248,9 @@ class TargetBackend(ABC):
             state.length = n
 
     @abstractmethod
-    def _empty_cache(self, old):
-        """A cache holding nothing; `old` (the state's previous cache, or None) may be reused."""
+    def _empty_cache(self, old, capacity: int):
+        """A cache holding nothing, with room for `capacity` tokens; `old` (the state's previous cache, or None)
+        may be reused."""
 
     @abstractmethod
     def _run(self, state: TargetState, ids: torch.Tensor, want_taps: bool, last_only: bool) -> TargetOutput:
@@ -259,8 +274,10 @@ class TargetBackend(ABC):
             raise ValueError("this decoding state belongs to another target backend")
 
     def _check_room(self, state: TargetState, k: int) -> None:
-        if state.length + k > self.max_context:
-            raise DiffdraftError(f"sequence would exceed the model context of {self.max_context} tokens")
+        if state.length + k > state.capacity:
+            if state.capacity == self.max_context:
+                raise DiffdraftError(f"sequence would exceed the model context of {self.max_context} tokens")
+            raise DiffdraftError(f"sequence would exceed its cache of {state.capacity} tokens")
 
     # ----- text -----
     def encode_chat(self, messages: list[dict]) -> list[int]:

@@ -18,7 +18,7 @@ class HFTarget(TargetBackend):
 
     kind = "hf"
 
-    def _empty_cache(self, old) -> DynamicCache:
+    def _empty_cache(self, old, capacity: int) -> DynamicCache:  # grows as it fills: capacity is a bound only
         return DynamicCache(config=self.module.config)
 
     @torch.inference_mode()

@@ -41,7 +41,7 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks tha
 class ServerSettings:
     def __init__(self, model_name: str, api_key: str | None = None, queue_limit: int = 16,
                  request_timeout_s: float = 600.0, max_body_bytes: int = 1 << 20, default_max_tokens: int = 512,
-                 workers: int = 1, max_batch: int = 1):
+                 workers: int = 1, max_batch: int = 1, kv_memory_bytes: int | None = None):
         for name, value in (("queue limit", queue_limit), ("max body bytes", max_body_bytes),
                             ("default max tokens", default_max_tokens), ("workers", workers),
                             ("max batch", max_batch)):
@@ -58,6 +58,10 @@ class ServerSettings:
                                  "not both")
         self.workers = workers  # requests generated at once, each on its own thread
         self.max_batch = max_batch  # requests stepped together in one forward (1: the thread workers)
+        if kv_memory_bytes is not None and (isinstance(kv_memory_bytes, bool) or not isinstance(kv_memory_bytes, int)
+                                            or kv_memory_bytes < 1):
+            raise DiffdraftError(f"the KV memory limit must be a positive number of bytes, got {kv_memory_bytes!r}")
+        self.kv_memory_bytes = kv_memory_bytes  # the batch's KV caches together (None: no limit)
 
     @property
     def concurrent(self) -> int:
@@ -75,7 +79,8 @@ def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = N
         if not pipeline.decoder(draft).takes_batches:
             raise DiffdraftError(f"the {decoder_name_of(pipeline)} decoder does not batch requests: "
                                  "serve it with --max-batch 1")
-        worker = BatchWorker(pipeline, draft, metrics, settings.queue_limit, settings.max_batch)
+        worker = BatchWorker(pipeline, draft, metrics, settings.queue_limit, settings.max_batch,
+                             settings.kv_memory_bytes)
     else:
         worker = Worker(pipeline, draft, metrics, settings.queue_limit, threads=settings.workers)
 

@@ -155,14 +155,16 @@ class JobRun:
 
 class BatchWorker:
     """One thread that steps every running request together (diffdraft.batching): at each step boundary it
-    admits waiting jobs up to `max_batch`, then runs one batch step, one target forward for all of them.
-    Same queue, events and endings as Worker; each answer is what it would be alone."""
+    admits waiting jobs up to `max_batch`, and while their KV caches fit `memory_limit` bytes together (a job
+    that could never fit answers 503; one that fits later waits), then runs one batch step, one target
+    forward for all of them. Same queue, events and endings as Worker; each answer is what it would be alone."""
 
-    def __init__(self, pipeline, draft: DraftConfig | None, metrics: Metrics, queue_limit: int, max_batch: int):
+    def __init__(self, pipeline, draft: DraftConfig | None, metrics: Metrics, queue_limit: int, max_batch: int,
+                 memory_limit: int | None = None):
         if queue_limit < 1:
             raise DiffdraftError(f"the queue limit must be at least 1, got {queue_limit}")
         self.pipeline, self.draft, self.metrics = pipeline, draft, metrics
-        self.batch = pipeline.batch(max_batch)
+        self.batch = pipeline.batch(max_batch, memory_limit)
         self.waiting: queue.Queue[Job | None] = queue.Queue(maxsize=queue_limit)
         self.thread = threading.Thread(target=self._loop, name="diffdraft-batch", daemon=True)
         self.thread.start()
@@ -177,24 +179,43 @@ class BatchWorker:
 
     def _loop(self) -> None:
         closing = False
-        while not closing or len(self.batch):
-            while not closing and not self.batch.full:
-                try:  # wait for work only when there is nothing to step
-                    job = self.waiting.get(block=not len(self.batch))
-                except queue.Empty:
-                    break
-                if job is None:
-                    closing = True
-                else:
-                    self._admit(job)
+        held: Job | None = None  # the next job in line, taken from the queue, waiting for KV memory to free
+        while True:
+            while not closing or held is not None:  # admit while the batch has room
+                if held is None:
+                    if self.batch.full:
+                        break
+                    try:  # wait for work only when there is nothing to step
+                        held = self.waiting.get(block=not len(self.batch))
+                    except queue.Empty:
+                        break
+                    if held is None:
+                        closing = True
+                        break
+                if not self._admit(held):
+                    break  # its KV cache does not fit beside the running requests: step until some end
+                held = None
             if len(self.batch):
                 self._step()
+            elif closing and held is None:
+                return
 
-    def _admit(self, job: Job) -> None:
-        """Prefill a job and put it in the batch (or end it here: refused, cancelled, or done at once)."""
+    def _admit(self, job: Job) -> bool:
+        """Prefill a job and put it in the batch, or end it here (refused, cancelled, or done at once): True;
+        False when its KV cache does not fit beside the running requests yet."""
         if not job.admissible():
             self.metrics.queue(-1)
-            return
+            return True
+        need = self.pipeline.kv_bytes(job.ids, job.max_tokens, self.draft)
+        if not self.batch.ever_fits(need):
+            job.emit("error", ApiError(
+                503, f"the request needs {need / 2**20:.0f} MiB of KV cache and this server's limit is "
+                     f"{self.batch.memory_limit / 2**20:.0f} MiB: ask for fewer tokens", type="server_error",
+                code="kv_memory_limit"))
+            self.metrics.queue(-1)
+            return True
+        if not self.batch.has_room(need):
+            return False
         run = JobRun(job, self.metrics)
         try:
             generation = self.pipeline.begin_ids(job.ids, job.max_tokens, job.request.sampling, self.draft, job.seed,
@@ -202,13 +223,14 @@ class BatchWorker:
         except Exception as err:  # noqa: BLE001 - JobRun.fail tells a refusal from a bug
             run.fail(err)
             self.metrics.queue(-1)
-            return
+            return True
         streamer = TextStreamer(self.pipeline.target, run.on_text)
         generation.deliver(generation.first, streamer, run.on_logprobs)
         member = self.batch.add(generation, run.should_stop, key=(run, streamer))
         if generation.stop_reason is not None:  # its first token ended it
             self.batch.cancel(member)
             self._end(member.generation, run, streamer)
+        return True
 
     def _step(self) -> None:
         try:
