@@ -185,3 +185,25 @@ def test_the_batch_keeps_its_kv_memory_limit(model, tiny_tokenizer):
         batch.add(engine.begin(PROMPTS[0], 20))
     with pytest.raises(DiffdraftError, match="KV memory limit must be a positive"):
         Batch(target, 4, memory_limit=0)
+
+
+def test_a_stream_yields_each_step_and_stops_when_closed(model, tiny_tokenizer):
+    target = lean(model, tiny_tokenizer)
+    engine = engine_for(target, "ngram", GREEDY, **FIXED)
+    expected = engine.generate(PROMPTS[0], max_new_tokens=MAX_NEW)
+    steps = engine.stream(PROMPTS[0], MAX_NEW)
+    streamed = []
+    while True:
+        try:
+            streamed.append(next(steps).tokens)
+        except StopIteration as done:
+            result = done.value
+            break
+    assert [t for chunk in streamed for t in chunk] == result.tokens == expected.tokens
+    assert len(streamed) == result.stats.steps + 1  # the prefill's token, then one chunk per step
+    steps = engine.stream(PROMPTS[0], MAX_NEW)
+    first = next(steps)
+    steps.close()  # the caller cancels: nothing more is computed
+    assert first.tokens == expected.tokens[:1]
+    with pytest.raises(StopIteration):
+        next(steps)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -213,11 +213,22 @@ class SpeculativeEngine:
         generation when it returns a reason (a cancelled request, a deadline), which becomes the
         stop reason. logprobs (0..20 alternatives) adds the target's log probability of every token
         (diffdraft.logprobs), handed to on_logprobs just before on_tokens gets the same tokens."""
+        steps = self.stream(prompt, max_new_tokens, seed, logprobs, should_stop)
+        while True:
+            try:
+                Generation.deliver(next(steps), on_tokens, on_logprobs)
+            except StopIteration as done:
+                return done.value
+
+    def stream(self, prompt: list[int], max_new_tokens: int = 128, seed: int = 0, logprobs: int | None = None,
+               should_stop: Callable[[], str | None] | None = None) -> Iterator[Emitted]:
+        """generate() as a generator: yields each step's Emitted (the prefill's first token, then each verify
+        step's), returns the GenerationResult (StopIteration.value). Closing it ends the request there."""
         generation = self.begin(prompt, max_new_tokens, seed, logprobs)
-        generation.deliver(generation.first, on_tokens, on_logprobs)
+        yield generation.first
         while (step := self.plan(generation, should_stop)) is not None:
             out = self.target.forward_many([step.part], want_taps=generation.want_taps)[0]
-            generation.deliver(self.conclude(generation, step, out), on_tokens, on_logprobs)
+            yield self.conclude(generation, step, out)
         return generation.result()
 
     def begin(self, prompt: list[int], max_new_tokens: int = 128, seed: int = 0,
