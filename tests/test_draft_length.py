@@ -127,7 +127,7 @@ T1 = SamplingConfig(temperature=1.0)
 class AlwaysDraft(DraftingValue):
     """Never skips the drafter (the rule without its skip, for controls)."""
 
-    def draft_now(self, costs=None) -> bool:
+    def draft_now(self, costs=None, sequences=1) -> bool:
         return True
 
 
@@ -226,6 +226,27 @@ def test_drafting_is_skipped_while_it_does_not_pay_and_probed_again():
     for _ in range(20):  # drafting that pays again: 3 tokens per 2.1 s
         value.observe(verified=1, accepted=2)
     assert all(value.draft_now() for _ in range(PROBE_EVERY))
+
+
+def test_a_batch_probes_one_request_in_as_many_steps_as_it_holds():
+    """In a step shared by 4 requests each skipping request probes every 4 * PROBE_EVERY-th step, so the batch
+    as a whole probes about once per PROBE_EVERY steps."""
+    value = LengthPolicy(CostCurve(target_s=(1.0, 2.0), draft_s=0.1)).new_value()
+    value.observe(verified=1, accepted=0)
+    decisions = [value.draft_now(sequences=4) for _ in range(8 * PROBE_EVERY)]
+    assert decisions == ([False] * (4 * PROBE_EVERY - 1) + [True]) * 2
+
+
+def test_a_request_in_a_batch_prices_rows_as_its_share_of_the_step():
+    curve = CostCurve(target_s=(10.0, 11.0, 12.0, 13.0, 30.0, 40.0), draft_s=2.0)  # beyond: +10 per row
+    assert curve.in_batch(1) is curve
+    shared = curve.in_batch(4)  # c(4) = 13 for four requests: 3.25 each; a request's k - 1 extra rows add c(3 + k) - c(4)
+    assert shared.target_s == pytest.approx((3.25, 20.25, 30.25, 40.25, 50.25, 60.25))
+    assert shared.draft_s == 2.0
+    # where a batch's extra rows are dear, a request that would draft 3 tokens alone verifies none
+    policy = LengthPolicy(curve, explore=0.0)
+    sure = torch.full((3,), 0.9)
+    assert policy.choose(sure, 3, greedy=True) == 3 and policy.choose(sure, 3, greedy=True, costs=shared) == 0
 
 
 def test_drafting_value_by_hand():

@@ -157,10 +157,12 @@ class DraftingValue:
     def pays(self, costs: CostCurve | None = None) -> bool:
         return self.seconds == 0 or self.emitted / self.seconds >= 1.0 / (costs or self.costs).target(1)
 
-    def draft_now(self, costs: CostCurve | None = None) -> bool:
-        """Whether this step calls the drafter: where drafting pays (against a plain step under `costs`),
-        and every PROBE_EVERY-th step else."""
-        if self.pays(costs) or self.skipped + 1 >= PROBE_EVERY:
+    def draft_now(self, costs: CostCurve | None = None, sequences: int = 1) -> bool:
+        """Whether this step calls the drafter: where drafting pays (against a plain step under `costs`), and
+        else every PROBE_EVERY-th step, or in a step shared by `sequences` requests every PROBE_EVERY *
+        sequences-th: a batch spends about one probe per PROBE_EVERY steps in all, since each probe's drafter
+        call delays every request in the step."""
+        if self.pays(costs) or self.skipped + 1 >= PROBE_EVERY * max(1, sequences):
             self.skipped = 0
             return True
         self.skipped += 1

@@ -295,7 +295,7 @@ class SpeculativeEngine:
         costs = self.policy.costs.in_batch(sequences) if self.policy is not None else None
         if self.policy is not None:
             g = self.policy.longest_useful(g, costs)  # the drafter computes only slots that could be verified
-            if g > 0 and not request.drafting.draft_now(costs):  # drafting has not paid lately: a plain step
+            if g > 0 and not request.drafting.draft_now(costs, sequences):  # drafting has not paid lately: plain step
                 g = 0
         step = Step(drafted=g, start=request.target.length, tick=tick, costs=costs, room=room)
         if g > 0:
