@@ -207,3 +207,14 @@ def test_a_stream_yields_each_step_and_stops_when_closed(model, tiny_tokenizer):
     assert first.tokens == expected.tokens[:1]
     with pytest.raises(StopIteration):
         next(steps)
+
+
+def test_the_default_batch_size_comes_from_the_cost_curve():
+    from diffdraft.batching import default_max_batch
+    from diffdraft.draft_length import CostCurve
+
+    assert default_max_batch(CostCurve(tuple(float(b) for b in range(1, 17)))) == 1  # rows cost alike: no gain
+    assert default_max_batch(CostCurve((1.0,) * 16)) == 15  # free rows: the fewest within 90% of 16
+    # a measured-like curve: 16 rows cost 3.4x one, 12 rows 2.8x
+    curve = CostCurve((16.2, 18.6, 20.4, 22.4, 28.7, 30.0, 32.0, 34.0, 40.6, 42.9, 43.6, 45.4, 52.9, 53.3, 54.5, 55.8))
+    assert default_max_batch(curve) == 12
