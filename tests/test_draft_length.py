@@ -53,8 +53,9 @@ def test_the_same_rule_drafts_long_where_long_forwards_are_cheap():
 
 
 def test_longest_useful_and_extrapolation():
-    assert CPU_LIKE.target(6) == pytest.approx(2.0 + 0.8 * 2)  # the last measured step, repeated
-    # (1 + k) / (0.1 + c(k + 1)) >= 1 / 1.1: k = 3 gives 4 / 2.1 >= 0.91, k = 15 gives 16 / 11.7
+    # the mean step of the upper half of the curve, (2.0 - 1.1) / 2, repeated
+    assert CPU_LIKE.target(6) == pytest.approx(2.0 + 0.45 * 2)
+    # (1 + k) / (0.1 + c(k + 1)) >= 1 / 1.1: k = 3 gives 4 / 2.1 >= 0.91, k = 15 gives 16 / 7.5
     assert CPU_LIKE.longest_useful(15) == 15
     steep = CostCurve(target_s=(1.0, 3.0, 5.0), draft_s=0.0)  # c(k) = 2k - 1: nothing pays
     assert steep.longest_useful(8) == 0
@@ -238,10 +239,11 @@ def test_a_batch_probes_one_request_in_as_many_steps_as_it_holds():
 
 
 def test_a_request_in_a_batch_prices_rows_as_its_share_of_the_step():
-    curve = CostCurve(target_s=(10.0, 11.0, 12.0, 13.0, 30.0, 40.0), draft_s=2.0)  # beyond: +10 per row
+    curve = CostCurve(target_s=(10.0, 11.0, 12.0, 13.0, 30.0, 40.0), draft_s=2.0)  # beyond: +28 / 3 per row
     assert curve.in_batch(1) is curve
     shared = curve.in_batch(4)  # c(4) = 13 for four requests: 3.25 each; a request's k - 1 extra rows add c(3 + k) - c(4)
-    assert shared.target_s == pytest.approx((3.25, 20.25, 30.25, 40.25, 50.25, 60.25))
+    assert shared.target_s == pytest.approx((3.25, 20.25, 30.25, 3.25 + 40 + 28 / 3 - 13, 3.25 + 40 + 56 / 3 - 13,
+                                             3.25 + 40 + 28 - 13))
     assert shared.draft_s == 2.0
     # where a batch's extra rows are dear, a request that would draft 3 tokens alone verifies none
     policy = LengthPolicy(curve, explore=0.0)

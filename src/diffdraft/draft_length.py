@@ -50,7 +50,9 @@ PROBE_EVERY = 8
 @dataclass(frozen=True)
 class CostCurve:
     """Measured costs in seconds: target_s[k-1] = c(k), a target forward over k new tokens
-    (k = 1..K); draft_s = d, one drafter call. Beyond K, c grows by its last measured step."""
+    (k = 1..K); draft_s = d, one drafter call. Beyond K, c grows by the mean step of the curve's upper
+    half (the last step alone may be a flat stretch of the kernel's tiles, and a batch's rows reach far
+    past K: priced by that step, rows there looked nearly free)."""
 
     target_s: tuple[float, ...]
     draft_s: float = 0.0
@@ -66,7 +68,8 @@ class CostCurve:
         known = self.target_s
         if k <= len(known):
             return known[k - 1]
-        slope = known[-1] - known[-2] if len(known) > 1 else known[-1]
+        half = len(known) // 2
+        slope = (known[-1] - known[half - 1]) / (len(known) - half) if len(known) > 1 else known[-1]
         return known[-1] + max(slope, 0.0) * (k - len(known))
 
     def longest_useful(self, limit: int) -> int:
