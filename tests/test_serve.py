@@ -347,18 +347,23 @@ def test_a_full_queue_answers_429_and_loses_nothing(pipe):
         running.close()
 
 
+def stream_then_leave(running: Running, max_tokens: int) -> None:
+    """Start a streamed chat request, read its first chunk, and go away."""
+    conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=body(max_tokens=max_tokens, stream=True),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # the stream has begun
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()  # the client goes away
+
+
 def test_a_disconnect_mid_stream_frees_the_worker(pipe):
     gated = GatedPipeline(pipe, step_s=0.02)
     running = Running(gated)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)
-        conn.request("POST", "/v1/chat/completions", body=body(max_tokens=200, stream=True),
-                     headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        assert response.status == 200
-        assert response.readline().startswith(b"data: ")  # the stream has begun
-        conn.sock.shutdown(socket.SHUT_RDWR)
-        conn.close()  # the client goes away
+        stream_then_leave(running, max_tokens=200)
         start = time.monotonic()
         status, _, answer = running.raw("POST", "/v1/chat/completions", body(max_tokens=4))
         waited = time.monotonic() - start

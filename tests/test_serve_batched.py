@@ -5,8 +5,6 @@ batch, and what cannot batch is refused in one line."""
 
 from __future__ import annotations
 
-import http.client
-import socket
 import threading
 import time
 
@@ -15,7 +13,7 @@ import pytest
 from diffdraft.api import load, load_dllm_pipeline
 from diffdraft.cli import main
 from diffdraft.errors import DiffdraftError
-from test_serve import Running, body, chat, streamed_text
+from test_serve import Running, body, chat, stream_then_leave, streamed_text
 
 PROMPTS = ["Tell me about rivers.", "Name the brightest stars and how far away they are.", "abc", "Why is the sea salty?",
            "List three prime numbers.", "Say hello."]
@@ -140,13 +138,7 @@ def test_a_disconnect_mid_stream_frees_its_place_in_the_batch(pipe):
     gated = GatedBatches(pipe, step_s=0.02)
     running = Running(gated, max_batch=2)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)
-        conn.request("POST", "/v1/chat/completions", body=body(max_tokens=200, stream=True),
-                     headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        assert response.status == 200 and response.readline().startswith(b"data: ")  # the stream has begun
-        conn.sock.shutdown(socket.SHUT_RDWR)
-        conn.close()  # the client goes away
+        stream_then_leave(running, max_tokens=200)
         deadline = time.monotonic() + 10
         while not gated.answers:
             assert time.monotonic() < deadline, "the cancelled request stayed in the batch"

@@ -99,9 +99,7 @@ class _Answering:
     ) -> Answer:
         """Answer prompt ids made by prompt_ids (see generate). on_logprobs receives each step's log
         probabilities just before on_text receives the text they add to."""
-        check_fits(self.target, len(ids), max_new_tokens)
-        decoder = self.decoder(draft)
-        decoder.refuse_logprobs(logprobs)
+        decoder = self._checked_decoder(ids, max_new_tokens, draft, logprobs)
         streamer = TextStreamer(self.target, on_text) if on_text else None
         run = decoder.run(ids, max_new_tokens, sampling or SamplingConfig(), seed, on_tokens=streamer,
                           should_stop=should_stop, logprobs=logprobs, on_logprobs=on_logprobs)
@@ -110,6 +108,14 @@ class _Answering:
             streamer.finish(text)
         return Answer(text=text, tokens=run.tokens, stop_reason=run.stop_reason, stats=run.stats,
                       prompt_tokens=len(ids), dllm=run.dllm, logprobs=run.logprobs)
+
+    def _checked_decoder(self, ids: list[int], max_new_tokens: int, draft: DraftConfig | None,
+                         logprobs: int | None) -> Decoder:
+        """The decoder for `draft`, once the request fits the context and the decoder offers what it asks."""
+        check_fits(self.target, len(ids), max_new_tokens)
+        decoder = self.decoder(draft)
+        decoder.refuse_logprobs(logprobs)
+        return decoder
 
     def begin_ids(
         self,
@@ -122,9 +128,7 @@ class _Answering:
     ) -> Generation:
         """Start answering prompt ids for a Batch (diffdraft.batching), checked as generate_ids checks them:
         prefilled, with its first token; answer_of() makes its Answer once it has ended."""
-        check_fits(self.target, len(ids), max_new_tokens)
-        decoder = self.decoder(draft)
-        decoder.refuse_logprobs(logprobs)
+        decoder = self._checked_decoder(ids, max_new_tokens, draft, logprobs)
         return decoder.begin(ids, max_new_tokens, sampling or SamplingConfig(), seed, logprobs)
 
     def auto_max_batch(self) -> int:
@@ -141,10 +145,7 @@ class _Answering:
 
     def kv_bytes(self, ids: list[int], max_new_tokens: int, draft: DraftConfig | None = None) -> int:
         """Bytes of KV cache a request begun by begin_ids would reserve."""
-        decoder = self.decoder(draft)
-        if not decoder.takes_batches:
-            return self.target.kv_bytes(self.target.max_context)
-        return decoder.kv_bytes(len(ids), max_new_tokens)
+        return self.decoder(draft).kv_bytes(len(ids), max_new_tokens)
 
     def answer_of(self, generation: Generation) -> Answer:
         """The Answer of a generation begun by begin_ids, once it has ended."""

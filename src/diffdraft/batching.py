@@ -150,13 +150,14 @@ class Batch:
 
 
 def run_batched(target: TargetBackend, begins: list[Callable[[], Generation]], max_batch: int,
-                arrivals: list[int] | None = None, stops: list[Callable[[], str | None] | None] | None = None
+                arrivals: list[int] | None = None, stops: list[Callable[[], str | None] | None] | None = None,
+                on_step: Callable[[StepReport], None] | None = None
                 ) -> Iterator[tuple[int, Emitted | None, Generation]]:
     """Run generations through one Batch: begins[i]() begins request i when it is admitted, at the step
     arrivals[i] (default 0) or later, in index order, while the batch has room; stops[i], asked before
     each of its steps, ends it early with the reason it returns. Yields (i, emission, generation) for
     every emission (the prefill's first, then each step's) and (i, None, generation) when request i
-    ends. The caller may stop early by closing the generator."""
+    ends; on_step sees each step's report first. The caller may stop early by closing the generator."""
     arrivals = arrivals if arrivals is not None else [0] * len(begins)
     stops = stops if stops is not None else [None] * len(begins)
     if len(arrivals) != len(begins) or len(stops) != len(begins):
@@ -174,6 +175,8 @@ def run_batched(target: TargetBackend, begins: list[Callable[[], Generation]], m
             else:
                 batch.add(generation, stops[index], key=index)
         report = batch.step()
+        if on_step is not None:
+            on_step(report)
         for member, emitted in report.emitted:
             yield member.key, emitted, member.generation
         for member in report.ended:

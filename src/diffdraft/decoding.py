@@ -25,7 +25,7 @@ from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.dllm.decode import DLLMResult
 from diffdraft.dllm.runner import DLLMRunner, to_stats
 from diffdraft.drafters.base import Drafter
-from diffdraft.engine import Generation, SpeculativeEngine, length_policy
+from diffdraft.engine import Generation, SpeculativeEngine, length_policy, request_capacity
 from diffdraft.errors import DiffdraftError
 from diffdraft.logprobs import TokenLogprob
 from diffdraft.stats import Stats
@@ -67,6 +67,10 @@ class Decoder:
     def begin(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int,
               logprobs: int | None = None) -> Generation:
         """Start a request for a Batch (diffdraft.batching): prefilled, its first token picked."""
+        raise DiffdraftError(f"the {self.name} decoder answers one request at a time: it does not batch requests")
+
+    def kv_bytes(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Bytes of the target's KV cache one request begun by begin() reserves."""
         raise DiffdraftError(f"the {self.name} decoder answers one request at a time: it does not batch requests")
 
     def refuse_logprobs(self, logprobs: int | None) -> None:
@@ -112,9 +116,9 @@ class EngineDecoder(Decoder):
         return engine.begin(prompt, max_new_tokens, seed, logprobs)
 
     def kv_bytes(self, prompt_tokens: int, max_new_tokens: int) -> int:
-        """Bytes of the target's KV cache one request reserves (SpeculativeEngine.capacity)."""
-        return SpeculativeEngine(self.target, self.drafter, draft=self.draft, policy=self.policy).kv_bytes(
-            prompt_tokens, max_new_tokens)
+        """Bytes of the target's KV cache one request reserves (engine.request_capacity)."""
+        return self.target.kv_bytes(request_capacity(self.target, self.drafter, self.draft, prompt_tokens,
+                                                     max_new_tokens))
 
     def describe(self) -> dict:
         return {**super().describe(), "spec": self.spec, "runtime": self.target.runtime, "verify": self.draft.verify,

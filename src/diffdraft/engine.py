@@ -55,6 +55,14 @@ def uses_length_rule(drafter: Drafter | None, draft: DraftConfig) -> bool:
     return drafter is not None and draft.length == "auto" and draft.min_confidence == 0 and draft.draft_len > 0
 
 
+def request_capacity(target: TargetBackend, drafter: Drafter | None, draft: DraftConfig, prompt_tokens: int,
+                     max_new_tokens: int) -> int:
+    """The cache a request needs, in tokens: its prompt and answer, and room for the widest step's rows beyond
+    them (the last token, then a chain of draft_len or a tree), within the model's context."""
+    widest = 1 + (max(draft.draft_len, draft.tree) if drafter is not None else 0)
+    return min(target.max_context, prompt_tokens + max_new_tokens + widest)
+
+
 def length_policy(target: TargetBackend, drafter: Drafter | None, draft: DraftConfig) -> LengthPolicy | None:
     """The length rule for this drafter and config (costs measured, or read from the cache), or None
     where none is used. Made once and handed to every engine, it keeps its calibration across requests."""
@@ -241,8 +249,8 @@ class SpeculativeEngine:
         check_seed(seed)
         check_top(logprobs)
         stats = Stats(draft_len=self.draft_len, cost_curve=self.policy.costs.to_dict() if self.policy else None)
-        request = RequestState(tokens=list(prompt), target=self.target.new_state(self.capacity(len(prompt),
-                                                                                             max_new_tokens)),
+        request = RequestState(tokens=list(prompt), target=self.target.new_state(
+                                   request_capacity(self.target, self.drafter, self.draft, len(prompt), max_new_tokens)),
                                drafter=self.drafter.new_state() if self.drafter is not None else None,
                                generator=torch.Generator().manual_seed(seed), stats=stats,
                                drafting=self.policy.new_value() if self.policy is not None else None,
@@ -261,15 +269,10 @@ class SpeculativeEngine:
             generation.stop_reason = "eos"
         return generation
 
-    def capacity(self, prompt_tokens: int, max_new_tokens: int) -> int:
-        """The cache a request needs, in tokens: its prompt and answer, and room for the widest step's rows
-        beyond them (the last token, then a chain of draft_len or a tree), within the model's context."""
-        widest = 1 + max(self.draft_len, self.draft.tree if self.drafter is not None else 0)
-        return min(self.target.max_context, prompt_tokens + max_new_tokens + widest)
-
     def kv_bytes(self, prompt_tokens: int, max_new_tokens: int) -> int:
-        """Bytes of the target's KV cache a request reserves (capacity())."""
-        return self.target.kv_bytes(self.capacity(prompt_tokens, max_new_tokens))
+        """Bytes of the target's KV cache a request reserves (request_capacity)."""
+        return self.target.kv_bytes(request_capacity(self.target, self.drafter, self.draft, prompt_tokens,
+                                                     max_new_tokens))
 
     def plan(self, generation: "Generation", should_stop: Callable[[], str | None] | None = None,
              sequences: int = 1) -> "Step | None":

@@ -26,17 +26,14 @@ from pathlib import Path
 
 import torch
 
-from diffdraft.batching import Batch
-from diffdraft.bench.decoders import engine_decoders, parse_drafter_spec
+from diffdraft.batching import run_batched
+from diffdraft.bench.decoders import engine_decoders
 from diffdraft.bench.metrics import temperature_key
-from diffdraft.bench.runner import environment, prompt_seed
+from diffdraft.bench.runner import bench_targets, environment, prompt_seed
 from diffdraft.config import SamplingConfig
 from diffdraft.decoding import PLAIN, EngineDecoder
-from diffdraft.drafters import required_tap_layers
 from diffdraft.errors import DiffdraftError
-from diffdraft.backends import build_target, resolve_weights
 from diffdraft.backends.kernels import cpu_capability
-from diffdraft.loading import gguf_path, load_model
 from diffdraft.prompting import chat_ids
 from diffdraft.suites import Prompt
 
@@ -54,36 +51,29 @@ def check_levels(levels: list[int]) -> list[int]:
 def run_level(decoder: EngineDecoder, prompts: list[list[int]], seeds: list[int], sampling: SamplingConfig,
               level: int, max_new_tokens: int) -> dict:
     """Every prompt through one batch of at most `level` requests; per-request records and the step sizes."""
-    batch = Batch(decoder.target, level)
-    waiting = list(range(len(prompts)))
     admitted, records = {}, {}
-    steps = rows = sequences = 0
-    start = time.perf_counter()
+    sizes = {"batch_steps": 0, "rows": 0, "sequences": 0}
 
-    def finish(index: int, generation) -> None:
-        result = generation.result()
-        end = time.perf_counter()
-        records[index] = {"tokens": result.tokens, "stop_reason": result.stop_reason, "latency_s": end - admitted[index],
-                          "ttft_s": result.stats.ttft_s, "steps": result.stats.steps,
-                          "emitted": sum(result.stats.emitted)}
+    def begin(index: int):
+        admitted[index] = time.perf_counter()  # its prefill counts in its latency
+        return decoder.begin(prompts[index], max_new_tokens, sampling, seeds[index])
 
-    while waiting or len(batch):
-        while waiting and not batch.full:
-            index = waiting.pop(0)
-            admitted[index] = time.perf_counter()
-            generation = decoder.begin(prompts[index], max_new_tokens, sampling, seeds[index])
-            if generation.stop_reason is not None:
-                finish(index, generation)
-            else:
-                batch.add(generation, key=index)
-        report = batch.step()
+    def count(report) -> None:
         if report.sequences:
-            steps, rows, sequences = steps + 1, rows + report.rows, sequences + report.sequences
-        for member in report.ended:
-            finish(member.key, member.generation)
+            sizes["batch_steps"] += 1
+            sizes["rows"] += report.rows
+            sizes["sequences"] += report.sequences
+
+    start = time.perf_counter()
+    begins = [lambda i=i: begin(i) for i in range(len(prompts))]
+    for index, emitted, generation in run_batched(decoder.target, begins, level, on_step=count):
+        if emitted is None:
+            result = generation.result()
+            records[index] = {"tokens": result.tokens, "stop_reason": result.stop_reason,
+                              "latency_s": time.perf_counter() - admitted[index], "ttft_s": result.stats.ttft_s,
+                              "steps": result.stats.steps, "emitted": sum(result.stats.emitted)}
     wall = time.perf_counter() - start
-    ordered = [records[i] for i in range(len(prompts))]
-    return {"wall_s": wall, "records": ordered, "batch_steps": steps, "rows": rows, "sequences": sequences}
+    return {"wall_s": wall, "records": [records[i] for i in range(len(prompts))], **sizes}
 
 
 def _pct(values: list[float], q: int) -> float:
@@ -112,13 +102,7 @@ def run_concurrency(config, prompts: list[Prompt], levels: list[int]) -> dict:
     levels = check_levels(levels)
     if config.threads:
         torch.set_num_threads(config.threads)
-    hf_model, tokenizer = load_model(config.model, dtype=config.dtype)
-    taps = required_tap_layers([parse_drafter_spec(entry, config.draft_len)[1] for entry in config.drafters],
-                               num_layers=hf_model.config.num_hidden_layers)
-    gguf = gguf_path(config.model)
-    weights = resolve_weights(config.weights[0], config.backend, hf_model, gguf)
-    target = build_target(hf_model, tokenizer, backend=config.backend, tap_layers=taps,
-                          name=config.model or "smollm2", weights=weights, gguf=gguf)
+    target = bench_targets(config, config.weights[:1])[0]  # the first weight choice: the one drafters run on
     decoders = engine_decoders(list(config.drafters), target, config.draft_len, config.verify,
                                config.early_exit_layers)
     ids = [chat_ids(target, p.turns[0]) for p in prompts]

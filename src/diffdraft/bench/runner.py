@@ -215,22 +215,27 @@ def run_bench(config: BenchConfig) -> dict:
     return report(config.out)
 
 
+def bench_targets(config: BenchConfig, weights: tuple[str, ...]) -> list[TargetBackend]:
+    """The model loaded once, as one target per weight choice, each tapping what the config's drafters read."""
+    hf_model, tokenizer = load_model(config.model, dtype=config.dtype)
+    taps = required_tap_layers([parse_drafter_spec(entry, config.draft_len)[1] for entry in config.drafters],
+                               num_layers=hf_model.config.num_hidden_layers)
+    gguf = gguf_path(config.model)
+    resolved = [resolve_weights(w, config.backend, hf_model, gguf) for w in weights]
+    if len(set(resolved)) != len(resolved):
+        raise DiffdraftError(f"weights {list(weights)} name the same weights twice here ({resolved})")
+    return [build_target(hf_model, tokenizer, backend=config.backend, tap_layers=taps, name=config.model or "smollm2",
+                         weights=choice, gguf=gguf) for choice in resolved]
+
+
 def _run_locked(config: BenchConfig, prompts: list[Prompt], store: RecordStore) -> None:
     settings = store.check_settings(config.fixed_settings())
     store.repair()
     if config.threads:
         torch.set_num_threads(config.threads)
 
-    hf_model, tokenizer = load_model(config.model, dtype=config.dtype)
-    taps = required_tap_layers([parse_drafter_spec(entry, config.draft_len)[1] for entry in config.drafters],
-                               num_layers=hf_model.config.num_hidden_layers)
-    gguf = gguf_path(config.model)
-    resolved = [resolve_weights(w, config.backend, hf_model, gguf) for w in config.weights]
-    if len(set(resolved)) != len(resolved):
-        raise DiffdraftError(f"weights {list(config.weights)} name the same weights twice here ({resolved})")
     decoders: list[Decoder] = []
-    targets = [build_target(hf_model, tokenizer, backend=config.backend, tap_layers=taps,
-                            name=config.model or "smollm2", weights=weights, gguf=gguf) for weights in resolved]
+    targets = bench_targets(config, config.weights)
     for i, on in enumerate(targets):  # the first runs every drafter under the plain names; the others plain only
         decoders += engine_decoders(list(config.drafters) if i == 0 else [], on, config.draft_len, config.verify,
                                     config.early_exit_layers, suffix=f":{on.weights}" if i else "")
