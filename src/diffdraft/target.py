@@ -191,31 +191,29 @@ class TargetBackend(ABC):
                 rows: Rows | None = None) -> TargetOutput:
         """Append k tokens. ids: [B, k] int64 -> logits [B, k, V] (+ taps [B, k, n_taps*D]). rows: where
         they sit and what each sees (a draft tree); None is a chain."""
+        self._check_rows(state, ids.shape[1], rows)
+        if rows is None or rows.is_chain:
+            return self._run(state, ids, want_taps, last_only=False)
+        return self._run_rows(state, ids, want_taps, rows)
+
+    def _check_rows(self, state: TargetState, k: int, rows: Rows | None) -> None:
+        """What forward() and forward_many() ask of one sequence's k new rows before running them."""
         self._check_owner(state)
         if state.cache is None:
             raise RuntimeError("call prefill() before forward()")
-        if rows is not None and len(rows.depth) != ids.shape[1]:
-            raise ValueError(f"rows describe {len(rows.depth)} rows for {ids.shape[1]} tokens")
-        if rows is None or rows.is_chain:
-            return self._run(state, ids, want_taps, last_only=False)
-        if not self.takes_trees:
+        if rows is not None and len(rows.depth) != k:
+            raise ValueError(f"rows describe {len(rows.depth)} rows for {k} tokens")
+        if rows is not None and not self.takes_trees and not rows.is_chain:
             raise DiffdraftError(f"the {self.kind} backend verifies chains only; draft trees need --backend lean")
-        return self._run_rows(state, ids, want_taps, rows)
 
     def forward_many(self, parts: list[SequenceRows], want_taps: bool = False) -> list[TargetOutput]:
         """Append new rows to several sequences at once (docs/design.md, 'The row forward'): one output per
         part, each what forward(part.state, part.ids[None], want_taps, part.rows) would return. A backend
         that takes batches runs them in one forward; others run them one after another."""
         for part in parts:
-            self._check_owner(part.state)
-            if part.state.cache is None:
-                raise RuntimeError("call prefill() before forward()")
             if part.ids.dim() != 1 or part.ids.numel() == 0:
                 raise ValueError(f"each sequence brings a row or more of token ids [k], got {tuple(part.ids.shape)}")
-            if part.rows is not None and len(part.rows.depth) != part.ids.shape[0]:
-                raise ValueError(f"rows describe {len(part.rows.depth)} rows for {part.ids.shape[0]} tokens")
-            if part.rows is not None and not part.rows.is_chain and not self.takes_trees:
-                raise DiffdraftError(f"the {self.kind} backend verifies chains only; draft trees need --backend lean")
+            self._check_rows(part.state, part.ids.shape[0], part.rows)
         if len({id(part.state) for part in parts}) != len(parts):
             raise ValueError("a sequence can appear only once in a forward over several")
         if len(parts) <= 1 or not self.takes_batches:
