@@ -566,7 +566,8 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, after_s):
     import signal
     import time
 
-    process = subprocess.Popen([sys.executable, "-m", "diffdraft", "generate", "hello", "--max-new-tokens", "512"],
+    long_answer = "Write a long story about a dragon who learns to sail, with many chapters."  # "hello" ends in 0.3 s
+    process = subprocess.Popen([sys.executable, "-m", "diffdraft", "generate", long_answer, "--max-new-tokens", "512"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, DIFFDRAFT_CACHE=str(tmp_path)))
     time.sleep(after_s)
@@ -574,3 +575,27 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, after_s):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "diffdraft: interrupted" in err.splitlines(), err
+
+
+def test_python_m_exits_130_even_after_an_interrupt_inside_embedded_code(tmp_path):
+    """Found in CI: a Ctrl-C that landed in code an extension ran through CPython's PyRun_String made
+    `python -m diffdraft` die by SIGINT (-2) after printing `diffdraft: interrupted`, because CPython
+    remembers such an interrupt and re-sends the signal at exit. Here the interrupt is raised there on
+    purpose; the console entry point must still exit with 130."""
+    (tmp_path / "interrupted_inside_embedded_code.py").write_text(
+        "import ctypes, sys\n"
+        "from diffdraft import entry\n"
+        "run_string = ctypes.pythonapi.PyRun_String\n"
+        "run_string.restype = ctypes.py_object\n"
+        "run_string.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]\n"
+        "def main():\n"
+        "    try:\n"
+        "        run_string(b'raise KeyboardInterrupt', 257, {}, {})  # 257: Py_file_input\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('diffdraft: interrupted', file=sys.stderr)\n"
+        "        return entry.INTERRUPTED\n"
+        "entry.main = main\n"
+        "entry.console()\n")
+    done = subprocess.run([sys.executable, "-m", "interrupted_inside_embedded_code"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, (done.returncode, done.stderr)

@@ -32,4 +32,30 @@ def console() -> None:
         code = main()
     except KeyboardInterrupt:
         code = INTERRUPTED
+    if code == INTERRUPTED:
+        exit_interrupted()
     sys.exit(code)
+
+
+def exit_interrupted() -> None:
+    """Exit with 130 now, after the exit handlers and a flush of the standard streams.
+
+    Under `python -m`, CPython ends the process by SIGINT instead of with the exit code asked for
+    if a KeyboardInterrupt ever escaped code run through its C-level `PyRun_String` (as
+    extension modules' embedded evaluations do), even when Python code caught it later; a
+    Ctrl-C that landed there made `python -m diffdraft` die by signal (-2) after printing
+    `diffdraft: interrupted` (seen once in CI). `os._exit` takes the code as given.
+    """
+    import atexit
+    import os
+
+    try:
+        atexit._run_exitfuncs()  # what a normal exit would run (logging's final flush among them)
+    except BaseException:  # an exit handler interrupted or failing changes nothing now
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+            pass
+    os._exit(INTERRUPTED)
