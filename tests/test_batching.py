@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import FIXED, make_llama
-from diffdraft.backends import LeanLlamaTarget
+from diffdraft.backends import LeanLlamaTarget, build_target
+from diffdraft.backends.lean import BULK_ROWS
 from diffdraft.batching import Batch, run_batched
 from diffdraft.config import DraftConfig, SamplingConfig
 from diffdraft.engine import SpeculativeEngine
@@ -86,6 +87,19 @@ def test_a_request_in_a_batch_gets_what_it_gets_alone(model, tiny_tokenizer, kin
     expected = alone(engine)
     for max_batch in (2, 5):
         assert batched(engine, max_batch) == expected, f"max batch {max_batch}"
+
+
+def test_with_4_bit_weights_a_request_gets_alone_and_plain_what_it_gets_in_a_batch(model, tiny_tokenizer):
+    """4-bit weights: the 45-token prompt is prefilled on the bulk kernels where the CPU has them
+    (backends/lean.py, BULK_ROWS); plain and speculative decoding and every batch share that prefill."""
+    target = build_target(model, tiny_tokenizer, backend="lean", tap_layers=(1, 3), weights="int4",
+                          report=lambda line: None)
+    assert max(len(p) for p in PROMPTS) >= BULK_ROWS
+    plain = alone(engine_for(target, "none", GREEDY))
+    engine = engine_for(target, "block-diffusion", GREEDY, **FIXED)
+    expected = alone(engine)
+    assert [r[0] for r in expected] == [r[0] for r in plain]
+    assert batched(engine, 5) == expected
 
 
 def test_a_cancelled_request_leaves_the_others_untouched(model, tiny_tokenizer):

@@ -12,7 +12,8 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 from conftest import make_llama
 from diffdraft.backends import LeanLlamaTarget, build_target, resolve_weights
 from diffdraft.backends import kernels
-from diffdraft.backends.gguf_llama import LINEARS, read_native_linears, unpermute_rows
+from diffdraft.backends.gguf_llama import LINEARS, MODULE_PATHS, read_native_linears, unpermute_rows
+from diffdraft.backends.lean import BULK_ROWS
 from diffdraft.backends.int4 import GGUF_INT4_KINDS, Int4Weight, from_gguf, round_to_nearest
 from diffdraft.errors import DiffdraftError
 from test_backends import CONTEXT, MAX_K, k_token_vs_one_token
@@ -205,6 +206,52 @@ def test_the_kernel_choice_follows_the_cpu_capability(monkeypatch, tiny_tokenize
     assert kernels.cpu_capability() == "DEFAULT"
     monkeypatch.setenv(kernels.CAPABILITY_ENV, "AVX512")  # never raised above what the CPU has
     assert kernels.cpu_capability() == torch.backends.cpu.get_cpu_capability()
+
+
+def int4_target(model, tokenizer, bulk_prefill: bool = True) -> LeanLlamaTarget:
+    int4 = [{key: round_to_nearest(layer.get_submodule(path).weight) for key, path in MODULE_PATHS.items()}
+            for layer in model.model.layers]
+    return LeanLlamaTarget(model, tokenizer, int4_layers=int4, weights="int4", bulk_prefill=bulk_prefill)
+
+
+def test_the_bulk_kernel_computes_the_4_bit_weight_in_bfloat16():
+    if not kernels.onednn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bfloat16 kernel, so no bulk kernel (the next test checks the refusal)")
+    weight = round_to_nearest(torch.randn(96, 1536, generator=torch.Generator().manual_seed(4)))
+    x = torch.randn(40, 1536, generator=torch.Generator().manual_seed(5))
+    rows = kernels.BulkLinear(weight)(x)
+    assert rows.dtype == torch.float32
+    expected = x @ weight.dequantize().T
+    torch.testing.assert_close(rows, expected, rtol=0.03, atol=0.3)  # inputs, weights and output in bfloat16
+
+
+def test_long_prefills_take_the_bulk_kernels_only_where_the_cpu_runs_bfloat16(tiny_model, tiny_tokenizer,
+                                                                              monkeypatch):
+    """A prefill of BULK_ROWS tokens or more runs on the bfloat16 copy (close to the 4-bit kernel's logits,
+    not equal); shorter prefills and every other forward on the 4-bit kernel; forced down to AVX2, no copy."""
+    ids = torch.randint(0, 256, (1, BULK_ROWS + 4), generator=torch.Generator().manual_seed(6))
+    rowwise = int4_target(tiny_model, tiny_tokenizer, bulk_prefill=False)
+
+    def prefill(target, n):
+        return target.prefill(target.new_state(), ids[:, :n]).logits
+
+    if kernels.onednn_bf16_supported():
+        bulk = int4_target(tiny_model, tiny_tokenizer)
+        assert bulk.bulk_prefill and bulk.row_invariant
+        long_bulk, long_rowwise = prefill(bulk, BULK_ROWS), prefill(rowwise, BULK_ROWS)
+        assert not torch.equal(long_bulk, long_rowwise)
+        torch.testing.assert_close(long_bulk, long_rowwise, rtol=0.05, atol=0.05)
+        assert torch.equal(prefill(bulk, BULK_ROWS - 1), prefill(rowwise, BULK_ROWS - 1))
+        state, rowwise_state = bulk.new_state(), rowwise.new_state()
+        bulk.prefill(state, ids[:, :3])
+        rowwise.prefill(rowwise_state, ids[:, :3])
+        assert torch.equal(bulk.forward(state, ids[:, 3:]).logits, rowwise.forward(rowwise_state, ids[:, 3:]).logits)
+    monkeypatch.setenv(kernels.CAPABILITY_ENV, "AVX2")
+    without = int4_target(tiny_model, tiny_tokenizer)
+    assert not without.bulk_prefill
+    assert torch.equal(prefill(without, BULK_ROWS + 4), prefill(rowwise, BULK_ROWS + 4))
+    with pytest.raises(ValueError, match="oneDNN"):
+        kernels.BulkLinear(round_to_nearest(torch.randn(8, 32)))
 
 
 def test_drift_measures_on_the_tiny_model(tiny_model, tiny_tokenizer):

@@ -4,7 +4,8 @@
 backend otherwise; `lean` refuses a model it cannot run; `hf` always works.
 
 Weights (docs/native-weights.md), for the lean runtime's decoder linears:
-  native   the GGUF file's own 4-bit blocks through the int4 kernel (other types dequantized);
+  native   the GGUF file's own 4-bit blocks through the int4 kernel (other types dequantized;
+           long prefills on a bfloat16 copy where oneDNN runs bfloat16);
   int4     the float weights rounded to 4-bit groups of 32 (any Llama model);
   float32  the weights as loaded, the reference;
   auto     native for a GGUF target on the CPU's lean runtime, float32 otherwise.
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from diffdraft.backends.hf import HFTarget
-from diffdraft.backends.lean import LeanLlamaTarget, lean_unsupported
+from diffdraft.backends.lean import BULK_ROWS, LeanLlamaTarget, lean_unsupported
 from diffdraft.errors import DiffdraftError
 from diffdraft.target import TargetBackend
 
@@ -55,11 +56,12 @@ def resolve_weights(weights: str, backend: str, module: nn.Module, gguf: Path | 
 
 def build_target(
     module: nn.Module, tokenizer, backend: str = "auto", tap_layers: tuple[int, ...] | None = None,
-    name: str = "model", weights: str = "float32", gguf: Path | None = None, report=None,
+    name: str = "model", weights: str = "float32", gguf: Path | None = None, report=None, bulk_prefill: bool = True,
 ) -> TargetBackend:
     """A backend over a loaded HF causal LM (read from `gguf` when it came from one); tap layers are fixed
     here, for the life of the backend. `report` (a function of one line; default stderr) hears which path
-    each GGUF tensor type took when the weights are 4-bit."""
+    each GGUF tensor type took when the weights are 4-bit. bulk_prefill=False keeps long prefills of 4-bit
+    weights on the 4-bit kernel (LeanLlamaTarget), for comparison."""
     if backend not in BACKENDS:
         raise DiffdraftError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     weights = resolve_weights(weights, backend, module, gguf)
@@ -68,14 +70,19 @@ def build_target(
         if backend == "auto":
             target.note = f"not the lean runtime: {lean_unsupported(module)}"
         return target
-    int4_layers = None
-    if weights != "float32":
-        int4_layers = _int4_layers(module, weights, gguf, report or _to_stderr)
-    return LeanLlamaTarget(module, tokenizer, tap_layers=tap_layers, name=name, int4_layers=int4_layers,
-                           weights=weights)
+    if weights == "float32":
+        return LeanLlamaTarget(module, tokenizer, tap_layers=tap_layers, name=name, weights=weights)
+    int4_layers, told = _int4_layers(module, weights, gguf)
+    target = LeanLlamaTarget(module, tokenizer, tap_layers=tap_layers, name=name, int4_layers=int4_layers,
+                             weights=weights, bulk_prefill=bulk_prefill)
+    if target.bulk_prefill:
+        told += f"; prefills of {BULK_ROWS}+ tokens on a bfloat16 copy (oneDNN)"
+    (report or _to_stderr)(told)
+    return target
 
 
-def _int4_layers(module: nn.Module, weights: str, gguf: Path | None, report) -> list[dict]:
+def _int4_layers(module: nn.Module, weights: str, gguf: Path | None) -> tuple[list[dict], str]:
+    """The decoder's 4-bit weights, per layer by LINEARS key, and a line saying where they came from."""
     from diffdraft.backends.gguf_llama import MODULE_PATHS, read_native_linears
     from diffdraft.backends.int4 import round_to_nearest
 
@@ -86,13 +93,11 @@ def _int4_layers(module: nn.Module, weights: str, gguf: Path | None, report) -> 
         native = read_native_linears(gguf, config.num_hidden_layers, config.num_attention_heads,
                                      config.num_key_value_heads,
                                      cache=cache_dir() / "int4" / f"{gguf_cache_name(Path(gguf))}.safetensors")
-        report(f"weights: native from {Path(gguf).name}: {native.summary()}; LM head float32")
-        return native.layers
+        return native.layers, f"weights: native from {Path(gguf).name}: {native.summary()}; LM head float32"
     layers = [{key: round_to_nearest(layer.get_submodule(path).weight) for key, path in MODULE_PATHS.items()}
               for layer in module.model.layers]
-    report(f"weights: int4, the float decoder linears rounded to 4-bit groups of 32 ({7 * len(layers)} tensors); "
-           "LM head float32")
-    return layers
+    return layers, (f"weights: int4, the float decoder linears rounded to 4-bit groups of 32 ({7 * len(layers)} "
+                    "tensors); LM head float32")
 
 
 def _to_stderr(line: str) -> None:

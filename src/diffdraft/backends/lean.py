@@ -14,7 +14,10 @@ cache, which is the very call a one-token forward makes. So on the CPU in float3
 logits of a verify forward are bit-identical to k one-token forwards (tested), and greedy
 speculative decoding equals plain decoding by construction. Longer forwards (a long
 prompt's prefill) attend in one masked call instead: plain and speculative decoding share
-that prefill, so equality does not depend on it.
+that prefill, so equality does not depend on it. For the same reason a prefill of BULK_ROWS
+tokens or more attends in one masked call, and may run its linears on other kernels than
+decoding does: with 4-bit weights, on a CPU where oneDNN runs bfloat16, a bfloat16 copy of
+them (BulkLinear, several times faster over many rows; `bulk_prefill`).
 
 Weights (docs/native-weights.md): the decoder linears run either on the loaded float weights
 (oneDNN, `weights="float32"`) or as 4-bit groups through the int4 kernel (`int4_layers`:
@@ -32,18 +35,24 @@ runs with `F.linear` (no CUDA graphs yet: no GPU was lent to test them).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from diffdraft.backends.int4 import Int4Weight
-from diffdraft.backends.kernels import Int4Linear, PreparedLinear, onednn_bf16_supported
+from diffdraft.backends.kernels import BulkLinear, Int4Linear, PreparedLinear, onednn_bf16_supported
 from diffdraft.errors import DiffdraftError
 from diffdraft.rope import rope_tables, rotate_in_place, signed_sin
 from diffdraft.target import Rows, SequenceRows, TargetBackend, TargetOutput, TargetState
 
 # Verify forwards up to this many tokens are computed row by row (draft lengths are far below it).
 INVARIANT_ROWS = 32
+# A prefill of at least this many tokens attends in one masked call and runs on the bulk kernels where there
+# are any (BulkLinear); below it the 4-bit kernel is as fast (measured on the development CPU: about even at
+# 6 to 12 rows).
+BULK_ROWS = 16
 # RoPE kinds whose frequencies do not change with the sequence length.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
@@ -74,32 +83,53 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(weight.dtype)
 
 
-def _linear(parts: list[nn.Linear], int4: list[Int4Weight | None], prefer_onednn: bool) -> PreparedLinear | Int4Linear:
-    """One linear over `parts` stacked on the output side: 4-bit when every part has 4-bit weights, else float."""
+Kernel = PreparedLinear | Int4Linear | BulkLinear
+
+
+def _linear(parts: list[nn.Linear], int4: list[Int4Weight | None], prefer_onednn: bool,
+            bulk: bool) -> tuple[Kernel, Kernel]:
+    """One linear over `parts` stacked on the output side, as (its row-invariant kernel, its kernel for bulk
+    prefills): 4-bit when every part has 4-bit weights, else float; the bulk kernel is a bfloat16 copy of
+    4-bit weights where `bulk` says so, else the same kernel."""
     biases = [p.bias for p in parts]
     bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
     if int4 and all(w is not None for w in int4):
-        return Int4Linear(Int4Weight.cat(int4), bias)
+        weight = Int4Weight.cat(int4)
+        kernel = Int4Linear(weight, bias)
+        return kernel, BulkLinear(weight, bias) if bulk else kernel
     linear = PreparedLinear(torch.cat([p.weight.detach() for p in parts]), prefer_onednn=prefer_onednn)
     if bias is not None:
         linear.bias = bias
-    return linear
+    return linear, linear
+
+
+@dataclass(frozen=True)
+class _Linears:
+    """One decoder layer's linears, q/k/v and gate/up fused."""
+
+    qkv: Kernel
+    o: Kernel
+    gate_up: Kernel
+    down: Kernel
 
 
 class _LeanLayer:
-    """One decoder layer's prepared weights (4-bit ones by LINEARS key in `int4`, where given)."""
+    """One decoder layer's prepared weights (4-bit ones by LINEARS key in `int4`, where given): `rowwise`, the
+    row-invariant kernels every decoding forward runs on, and `bulk`, those of a long prefill (the same
+    objects unless `bulk`)."""
 
-    def __init__(self, layer: nn.Module, prefer_onednn: bool, int4: dict[str, Int4Weight | None] | None = None):
+    def __init__(self, layer: nn.Module, prefer_onednn: bool, int4: dict[str, Int4Weight | None] | None = None,
+                 bulk: bool = False):
         attn, mlp = layer.self_attn, layer.mlp
         int4 = int4 or {}
 
         def make(names: list[str], parts: list[nn.Linear]):
-            return _linear(parts, [int4.get(n) for n in names] if int4 else [], prefer_onednn)
+            return _linear(parts, [int4.get(n) for n in names] if int4 else [], prefer_onednn, bulk)
 
-        self.qkv = make(["q", "k", "v"], [attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o = make(["o"], [attn.o_proj])
-        self.gate_up = make(["gate", "up"], [mlp.gate_proj, mlp.up_proj])
-        self.down = make(["down"], [mlp.down_proj])
+        pairs = [make(["q", "k", "v"], [attn.q_proj, attn.k_proj, attn.v_proj]), make(["o"], [attn.o_proj]),
+                 make(["gate", "up"], [mlp.gate_proj, mlp.up_proj]), make(["down"], [mlp.down_proj])]
+        self.rowwise = _Linears(*(pair[0] for pair in pairs))
+        self.bulk = _Linears(*(pair[1] for pair in pairs))
         self.attn_norm = layer.input_layernorm.weight.detach()
         self.mlp_norm = layer.post_attention_layernorm.weight.detach()
         self.intermediate = mlp.gate_proj.weight.shape[0]
@@ -123,6 +153,7 @@ class LeanLlamaTarget(TargetBackend):
         prefer_onednn: bool = True,
         int4_layers: list[dict[str, Int4Weight | None]] | None = None,
         weights: str = "float32",
+        bulk_prefill: bool = True,
     ):
         reason = lean_unsupported(module)
         if reason:
@@ -147,15 +178,19 @@ class LeanLlamaTarget(TargetBackend):
         self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps: float = cfg.rms_norm_eps
         self.invariant_rows = invariant_rows
+        # 4-bit weights get a bfloat16 copy for long prefills where oneDNN runs bfloat16 (BulkLinear)
+        self.bulk_prefill = bulk_prefill and int4_layers is not None and prefer_onednn and onednn_bf16_supported()
         with torch.no_grad():
-            self._layers = [_LeanLayer(layer, prefer_onednn, None if int4_layers is None else int4_layers[i])
+            self._layers = [_LeanLayer(layer, prefer_onednn, None if int4_layers is None else int4_layers[i],
+                                       bulk=self.bulk_prefill)
                             for i, layer in enumerate(body.layers)]
             self._final_norm = body.norm.weight.detach()
             self._embed = body.embed_tokens.weight.detach()  # [V, D]
             self._head = PreparedLinear(module.lm_head.weight, None, prefer_onednn)
             self._cos, self._sin_signed = self._rope_tables(body.rotary_emb)  # [C, hd] each
         self.row_invariant = all(
-            lin.row_invariant for layer in self._layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+            lin.row_invariant for layer in self._layers
+            for lin in (layer.rowwise.qkv, layer.rowwise.o, layer.rowwise.gate_up, layer.rowwise.down)
         ) and self._head.row_invariant
 
     def _rope_tables(self, rotary: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +252,14 @@ class LeanLlamaTarget(TargetBackend):
                             for part, start, k in zip(parts, starts, sizes)]).to(self.device)  # [R] positions
             cos, sin = self._cos[at, None], self._sin_signed[at, None]  # [R, 1, hd]
         offsets = [sum(sizes[:i]) for i in range(len(parts))]
+        # a long prefill (only prefill is last_only): no one-token forward has to match its rows, so it runs on
+        # the bulk kernels (the row-wise ones where there is no bulk copy) and attends in one masked call
+        bulk = last_only and len(parts) == 1 and rows_total >= BULK_ROWS
         taps = {0: x} if want_taps and 0 in self.tap_layers else {}
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         for index, layer in enumerate(self._layers):
-            qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [R, (H + 2 Hkv) hd]
+            linears = layer.bulk if bulk else layer.rowwise
+            qkv = linears.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [R, (H + 2 Hkv) hd]
             rotate_in_place(qkv[:, : (heads + kv_heads) * hd].view(rows_total, heads + kv_heads, hd), cos, sin)
             new_kv = qkv[:, heads * hd :].view(rows_total, 2, kv_heads, hd)  # rotated keys, then values
             q_all = qkv[:, : heads * hd].view(rows_total, heads, hd)
@@ -229,11 +268,12 @@ class LeanLlamaTarget(TargetBackend):
                 cache = part.state.cache  # [L, 2, Hkv, C, hd]
                 cache[index, :, :, start : start + k] = new_kv[offset : offset + k].permute(1, 2, 0, 3)  # [2, Hkv, k, hd]
                 q = q_all[offset : offset + k].transpose(0, 1)  # [H, k, hd]
-                attended.append(self._attend(q, cache[index, 0], cache[index, 1], start, part.rows))  # [k, H hd]
+                attended.append(self._attend(q, cache[index, 0], cache[index, 1], start, part.rows,
+                                             row_by_row=not bulk))  # [k, H hd]
             attended = attended[0] if len(attended) == 1 else torch.cat(attended)  # [R, H hd]
-            x = x + layer.o(attended, widen=False)  # a bfloat16 output is widened by the addition
-            gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, self.eps)).split(layer.intermediate, dim=-1)
-            x = x + layer.down(F.silu(gate) * up, widen=False)
+            x = x + linears.o(attended, widen=False)  # a bfloat16 output is widened by the addition
+            gate, up = linears.gate_up(rms_norm(x, layer.mlp_norm, self.eps)).split(layer.intermediate, dim=-1)
+            x = x + linears.down(F.silu(gate) * up, widen=False)
             if want_taps and index + 1 in self.tap_layers and index + 1 < self.num_layers:
                 taps[index + 1] = x
         for part, start, k in zip(parts, starts, sizes):
@@ -252,13 +292,13 @@ class LeanLlamaTarget(TargetBackend):
         return outputs
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
-                rows: Rows | None = None) -> torch.Tensor:
+                rows: Rows | None = None, row_by_row: bool = True) -> torch.Tensor:
         """Attention of q [H, k, hd] (the rows at slots start..start+k-1) over one layer's cached keys and
         values [Hkv, C, hd] -> [k, H hd]: each row sees the committed cache and the rows `rows` says
-        (a chain when None). Row by row up to invariant_rows, each over exactly the keys a one-token
-        forward at its position would see, in the same order."""
+        (a chain when None). Row by row up to invariant_rows (unless row_by_row is False: a bulk prefill),
+        each over exactly the keys a one-token forward at its position would see, in the same order."""
         heads, k, hd = q.shape
-        if k <= self.invariant_rows:
+        if row_by_row and k <= self.invariant_rows:
             out = []
             for i in range(k):
                 seen = None if rows is None else rows.sees[i]
