@@ -211,9 +211,11 @@ def test_bench_runs_the_dllm_and_simsd_side_by_side(capsys, folders, two_prompts
     assert "Traceback" not in err
     results = json.loads((out / "results.json").read_text())
     t0 = results["temperatures"]["0"]
-    assert t0["decoders"] == [PLAIN, "dllm-b4", "simsd-b4"]  # no AR drafters or peers by default with --dllm
-    assert t0["kinds"] == {PLAIN: "engine", "dllm-b4": "dllm", "simsd-b4": "dllm"}
-    assert t0["references"] == {PLAIN: PLAIN, "dllm-b4": "dllm-b4", "simsd-b4": "dllm-b4"}
+    # no AR drafters or peers by default with --dllm; the dLLM on the lean runtime, then on the module
+    assert t0["decoders"] == [PLAIN, "dllm-b4", "simsd-b4", "dllm-b4-module"]
+    assert t0["kinds"] == {PLAIN: "engine", "dllm-b4": "dllm", "simsd-b4": "dllm", "dllm-b4-module": "dllm-module"}
+    assert t0["references"] == {PLAIN: PLAIN, "dllm-b4": "dllm-b4", "simsd-b4": "dllm-b4",
+                                "dllm-b4-module": "dllm-b4"}
     assert t0["equality"]["simsd-b4"] == {"kind": "dllm", "equal": 2, "total": 2, "mismatches": []}
     assert t0["bugs"] == []
     overall = t0["figures"]["all"]
@@ -228,7 +230,7 @@ def test_bench_runs_the_dllm_and_simsd_side_by_side(capsys, folders, two_prompts
     assert "same_tokens_as_plain" in results["temperatures"]["1"]
     md = (out / "results.md").read_text()
     assert "| decoder | runtime | kind | reference |" in md and "equal to reference" in md
-    assert "| simsd-b4 | dLLM module, float32 | dllm | dllm-b4 | 4 | 2 |" in md and "| 2/2 |" in md and "SimSD with a 4-layer drafter" in md
+    assert "| simsd-b4 | dLLM lean, float32 | dllm | dllm-b4 | 4 | 2 |" in md and "| 2/2 |" in md and "SimSD with a 4-layer drafter" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "simsd-b4" in printed and "vs dllm-b4" in printed and "equal 2/2" in printed
     quality = results["dllm_quality"]

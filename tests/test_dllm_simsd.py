@@ -30,6 +30,7 @@ from diffdraft.dllm import simsd
 from diffdraft.dllm.decode import Session, decode
 from diffdraft.dllm.drafter import DLLMDrafter, StepDraft
 from diffdraft.dllm.model import MASK_ID
+from diffdraft.dllm.runtime import blocks_for
 from diffdraft.dllm.simsd import accept, decode_simsd, resolve_mode
 from diffdraft.dllm.unmask import Step, choose_step, masked_slots, step_law
 from diffdraft.errors import DiffdraftError
@@ -56,13 +57,16 @@ def perturbed(base, block_size: int, std: float = 0.01):
 
 
 # ------------------------------------------------------------------------------ temperature 0
+@pytest.mark.parametrize("runtime", ["module", "lean"])
 @pytest.mark.parametrize("block_size, steps, max_draft", [(4, 4, None), (4, 2, None), (8, 8, None), (8, 8, 3),
                                                           (8, 4, None), (3, 2, 1), (1, 1, None)])
-def test_greedy_simsd_equals_own_greedy_decoding(peaked, block_size, steps, max_draft):
-    target = converted(peaked, block_size, seed=1)
+def test_greedy_simsd_equals_own_greedy_decoding(peaked, tiny_tokenizer, block_size, steps, max_draft, runtime):
+    """On the module and on the lean runtime's row forward (runtime.py), whatever the drafter."""
+    target = blocks_for(converted(peaked, block_size, seed=1), runtime, tiny_tokenizer)
     expected = decode(target, PROMPT, steps, max_new_tokens=40)
     assert len(expected.tokens) == 40
-    drafters = {"oracle": target, "perturbed": perturbed(peaked, block_size), "shallow": converted(peaked, block_size, 2)}
+    drafters = {"oracle": target.net, "perturbed": perturbed(peaked, block_size),
+                "shallow": converted(peaked, block_size, 2)}
     accepted = {}
     for name, net in drafters.items():
         result = decode_simsd(target, DLLMDrafter(net), PROMPT, steps, 40, max_draft_steps=max_draft)

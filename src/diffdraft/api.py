@@ -25,7 +25,7 @@ from diffdraft.batching import MAX_AUTO_BATCH, Batch, default_max_batch
 from diffdraft.config import DraftConfig, SamplingConfig, check_threads
 from diffdraft.costs import cost_curve
 from diffdraft.dllm.decode import DLLMResult
-from diffdraft.dllm.loading import BASE, check_choices, dllm_runners
+from diffdraft.dllm.loading import BASE, check_choices, dllm_runners, dllm_runtime
 from diffdraft.dllm.runner import DLLMRunner
 from diffdraft.decoding import Decoder, DLLMDecoder, EngineDecoder
 from diffdraft.drafters import build_drafter, required_tap_layers
@@ -271,14 +271,17 @@ def load_dllm_pipeline(
     steps: int | None = None,
     verify: str = "auto",
     dtype: str = "float32",
+    backend: str = "auto",
 ) -> DLLMPipeline:
     """Load a target and turn it into a dLLM (see diffdraft.dllm.loading for the choices).
 
     `steps` per block defaults to the block size (one slot per step); with a drafter
     (folder or first layers) generation runs SimSD, whose greedy output equals the dLLM's own.
+    backend: auto (the lean runtime wherever it runs the model), lean, or hf (the dLLM module).
     """
     check_choices(dllm, drafter, drafter_layers, block_size)  # before the slow model load
     hf_model, tokenizer = load_model(model, dtype=dtype)
     target = build_target(hf_model, tokenizer, backend="hf", name=model or "smollm2")  # the dLLM runs the module
-    own, simsd = dllm_runners(target, dllm, drafter, drafter_layers, block_size, steps, verify)
+    own, simsd = dllm_runners(target, dllm, drafter, drafter_layers, block_size, steps, verify,
+                              runtime=dllm_runtime(backend, hf_model), gguf=gguf_path(model))
     return DLLMPipeline(target, simsd or own)

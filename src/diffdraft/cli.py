@@ -183,7 +183,7 @@ def _load_dllm(args: argparse.Namespace):
     use_threads(getattr(args, "threads", None))
     return load_dllm_pipeline(args.model, dllm=args.dllm, drafter=args.dllm_drafter,
                               drafter_layers=args.dllm_drafter_layers, block_size=args.dllm_block_size,
-                              steps=args.dllm_steps, verify=args.verify, dtype=args.dtype)
+                              steps=args.dllm_steps, verify=args.verify, dtype=args.dtype, backend=args.backend)
 
 
 def _generate_dllm(args: argparse.Namespace, prompt: str, sampling: SamplingConfig) -> int:

@@ -150,7 +150,7 @@ class DLLMDecoder(Decoder):
         net = self.runner.net
         drafter = self.runner.drafter
         dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
-        return {**super().describe(), "runtime": f"dLLM module, {dtype}", "block_size": net.block_size,
+        return {**super().describe(), "runtime": f"dLLM {self.runner.runtime}, {dtype}", "block_size": net.block_size,
                 "steps": self.runner.steps,
                 "verify": self.runner.verify if drafter else None,
                 "drafter_layers": drafter.net.num_layers if drafter else None}

@@ -27,7 +27,8 @@ from diffdraft.target import TargetBackend
 BACKENDS = ("auto", "lean", "hf")
 WEIGHTS = ("auto", "native", "int4", "float32")
 
-__all__ = ["BACKENDS", "WEIGHTS", "HFTarget", "LeanLlamaTarget", "build_target", "lean_unsupported", "resolve_weights"]
+__all__ = ["BACKENDS", "WEIGHTS", "HFTarget", "LeanLlamaTarget", "build_target", "int4_layers", "lean_unsupported",
+           "resolve_weights"]
 
 
 def resolve_weights(weights: str, backend: str, module: nn.Module, gguf: Path | None) -> str:
@@ -72,8 +73,8 @@ def build_target(
         return target
     if weights == "float32":
         return LeanLlamaTarget(module, tokenizer, tap_layers=tap_layers, name=name, weights=weights)
-    int4_layers, told = _int4_layers(module, weights, gguf)
-    target = LeanLlamaTarget(module, tokenizer, tap_layers=tap_layers, name=name, int4_layers=int4_layers,
+    layers, told = int4_layers(module, weights, gguf)
+    target = LeanLlamaTarget(module, tokenizer, tap_layers=tap_layers, name=name, int4_layers=layers,
                              weights=weights, bulk_prefill=bulk_prefill)
     if target.bulk_prefill:
         told += f"; prefills of {BULK_ROWS}+ tokens on a bfloat16 copy (oneDNN)"
@@ -81,7 +82,7 @@ def build_target(
     return target
 
 
-def _int4_layers(module: nn.Module, weights: str, gguf: Path | None) -> tuple[list[dict], str]:
+def int4_layers(module: nn.Module, weights: str, gguf: Path | None) -> tuple[list[dict], str]:
     """The decoder's 4-bit weights, per layer by LINEARS key, and a line saying where they came from."""
     from diffdraft.backends.gguf_llama import MODULE_PATHS, read_native_linears
     from diffdraft.backends.int4 import round_to_nearest

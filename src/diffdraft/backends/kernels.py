@@ -139,6 +139,7 @@ class BulkLinear:
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None):
         self.out_features, self.in_features = weight.shape
         self.kernel = PreparedLinear(weight.dequantize().to(torch.bfloat16), max_chunk=self.in_features)
+        self.row_invariant = False  # not asked of it (a prefill's kernel)
         if not self.kernel.row_invariant:  # F.linear in bfloat16 would be slower than the 4-bit kernel
             raise ValueError("BulkLinear needs oneDNN's bfloat16 linear (onednn_bf16_supported())")
         self.bias = None if bias is None else bias.detach().float().contiguous()
@@ -148,6 +149,23 @@ class BulkLinear:
         if widen or self.bias is not None:
             y = y.float() if self.bias is None else y.float() + self.bias
         return y
+
+
+class AdaptedLinear:
+    """A prepared kernel plus a low-rank update: y = base(x) + (x A^T) B^T, with A [r, in] and B [out, r] (any
+    scale folded into B), the update's two matmuls through prepared oneDNN linears, so rows stay invariant
+    where the base's are. What a LoRA adapter adds, without merging it into 4-bit weights (where rounding
+    would erase it). x float32 -> float32."""
+
+    def __init__(self, base: "PreparedLinear | Int4Linear | BulkLinear", a: torch.Tensor, b: torch.Tensor):
+        self.base = base
+        self.out_features, self.in_features = base.out_features, base.in_features
+        self.down = PreparedLinear(a.float())  # [R, in] -> [R, r]
+        self.up = PreparedLinear(b.float())  # [R, r] -> [R, out]
+        self.row_invariant = base.row_invariant and self.down.row_invariant and self.up.row_invariant
+
+    def __call__(self, x: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x))
 
 
 class PreparedLinearModule(nn.Module):

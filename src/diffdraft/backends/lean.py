@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffdraft.backends.int4 import Int4Weight
-from diffdraft.backends.kernels import BulkLinear, Int4Linear, PreparedLinear, onednn_bf16_supported
+from diffdraft.backends.kernels import AdaptedLinear, BulkLinear, Int4Linear, PreparedLinear, onednn_bf16_supported
 from diffdraft.errors import DiffdraftError
 from diffdraft.rope import rope_tables, rotate_in_place, signed_sin
 from diffdraft.target import Rows, SequenceRows, TargetBackend, TargetOutput, TargetState
@@ -83,24 +83,45 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(weight.dtype)
 
 
-Kernel = PreparedLinear | Int4Linear | BulkLinear
+Kernel = PreparedLinear | Int4Linear | BulkLinear | AdaptedLinear
+LowRank = tuple[torch.Tensor, torch.Tensor]  # (A [r, in], B [out, r]): a weight's update B A, scale folded into B
 
 
-def _linear(parts: list[nn.Linear], int4: list[Int4Weight | None], prefer_onednn: bool,
-            bulk: bool) -> tuple[Kernel, Kernel]:
+def _linear(parts: list[nn.Linear], int4: list[Int4Weight | None], prefer_onednn: bool, bulk: bool,
+            low_rank: list[LowRank | None] | None = None) -> tuple[Kernel, Kernel]:
     """One linear over `parts` stacked on the output side, as (its row-invariant kernel, its kernel for bulk
     prefills): 4-bit when every part has 4-bit weights, else float; the bulk kernel is a bfloat16 copy of
-    4-bit weights where `bulk` says so, else the same kernel."""
+    4-bit weights where `bulk` says so, else the same kernel. Parts with a low-rank update (`low_rank`)
+    get it beside the weight, both kernels alike (AdaptedLinear)."""
     biases = [p.bias for p in parts]
     bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
     if int4 and all(w is not None for w in int4):
         weight = Int4Weight.cat(int4)
         kernel = Int4Linear(weight, bias)
-        return kernel, BulkLinear(weight, bias) if bulk else kernel
-    linear = PreparedLinear(torch.cat([p.weight.detach() for p in parts]), prefer_onednn=prefer_onednn)
-    if bias is not None:
-        linear.bias = bias
-    return linear, linear
+        pair = (kernel, BulkLinear(weight, bias) if bulk else kernel)
+    else:
+        linear = PreparedLinear(torch.cat([p.weight.detach() for p in parts]), prefer_onednn=prefer_onednn)
+        if bias is not None:
+            linear.bias = bias
+        pair = (linear, linear)
+    if not low_rank or all(update is None for update in low_rank):
+        return pair
+    a, b = _stacked_low_rank(low_rank, [p.out_features for p in parts])
+    rowwise = AdaptedLinear(pair[0], a, b)
+    return rowwise, rowwise if pair[1] is pair[0] else AdaptedLinear(pair[1], a, b)
+
+
+def _stacked_low_rank(updates: list[LowRank | None], outs: list[int]) -> LowRank:
+    """The updates of parts stacked on the output side as one: A's rows stacked, B block-diagonal."""
+    present = [(i, update) for i, update in enumerate(updates) if update is not None]
+    a = torch.cat([update[0] for _, update in present])  # [sum r, in]
+    b = torch.zeros(sum(outs), a.shape[0], dtype=a.dtype)  # [sum out, sum r]
+    column = 0
+    offsets = [sum(outs[:i]) for i in range(len(outs))]
+    for i, (down, up) in present:
+        b[offsets[i] : offsets[i] + outs[i], column : column + down.shape[0]] = up
+        column += down.shape[0]
+    return a, b
 
 
 @dataclass(frozen=True)
@@ -119,12 +140,13 @@ class _LeanLayer:
     objects unless `bulk`)."""
 
     def __init__(self, layer: nn.Module, prefer_onednn: bool, int4: dict[str, Int4Weight | None] | None = None,
-                 bulk: bool = False):
+                 bulk: bool = False, low_rank: dict[str, LowRank] | None = None):
         attn, mlp = layer.self_attn, layer.mlp
-        int4 = int4 or {}
+        int4, low_rank = int4 or {}, low_rank or {}
 
         def make(names: list[str], parts: list[nn.Linear]):
-            return _linear(parts, [int4.get(n) for n in names] if int4 else [], prefer_onednn, bulk)
+            return _linear(parts, [int4.get(n) for n in names] if int4 else [], prefer_onednn, bulk,
+                           [low_rank.get(n) for n in names])
 
         pairs = [make(["q", "k", "v"], [attn.q_proj, attn.k_proj, attn.v_proj]), make(["o"], [attn.o_proj]),
                  make(["gate", "up"], [mlp.gate_proj, mlp.up_proj]), make(["down"], [mlp.down_proj])]
@@ -154,7 +176,11 @@ class LeanLlamaTarget(TargetBackend):
         int4_layers: list[dict[str, Int4Weight | None]] | None = None,
         weights: str = "float32",
         bulk_prefill: bool = True,
+        low_rank: list[dict[str, LowRank]] | None = None,
+        extra_embeddings: torch.Tensor | None = None,
     ):
+        """low_rank: per layer, by LINEARS key, an update beside that weight (a LoRA adapter, not merged);
+        extra_embeddings [n, D]: input embeddings for ids V..V+n-1, which no output predicts (a dLLM's mask)."""
         reason = lean_unsupported(module)
         if reason:
             raise DiffdraftError(f"the lean runtime cannot run this model: {reason}; use --backend hf")
@@ -165,6 +191,9 @@ class LeanLlamaTarget(TargetBackend):
                 "this one has neither: use --weights native (4-bit weights with bfloat16 activations) or float32")
         if int4_layers is not None and (dtype != torch.float32 or len(int4_layers) != module.config.num_hidden_layers):
             raise DiffdraftError("4-bit weights go with a float32 model of the same depth")
+        if low_rank is not None and len(low_rank) != module.config.num_hidden_layers:
+            raise DiffdraftError(f"low-rank updates for {len(low_rank)} layers; the model has "
+                                 f"{module.config.num_hidden_layers}")
         super().__init__(module, tokenizer, tap_layers, name)
         self.weights = weights  # what the decoder linears run on: float32, native (the GGUF's 4-bit) or int4
         cfg = module.config
@@ -182,10 +211,12 @@ class LeanLlamaTarget(TargetBackend):
         self.bulk_prefill = bulk_prefill and int4_layers is not None and prefer_onednn and onednn_bf16_supported()
         with torch.no_grad():
             self._layers = [_LeanLayer(layer, prefer_onednn, None if int4_layers is None else int4_layers[i],
-                                       bulk=self.bulk_prefill)
+                                       bulk=self.bulk_prefill, low_rank=None if low_rank is None else low_rank[i])
                             for i, layer in enumerate(body.layers)]
             self._final_norm = body.norm.weight.detach()
-            self._embed = body.embed_tokens.weight.detach()  # [V, D]
+            self._embed = body.embed_tokens.weight.detach()  # [V (+ n extra), D]
+            if extra_embeddings is not None:
+                self._embed = torch.cat([self._embed, extra_embeddings.detach().to(self._embed.dtype)])
             self._head = PreparedLinear(module.lm_head.weight, None, prefer_onednn)
             self._cos, self._sin_signed = self._rope_tables(body.rotary_emb)  # [C, hd] each
         self.row_invariant = all(
@@ -302,8 +333,9 @@ class LeanLlamaTarget(TargetBackend):
             out = []
             for i in range(k):
                 seen = None if rows is None else rows.sees[i]
-                if seen is None or seen == tuple(range(i + 1)):  # a chain's row: a prefix of the cache
-                    row_keys, row_values = keys[:, : start + i + 1], values[:, : start + i + 1]
+                if seen is None or seen == tuple(range(len(seen))):  # a prefix of the new rows (a chain's row, a
+                    end = start + (i + 1 if seen is None else len(seen))  # dLLM block's): a prefix of the cache
+                    row_keys, row_values = keys[:, :end], values[:, :end]
                 else:  # the committed cache, then its ancestors' slots
                     slots = torch.cat([torch.arange(start, device=q.device),
                                        start + torch.tensor(seen, device=q.device)])

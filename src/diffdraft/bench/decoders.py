@@ -23,10 +23,20 @@ __all__ = ["PLAIN", "dllm_decoders", "engine_decoders", "parse_drafter_spec", "s
 
 
 def dllm_decoders(target: TargetBackend, spec: str, drafter: str | None, drafter_layers: int | None,
-                  block_size: int | None, steps: int | None, verify: str = "auto") -> list[DLLMDecoder]:
-    """The dLLM's own decoding, then SimSD when a drafter is given (both over one converted target)."""
-    own, simsd = dllm_runners(target, spec, drafter, drafter_layers, block_size, steps, verify)
-    return [DLLMDecoder(r) for r in (own, simsd) if r is not None]
+                  block_size: int | None, steps: int | None, verify: str = "auto",
+                  runtime: str = "module", gguf=None) -> list[DLLMDecoder]:
+    """The dLLM's own decoding, then SimSD when a drafter is given (both over one converted target, on
+    `runtime`). On the lean runtime the module's own decoding follows, named `...-module`, measured against
+    the lean runtime's (not lossless against it: other kernels round otherwise)."""
+    own, simsd = dllm_runners(target, spec, drafter, drafter_layers, block_size, steps, verify, runtime=runtime,
+                              gguf=gguf)
+    decoders = [DLLMDecoder(r) for r in (own, simsd) if r is not None]
+    if runtime != "module":
+        module, _ = dllm_runners(target, spec, None, None, block_size, steps, verify, runtime="module")
+        baseline = DLLMDecoder(module)
+        baseline.name, baseline.reference, baseline.kind = f"{own.name}-module", own.name, "dllm-module"
+        decoders.append(baseline)
+    return decoders
 
 
 def parse_drafter_spec(entry: str, default_draft_len: int) -> tuple[str, str, int]:

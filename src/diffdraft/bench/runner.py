@@ -39,7 +39,7 @@ from diffdraft.bench.report import write_reports
 from diffdraft.bench.store import RecordStore, record_key, stats_to_dict
 from diffdraft.suites import Prompt, interleave_categories, load_suite
 from diffdraft.config import DEFAULT_DRAFT_LEN, DraftConfig, SamplingConfig
-from diffdraft.dllm.loading import check_choices
+from diffdraft.dllm.loading import check_choices, dllm_runtime
 from diffdraft.drafters import required_tap_layers
 from diffdraft.errors import DiffdraftError
 from diffdraft.engine import SpeculativeEngine
@@ -242,7 +242,8 @@ def _run_locked(config: BenchConfig, prompts: list[Prompt], store: RecordStore) 
     target = targets[0]
     if config.dllm is not None:
         decoders += dllm_decoders(target, config.dllm, config.dllm_drafter, config.dllm_drafter_layers,
-                                  config.dllm_block_size, config.dllm_steps, config.verify)
+                                  config.dllm_block_size, config.dllm_steps, config.verify,
+                                  runtime=dllm_runtime(config.backend, target.module), gguf=gguf_path(config.model))
     peer_names = list(config.peers) if config.peers is not None else list(PEER_NAMES)
     peers, skipped = build_peers(peer_names, target, config.model, config.draft_len, torch.get_num_threads(),
                                  explicit=config.peers is not None)

@@ -1,9 +1,10 @@
 """Blockwise decoding with a block-diffusion model: the session state and the plain decoder.
 
-A Session holds one sequence: the KV cache of the prompt and of every finished block
-that has been run through the model, the hidden state of the last cached position (it
-predicts the next block's slot 0, see model.slot_hidden), plus the finished blocks not yet
-run (they ride along, as a prefix, with the next forward and are cached there). A BlockState is the
+A Session holds one sequence on a runtime (runtime.py: the module or the lean runtime): the
+KV cache of the prompt and of every finished block that has been run through the model,
+the logits of the last cached position (they predict the next block's slot 0, see
+model.slot_hidden), plus the finished blocks not yet run (they ride along, as a prefix,
+with the next forward and are cached there). A BlockState is the
 block being denoised. `decode` is the model's own decoding, the baseline: prefill the
 prompt causally, then for each block of b slots run `steps` forwards, each revealing
 schedule(b, steps)[j] slots by the rule of unmask.py; a block is finished when no slot
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from diffdraft.config import SamplingConfig
-from diffdraft.dllm.cache import KVCache
-from diffdraft.dllm.masks import causal_mask, finished_then
+from diffdraft.dllm.masks import finished_then
 from diffdraft.dllm.model import MASK_ID, BlockDiffusionLM
+from diffdraft.dllm.runtime import Blocks, ModuleBlocks
 from diffdraft.dllm.unmask import Step, choose_step, masked_slots, schedule
 from diffdraft.errors import DiffdraftError
 
@@ -52,14 +53,28 @@ class BlockState:
 
 
 class Session:
-    """One sequence decoded blockwise by one BlockDiffusionLM (batch size 1)."""
+    """One sequence decoded blockwise by one block-diffusion model (batch size 1), on a runtime (runtime.py:
+    the module, or the lean runtime's row forward)."""
 
-    def __init__(self, net: BlockDiffusionLM):
-        self.net = net
-        self.cache = KVCache()
+    def __init__(self, model: BlockDiffusionLM | Blocks):
+        self.blocks = ModuleBlocks(model) if isinstance(model, BlockDiffusionLM) else model
+        self.net = self.blocks.net
+        self.sequence = self.blocks.sequence()
         self.unsent: list[tuple[int, ...]] = []  # finished blocks not yet in the cache
-        self.before: torch.Tensor | None = None  # [D] hidden state of the last cached position: predicts slot 0
-        self.forwards = 0  # forwards after the prefill
+        self.before: torch.Tensor | None = None  # [V] logits of the last cached position: they predict slot 0
+        self._kept: list[int] = []  # rows of the last forward to cache before the next one
+        self._ran = False  # a forward ran whose rows are not yet kept or dropped
+
+    @property
+    def forwards(self) -> int:
+        """Forwards after the prefill."""
+        return self.sequence.forwards
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache (the rows kept from the last forward included)."""
+        self._commit()
+        return self.sequence.length
 
     @torch.inference_mode()
     def begin(self, prompt: list[int], max_new_tokens: int) -> BlockState:
@@ -73,38 +88,39 @@ class Session:
         needed = len(prompt) + (-(-max_new_tokens // b) + 1) * b
         if needed > limit:
             raise DiffdraftError(f"prompt plus {max_new_tokens} new tokens in blocks of {b} exceed the context of {limit}")
-        ids = torch.tensor([prompt], dtype=torch.long)
-        hidden, kv = self.net(ids, torch.arange(len(prompt))[None], causal_mask(0, len(prompt)))
-        self.cache = KVCache()
-        self.keep(kv, hidden[0], slice(0, len(prompt)))
-        self.unsent, self.forwards = [], 0
+        self.before = self.sequence.prefill(prompt)
+        self.unsent, self._kept, self._ran = [], [], False
         return BlockState.empty(len(prompt), b)
 
     def finish(self, ids: tuple[int, ...]) -> None:
         """A block is final: it will be cached by the next forward."""
         self.unsent.append(tuple(ids))
 
-    def keep(self, kv, hidden: torch.Tensor, rows: slice) -> None:
-        """Cache the keys/values of `rows` of a forward (clean tokens that extend the context).
+    def keep(self, logits: torch.Tensor, rows: slice) -> None:
+        """Cache `rows` of the last forward too (clean tokens that extend the context, after the finished
+        blocks it carried); logits [T, V] of that forward: its last kept row's become `before`."""
+        self._kept += list(range(rows.start, rows.stop))
+        self.before = logits[rows.stop - 1]
 
-        hidden: [T, D] of that forward; its last kept row becomes `before`.
-        """
-        self.cache.append(kv, rows)
-        self.before = hidden[rows.stop - 1]
+    def _commit(self) -> None:
+        """Keep the chosen rows of the last forward and drop the rest, once, before the cache is read."""
+        if self._ran:
+            self.sequence.keep(self._kept)
+            self._kept, self._ran = [], False
 
     @torch.inference_mode()
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
-        """One forward over [unsent finished blocks | more]; caches the unsent blocks.
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One forward over [unsent finished blocks | more]; the unsent blocks are cached.
 
-        ids, positions: [1, T]; mask: [1, 1, T, C+T]. Returns hidden [T, D] and the new keys/values.
-        """
-        hidden, kv = self.net(ids, positions, mask, self.cache)
+        ids, positions: [1, T]; mask: [1, 1, T, C+T]. Returns the logits of every row [T, V]."""
+        self._commit()
+        logits = self.sequence.run(ids, positions, mask)  # [T, V]
+        self._ran = True
         sent = len(self.unsent) * self.net.block_size
         if sent:
-            self.keep(kv, hidden[0], slice(0, sent))
+            self.keep(logits, slice(0, sent))
             self.unsent = []
-        self.forwards += 1
-        return hidden[0], kv
+        return logits
 
     def block_logits(self, block: BlockState) -> torch.Tensor:
         """Logits for every slot of the block in its current state, [b, V] (one forward)."""
@@ -112,8 +128,8 @@ class Session:
         n = len(self.unsent)
         ids = [t for blk in self.unsent for t in blk] + list(block.ids)
         positions = torch.arange(block.start - n * b, block.start + b)[None]
-        hidden, _ = self.run(torch.tensor([ids]), positions, finished_then(self.cache.length, n, b, [b]))
-        return self.net.logits(self.net.slot_hidden(self.before, hidden[n * b :])).float()
+        logits = self.run(torch.tensor([ids]), positions, finished_then(self.length, n, b, [b]))
+        return self.net.slot_hidden(self.before, logits[n * b :])
 
 
 @dataclass
@@ -190,7 +206,7 @@ def settle(block: BlockState, session: Session, output: Output) -> BlockState | 
 
 
 def decode(
-    net: BlockDiffusionLM,
+    net: BlockDiffusionLM | Blocks,
     prompt: list[int],
     steps: int,
     max_new_tokens: int,
@@ -203,9 +219,9 @@ def decode(
     """The model's own blockwise decoding (see the module docstring); on_tokens and should_stop as
     in Output."""
     sampling = sampling or SamplingConfig()
-    counts = schedule(net.block_size, steps)
-    start = time.perf_counter()
     session = Session(net)
+    counts = schedule(session.net.block_size, steps)
+    start = time.perf_counter()
     block = session.begin(prompt, max_new_tokens)
     output = Output(max_new_tokens, eos_ids, on_tokens, should_stop)
     revealed = []

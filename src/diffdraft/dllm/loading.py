@@ -11,7 +11,9 @@ The drafter (`--dllm-drafter SPEC` or `--dllm-drafter-layers N`, at most one):
   N layers the target's own first N layers (its adapters and mask embedding up to layer
            N, then the final norm and LM head), untrained as a drafter
 `dllm_runners` builds both ways of decoding over one target: its own, and SimSD when a
-drafter is given. Every refusal is one DiffdraftError line, raised before any decoding.
+drafter is given, on one runtime (`dllm_runtime`: the lean runtime wherever it runs the
+model, the module with --backend hf). Every refusal is one DiffdraftError line, raised
+before any decoding.
 Knows nothing of text, prompt suites or reports.
 """
 
@@ -26,6 +28,7 @@ from diffdraft.dllm.checkpoint import load_dllm, shipped_folder
 from diffdraft.dllm.drafter import DLLMDrafter
 from diffdraft.dllm.model import BlockDiffusionLM, DLLMConfig
 from diffdraft.dllm.runner import DLLMRunner
+from diffdraft.dllm.runtime import blocks_for
 from diffdraft.errors import DiffdraftError
 
 BASE = "base"
@@ -99,15 +102,32 @@ def dllm_drafter(spec: str | None, layers: int | None, target, net: BlockDiffusi
     return drafter
 
 
+def dllm_runtime(backend: str, module) -> str:
+    """The dLLM target's runtime for a --backend choice: `hf` runs the module, `lean` the lean runtime (refused
+    in one line where it cannot run the model), `auto` the lean runtime wherever it can."""
+    from diffdraft.backends import BACKENDS, lean_unsupported
+
+    if backend not in BACKENDS:
+        raise DiffdraftError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "hf":
+        return "module"
+    reason = lean_unsupported(module)
+    if reason and backend == "lean":
+        raise DiffdraftError(f"the lean runtime cannot run this dLLM: {reason}; use --backend hf")
+    return "module" if reason else "lean"
+
+
 def dllm_runners(target, spec: str, drafter: str | None = None, layers: int | None = None,
                  block_size: int | None = None, steps: int | None = None,
-                 verify: str = "auto") -> tuple[DLLMRunner, DLLMRunner | None]:
-    """The dLLM's own decoding and, when a drafter is chosen, SimSD: both over one converted target."""
+                 verify: str = "auto", runtime: str = "module", gguf=None) -> tuple[DLLMRunner, DLLMRunner | None]:
+    """The dLLM's own decoding and, when a drafter is chosen, SimSD: both over one converted target, whose
+    forwards run on `runtime` (module or lean; runtime.py; `gguf`: the file the target came from)."""
     check_choices(spec, drafter, layers, block_size)
     net = dllm_target(spec, target, block_size=block_size)
+    blocks = blocks_for(net, runtime, target.tokenizer, gguf)
     label = "dllm-base" if spec == BASE else "dllm"
-    own = DLLMRunner(net, None, steps=steps, eos_ids=target.eos_token_ids, label=label)
+    own = DLLMRunner(blocks, None, steps=steps, eos_ids=target.eos_token_ids, label=label)
     small = dllm_drafter(drafter, layers, target, net)
     if small is None:
         return own, None
-    return own, DLLMRunner(net, small, steps=steps, eos_ids=target.eos_token_ids, verify=verify, label=label)
+    return own, DLLMRunner(blocks, small, steps=steps, eos_ids=target.eos_token_ids, verify=verify, label=label)

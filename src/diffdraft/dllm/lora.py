@@ -73,6 +73,14 @@ class LoraAdapters(nn.Module):
                 a.copy_(draw / math.sqrt(a.shape[1]))
                 self.b[key].zero_()
 
+    def factors(self, layer_index: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This projection's update as (A [rank, in], (alpha / rank) * B [out, rank]), or None where it has
+        none: x A^T B'^T is what apply() adds."""
+        key = self.key(layer_index, name)
+        if key not in self.a:
+            return None
+        return self.a[key].detach(), self.scale * self.b[key].detach()
+
     def apply(self, layer_index: int, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """linear(x) plus this projection's low-rank update. x: [..., in] -> [..., out]."""
         out = linear(x)

@@ -154,7 +154,8 @@ class BlockDiffusionLM(nn.Module):
     @staticmethod
     def slot_hidden(before: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The hidden states whose logits predict a block's slots: slot 0 from `before`, the last
-        context position, and slot i from row i-1. before [D], rows [b, D] -> [b, D]."""
+        context position, and slot i from row i-1. before [D], rows [b, D] -> [b, D]. The same shift
+        applies to the rows' logits ([V] and [b, V]), which the LM head computes row by row."""
         return torch.cat([before[None], rows[:-1]], dim=0)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -20,17 +20,20 @@ from diffdraft.config import SamplingConfig
 from diffdraft.dllm.decode import DLLMResult, decode
 from diffdraft.dllm.drafter import DLLMDrafter
 from diffdraft.dllm.model import BlockDiffusionLM
+from diffdraft.dllm.runtime import Blocks, ModuleBlocks
 from diffdraft.dllm.simsd import decode_simsd, resolve_mode
 from diffdraft.dllm.unmask import schedule
 from diffdraft.prompting import check_seed
 from diffdraft.stats import Stats
 
 class DLLMRunner:
-    """A dLLM target with an optional drafter; run() answers one prompt."""
+    """A dLLM target, on a runtime (runtime.py; a bare BlockDiffusionLM runs on the module), with an
+    optional drafter; run() answers one prompt."""
 
-    def __init__(self, net: BlockDiffusionLM, drafter: DLLMDrafter | None, steps: int | None = None,
+    def __init__(self, target: BlockDiffusionLM | Blocks, drafter: DLLMDrafter | None, steps: int | None = None,
                  eos_ids: frozenset[int] = frozenset(), verify: str = "auto", label: str = "dllm"):
-        self.net = net
+        self.blocks = ModuleBlocks(target) if isinstance(target, BlockDiffusionLM) else target
+        self.net = net = self.blocks.net
         self.drafter = drafter
         self.steps = net.block_size if steps is None else steps
         schedule(net.block_size, self.steps)  # validates the step count
@@ -54,6 +57,11 @@ class DLLMRunner:
         return "simsd" + self.baseline_name[len("dllm"):]
 
     @property
+    def runtime(self) -> str:
+        """Where the target's forwards run: module or lean."""
+        return self.blocks.kind
+
+    @property
     def draft_len(self) -> int:
         """Steps a SimSD verification can check at most (0 for the target's own decoding)."""
         return 0 if self.drafter is None else self.steps
@@ -64,9 +72,9 @@ class DLLMRunner:
         """One answer; on_tokens gets each finished block's tokens, should_stop is asked after each block."""
         generator = torch.Generator().manual_seed(check_seed(seed))  # on the CPU, as the engine's
         if self.drafter is None:
-            return decode(self.net, prompt, self.steps, max_new_tokens, sampling, generator, self.eos_ids,
+            return decode(self.blocks, prompt, self.steps, max_new_tokens, sampling, generator, self.eos_ids,
                           on_tokens=on_tokens, should_stop=should_stop)
-        return decode_simsd(self.net, self.drafter, prompt, self.steps, max_new_tokens, sampling, generator,
+        return decode_simsd(self.blocks, self.drafter, prompt, self.steps, max_new_tokens, sampling, generator,
                             self.eos_ids, mode=self.verify, on_tokens=on_tokens, should_stop=should_stop)
 
     def stop_reason(self, result: DLLMResult) -> str:
@@ -76,7 +84,8 @@ class DLLMRunner:
 
     def describe(self) -> str:
         drafter = "" if self.drafter is None else f", drafter of {self.drafter.net.num_layers} layers"
-        return f"{self.name}: blocks of {self.net.block_size}, {self.steps} steps per block{drafter}"
+        return (f"{self.name}: blocks of {self.net.block_size}, {self.steps} steps per block, {self.runtime} "
+                f"runtime{drafter}")
 
 
 def cut_to(revealed: list[int], total: int) -> list[int]:

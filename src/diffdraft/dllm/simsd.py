@@ -42,6 +42,7 @@ from diffdraft.dllm.decode import DLLMResult, Output, Session, settle
 from diffdraft.dllm.drafter import DLLMDrafter, StepDraft
 from diffdraft.dllm.masks import reveal_labels, simsd_layout, state_ids
 from diffdraft.dllm.model import BlockDiffusionLM
+from diffdraft.dllm.runtime import Blocks
 from diffdraft.dllm.unmask import Step, choose_step, masked_slots, schedule, step_law
 from diffdraft.errors import DiffdraftError
 from diffdraft.verify import verify_greedy, verify_rejection
@@ -97,7 +98,7 @@ def accept(
 
 
 def decode_simsd(
-    target: BlockDiffusionLM,
+    target: BlockDiffusionLM | Blocks,
     drafter: DLLMDrafter,
     prompt: list[int],
     steps: int,
@@ -113,10 +114,11 @@ def decode_simsd(
     """Blockwise decoding of `target` sped up by SimSD (see the module docstring); on_tokens and
     should_stop as in decode.Output."""
     sampling = sampling or SamplingConfig()
-    b = target.block_size
+    net = target if isinstance(target, BlockDiffusionLM) else target.net  # the model, on whichever runtime
+    b = net.block_size
     counts = schedule(b, steps)
     mode = resolve_mode(mode, sampling, b, steps)
-    drafter.check_compatible(target)
+    drafter.check_compatible(net)
     if max_draft_steps is not None and max_draft_steps < 1:
         raise DiffdraftError(f"max draft steps must be >= 1, got {max_draft_steps}")
     start = time.perf_counter()
@@ -134,14 +136,13 @@ def decode_simsd(
         tokens = list(block.ids)
         for step in draft.steps:
             tokens = step.apply(tokens)
-        layout = simsd_layout(session.cache.length, session.unsent, block.start, list(block.ids), tokens, labels,
+        layout = simsd_layout(session.length, session.unsent, block.start, list(block.ids), tokens, labels,
                               num_steps)
-        hidden, kv = session.run(layout.ids, layout.positions, layout.mask)  # [T, D]
+        rows = session.run(layout.ids, layout.positions, layout.mask)  # [T, V]
         fills = layout.final_clean is not None
-        next_before = hidden[layout.final_clean.stop - 1] if fills else session.before  # [D] predicts final slot 0
-        predictors = [target.slot_hidden(session.before, hidden[r]) for r in layout.states]
-        predictors.append(target.slot_hidden(next_before, hidden[layout.final]))
-        logits = [target.logits(h).float() for h in predictors]  # S+1 x [b, V]
+        next_before = rows[layout.final_clean.stop - 1] if fills else session.before  # [V] predicts final slot 0
+        logits = [net.slot_hidden(session.before, rows[r]) for r in layout.states]  # S+1 x [b, V]
+        logits.append(net.slot_hidden(next_before, rows[layout.final]))
         masked = [masked_slots(state_ids(list(block.ids), tokens, labels, j)) for j in range(num_steps)]
         masked.append(torch.ones(b, dtype=torch.bool) if fills else masked_slots(tokens))
         step_counts = counts[block.step : block.step + num_steps] + [counts[0] if fills else counts[block.step + num_steps]]
@@ -152,7 +153,7 @@ def decode_simsd(
         for step in draft.steps[:accepted]:
             block = block.advance(step)
         if accepted == num_steps and fills:  # the drafted block is final and already ran clean: cache it
-            session.keep(kv, hidden, layout.final_clean)
+            session.keep(rows, layout.final_clean)
             if output.add(block.ids):
                 break
             block = block.next_block()
