@@ -12,12 +12,14 @@ text, prompt suites or files.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
 
 from diffdraft.config import SamplingConfig
-from diffdraft.dllm.decode import DLLMResult, decode
+from diffdraft.dllm.budget import StepBudget, measure
+from diffdraft.dllm.decode import BlockState, DLLMResult, decode
 from diffdraft.dllm.drafter import DLLMDrafter
 from diffdraft.dllm.model import BlockDiffusionLM
 from diffdraft.dllm.runtime import Blocks, ModuleBlocks
@@ -42,6 +44,8 @@ class DLLMRunner:
             drafter.check_compatible(net)
         self.eos_ids = eos_ids
         self.verify = verify
+        self.budget: StepBudget | None = None  # SimSD's step budget on the lean runtime, measured on first use
+        self._budget_lock = threading.Lock()
         self.label = label  # what the target is: "dllm" for a converted one, "dllm-base" for the untrained one
 
     @property
@@ -74,8 +78,40 @@ class DLLMRunner:
         if self.drafter is None:
             return decode(self.blocks, prompt, self.steps, max_new_tokens, sampling, generator, self.eos_ids,
                           on_tokens=on_tokens, should_stop=should_stop)
+        budget = self.step_budget() if self.blocks.kind == "lean" and sampling.greedy else None
         return decode_simsd(self.blocks, self.drafter, prompt, self.steps, max_new_tokens, sampling, generator,
-                            self.eos_ids, mode=self.verify, on_tokens=on_tokens, should_stop=should_stop)
+                            self.eos_ids, mode=self.verify, on_tokens=on_tokens, should_stop=should_stop,
+                            budget=budget)
+
+    def step_budget(self) -> StepBudget:
+        """SimSD's step budget (budget.py) over the lean runtime's target and this drafter, measured once, on
+        first use: forwards over up to steps + 2 blocks of rows after a 32-token context, and one drafter
+        step."""
+        with self._budget_lock:
+            if self.budget is None:
+                b, target = self.net.block_size, self.blocks.target
+                context, most = 32, (self.steps + 2) * b
+                ids = (torch.arange(context + most) * 7919 % (target.vocab_size - 1))[None]  # any tokens
+                state = target.new_state()
+                with torch.inference_mode():
+                    target.prefill(state, ids[:, :context])
+
+                def forward_rows(k: int) -> None:
+                    target.forward(state, ids[:, context : context + k])
+                    target.crop(state, context)
+
+                draft_state = self.drafter.new_state()
+                with torch.inference_mode():
+                    self.drafter.begin(draft_state, ids[0, :context].tolist(), b)
+                block, first = BlockState.empty(context, b), schedule(b, self.steps)[0]
+
+                def draft_step() -> None:
+                    self.drafter.propose(draft_state, [], block, [first], SamplingConfig(), False, None)
+
+                with torch.inference_mode():
+                    costs = measure(forward_rows, draft_step, b, most)
+                self.budget = StepBudget(costs, b)  # its counts are updated in place later: not inference tensors
+        return self.budget
 
     def stop_reason(self, result: DLLMResult) -> str:
         if result.stopped is not None:

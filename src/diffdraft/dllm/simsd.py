@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 
 from diffdraft.config import SamplingConfig
+from diffdraft.dllm.budget import StepBudget
 from diffdraft.dllm.decode import DLLMResult, Output, Session, settle
 from diffdraft.dllm.drafter import DLLMDrafter, StepDraft
 from diffdraft.dllm.masks import reveal_labels, simsd_layout, state_ids
@@ -110,9 +111,12 @@ def decode_simsd(
     max_draft_steps: int | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
     should_stop: Callable[[], str | None] | None = None,
+    budget: StepBudget | None = None,
 ) -> DLLMResult:
     """Blockwise decoding of `target` sped up by SimSD (see the module docstring); on_tokens and
-    should_stop as in decode.Output."""
+    should_stop as in decode.Output. With a `budget` (budget.py), greedy verification drafts as many
+    steps (up to the limit) as the measured costs and the acceptance seen so far make worth it, 0
+    included; otherwise every verification drafts the most steps it may."""
     sampling = sampling or SamplingConfig()
     net = target if isinstance(target, BlockDiffusionLM) else target.net  # the model, on whichever runtime
     b = net.block_size
@@ -130,6 +134,8 @@ def decode_simsd(
     result = DLLMResult(tokens=[], forwards=0, seconds=0.0)
     while True:
         num_steps = min(steps - block.step, max_draft_steps or steps)
+        if budget is not None and mode == "greedy":
+            num_steps = budget.choose(num_steps, carried=len(session.unsent) * b)
         draft = drafter.propose(draft_state, output.blocks, block, counts[block.step : block.step + num_steps],
                                 sampling, with_laws=mode == "rejection", generator=generator)
         labels = reveal_labels(list(block.ids), [s.slots for s in draft.steps])
@@ -147,6 +153,8 @@ def decode_simsd(
         masked.append(torch.ones(b, dtype=torch.bool) if fills else masked_slots(tokens))
         step_counts = counts[block.step : block.step + num_steps] + [counts[0] if fills else counts[block.step + num_steps]]
         accepted, last = accept(mode, draft, logits, masked, step_counts, sampling, generator)
+        if budget is not None and mode == "greedy":
+            budget.observe(num_steps, accepted)
         result.accepted.append(accepted)
         result.drafted.append(num_steps)
         result.revealed.append(sum(len(s.slots) for s in draft.steps[:accepted]) + len(last.slots))
