@@ -221,7 +221,8 @@ def test_bench_runs_the_dllm_and_simsd_side_by_side(capsys, folders, two_prompts
     overall = t0["figures"]["all"]
     assert overall["dllm-b4"]["tau"] == 1.0 and overall["dllm-b4"]["speedup"]["median_time"] == 1.0
     simsd = overall["simsd-b4"]
-    assert simsd["tau"] > 1.0 and simsd["draft_len"] == 4 and len(simsd["histogram"]) == 5
+    # on the lean runtime the step budget decides from this machine's costs whether drafting pays (0 steps: tau 1)
+    assert simsd["tau"] >= 1.0 and simsd["draft_len"] == 4 and len(simsd["histogram"]) == 5
     plain_time = sum(r["runs"][0]["stats"]["total_s"] for r in map(json.loads, (out / "records.jsonl").open())
                      if r["decoder"] == "dllm-b4" and r["temperature"] == 0)
     simsd_time = sum(r["runs"][0]["stats"]["total_s"] for r in map(json.loads, (out / "records.jsonl").open())
@@ -230,7 +231,7 @@ def test_bench_runs_the_dllm_and_simsd_side_by_side(capsys, folders, two_prompts
     assert "same_tokens_as_plain" in results["temperatures"]["1"]
     md = (out / "results.md").read_text()
     assert "| decoder | runtime | kind | reference |" in md and "equal to reference" in md
-    assert "| simsd-b4 | dLLM lean, float32 | dllm | dllm-b4 | 4 | 2 |" in md and "| 2/2 |" in md and "SimSD with a 4-layer drafter" in md
+    assert "| simsd-b4 | dLLM lean, float32 weights | dllm | dllm-b4 | 4 | 2 |" in md and "| 2/2 |" in md and "SimSD with a 4-layer drafter" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "simsd-b4" in printed and "vs dllm-b4" in printed and "equal 2/2" in printed
     quality = results["dllm_quality"]

@@ -149,8 +149,8 @@ class DLLMDecoder(Decoder):
     def describe(self) -> dict:
         net = self.runner.net
         drafter = self.runner.drafter
-        dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
-        return {**super().describe(), "runtime": f"dLLM {self.runner.runtime}, {dtype}", "block_size": net.block_size,
+        return {**super().describe(), "runtime": f"dLLM {self.runner.runtime}, {self.runner.blocks.weights} weights",
+                "block_size": net.block_size,
                 "steps": self.runner.steps,
                 "verify": self.runner.verify if drafter else None,
                 "drafter_layers": drafter.net.num_layers if drafter else None}

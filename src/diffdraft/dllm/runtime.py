@@ -134,6 +134,7 @@ class ModuleBlocks:
 
     def __init__(self, net: BlockDiffusionLM):
         self.net = net
+        self.weights = str(next(net.base.parameters()).dtype).removeprefix("torch.")  # as loaded
 
     def sequence(self) -> ModuleSequence:
         return ModuleSequence(self.net)
@@ -158,7 +159,7 @@ class LeanBlocks:
         if net.num_layers != depth:
             raise DiffdraftError(f"the lean runtime runs a dLLM of its base model's {depth} layers, not {net.num_layers}")
         self.net = net
-        self.weights = resolve_weights("auto", "lean", module, gguf)
+        self.weights = resolve_weights("auto", "lean", module, gguf)  # native, or float32
         int4 = None
         if self.weights != "float32":
             int4, told = int4_layers(module, self.weights, gguf)
