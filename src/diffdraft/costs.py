@@ -63,7 +63,8 @@ def _key(target, drafter, max_tokens: int) -> dict:
     }
 
 
-def _median_time(run, repeats: int = 2 * REPEATS + 1) -> float:
+def median_time(run, repeats: int = 2 * REPEATS + 1) -> float:
+    """Seconds of one call of `run`: the median of `repeats` timed calls."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -74,7 +75,7 @@ def _median_time(run, repeats: int = 2 * REPEATS + 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _context(target, k: int) -> torch.Tensor:
+def context_ids(target, k: int) -> torch.Tensor:
     """Synthetic ids: CONTEXT (or what the model holds) + k, cycling through ordinary token ids."""
     length = min(CONTEXT, max(1, target.max_context - k - 1))
     return (torch.arange(length + k, dtype=torch.long) * 7919 % max(2, target.vocab_size - 1))[None]
@@ -88,7 +89,7 @@ def measure_target(target, max_tokens: int, rounds: int = 2 * REPEATS + 1, budge
     hits them all alike; each c(k) is its median over the rounds, and the curve is then made
     non-decreasing (a forward over more tokens never costs less; a dip is noise). Rounds stop
     after budget_s seconds (at least one runs)."""
-    ids = _context(target, max_tokens)
+    ids = context_ids(target, max_tokens)
     context = ids.shape[1] - max_tokens
     state = target.new_state()
     target.prefill(state, ids[:, :context])
@@ -111,7 +112,7 @@ def measure_target(target, max_tokens: int, rounds: int = 2 * REPEATS + 1, budge
 
 def measure_drafter(target, drafter, max_tokens: int) -> float:
     """d: seconds of one drafter call for `max_tokens` tokens after CONTEXT tokens."""
-    ids = _context(target, 1)
+    ids = context_ids(target, 1)
     out = target.prefill(target.new_state(), ids, want_taps=drafter.wants_taps)
     tokens = ids[0].tolist()
     state = drafter.new_state()
@@ -119,7 +120,7 @@ def measure_drafter(target, drafter, max_tokens: int) -> float:
     generator = torch.Generator().manual_seed(0)
     greedy = SamplingConfig()
     drafter.propose(state, tokens, max_tokens, greedy, generator)  # warm up
-    return _median_time(lambda: drafter.propose(state, tokens, max_tokens, greedy, generator))
+    return median_time(lambda: drafter.propose(state, tokens, max_tokens, greedy, generator))
 
 
 def cost_curve(target, drafter, max_tokens: int, use_cache: bool = True) -> CostCurve:

@@ -15,6 +15,7 @@ from pathlib import Path
 from diffdraft.config import DraftConfig
 from diffdraft.decoding import PLAIN, DLLMDecoder, EngineDecoder
 from diffdraft.dllm.loading import dllm_runners
+from diffdraft.dllm.runner import DLLMRunner
 from diffdraft.drafters import build_drafter, format_options, parse_options
 from diffdraft.errors import DiffdraftError
 from diffdraft.target import TargetBackend
@@ -31,9 +32,8 @@ def dllm_decoders(target: TargetBackend, spec: str, drafter: str | None, drafter
     own, simsd = dllm_runners(target, spec, drafter, drafter_layers, block_size, steps, verify, runtime=runtime,
                               gguf=gguf)
     decoders = [DLLMDecoder(r) for r in (own, simsd) if r is not None]
-    if runtime != "module":
-        module, _ = dllm_runners(target, spec, None, None, block_size, steps, verify, runtime="module")
-        baseline = DLLMDecoder(module)
+    if runtime != "module":  # the same converted net, not loaded again
+        baseline = DLLMDecoder(DLLMRunner(own.net, None, steps=own.steps, eos_ids=own.eos_ids, label=own.label))
         baseline.name, baseline.reference, baseline.kind = f"{own.name}-module", own.name, "dllm-module"
         decoders.append(baseline)
     return decoders

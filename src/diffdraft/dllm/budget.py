@@ -17,11 +17,10 @@ the two calls it is given.
 
 from __future__ import annotations
 
-import statistics
 import threading
-import time
 from typing import Callable
 
+from diffdraft.costs import median_time
 from diffdraft.draft_length import EXPLORE, AcceptanceCalibration, CostCurve, expected_emitted
 
 ROUNDS = 5  # timed calls per measured row count (median)
@@ -76,10 +75,5 @@ def measure(forward_rows: Callable[[int], None], draft_step: Callable[[], None],
 
 
 def _median_seconds(call: Callable[[], None]) -> float:
-    call()
-    times = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    call()  # untimed: the first call pays for allocations
+    return median_time(call, ROUNDS)

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from diffdraft.config import SamplingConfig
+from diffdraft.costs import context_ids
 from diffdraft.dllm.budget import StepBudget, measure
 from diffdraft.dllm.decode import BlockState, DLLMResult, decode
 from diffdraft.dllm.drafter import DLLMDrafter
@@ -85,13 +86,14 @@ class DLLMRunner:
 
     def step_budget(self) -> StepBudget:
         """SimSD's step budget (budget.py) over the lean runtime's target and this drafter, measured once, on
-        first use: forwards over up to steps + 2 blocks of rows after a 32-token context, and one drafter
-        step."""
+        first use: forwards over up to steps + 2 blocks of rows after the length rule's synthetic context
+        (costs.context_ids), and one drafter step."""
         with self._budget_lock:
             if self.budget is None:
                 b, target = self.net.block_size, self.blocks.target
-                context, most = 32, (self.steps + 2) * b
-                ids = (torch.arange(context + most) * 7919 % (target.vocab_size - 1))[None]  # any tokens
+                most = (self.steps + 2) * b
+                ids = context_ids(target, most)  # [1, context + most]
+                context = ids.shape[1] - most
                 state = target.new_state()
                 with torch.inference_mode():
                     target.prefill(state, ids[:, :context])
