@@ -287,3 +287,52 @@ def test_the_native_read_is_cached_whole_and_refreshed_when_damaged(tmp_path):
     cache.write_bytes(b"damaged")
     with pytest.raises(DiffdraftError, match="could not read the GGUF file"):  # damaged cache: back to the file
         read_native_linears(tmp_path / "tiny.gguf", 1, 4, 2, cache=cache)
+
+
+def test_the_half_kernel_rows_are_invariant_and_equal_the_float16_weight(monkeypatch):
+    """HalfLinear: float32 rows in and out, the weight rounded to float16; each row computed alone."""
+    if not kernels.half_supported():
+        pytest.skip("FBGEMM's float16 linear does not run on this CPU (the refusal is checked below)")
+    generator = torch.Generator().manual_seed(7)
+    weight, bias = torch.randn(97, 576, generator=generator), torch.randn(97, generator=generator)
+    linear = kernels.HalfLinear(weight, bias)
+    x = torch.randn(MAX_K, 576, generator=generator)
+    rows = linear(x)
+    assert rows.dtype == torch.float32
+    assert torch.equal(rows, torch.cat([linear(x[i : i + 1]) for i in range(MAX_K)]))
+    expected = x @ weight.half().float().T + bias
+    torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-4)  # only the sums' order differs
+    assert (rows - x @ weight.T - bias).abs().max() > 0  # the weight really is rounded
+    monkeypatch.setenv(kernels.CAPABILITY_ENV, "DEFAULT")
+    assert not kernels.half_supported()
+    with pytest.raises(ValueError, match="FBGEMM"):
+        kernels.HalfLinear(weight)
+
+
+def test_a_4_bit_target_reads_its_head_in_float16_and_its_drafter_follows(tiny_model, tiny_tokenizer, monkeypatch):
+    """With 4-bit weights the LM head (and the block-diffusion drafter over it) reads float16 weights where FBGEMM
+    runs, close to the float32 head; float32 targets, and CPUs without FBGEMM's kernel, keep float32."""
+    from diffdraft.drafters.block_diffusion import BlockDiffusionDrafter
+    from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
+
+    def drafter_kernels(target):
+        config = BlockDiffusionConfig(hidden_size=target.hidden_size, num_taps=1, num_layers=1, num_heads=4,
+                                      num_kv_heads=2, head_dim=target.hidden_size // 4, intermediate_size=32,
+                                      block_size=4)
+        drafter = BlockDiffusionDrafter(target, BlockDiffusionNet(config), (2,))
+        return {type(module.kernel) for module in drafter._fast.modules() if hasattr(module, "kernel")} | \
+            {type(drafter.head._weight)}
+
+    if kernels.half_supported():
+        half = int4_target(tiny_model, tiny_tokenizer)
+        assert half.half_head and drafter_kernels(half) == {kernels.HalfLinear}
+        full = int4_target(tiny_model, tiny_tokenizer)
+        full.half_head, full._head = False, kernels.PreparedLinear(tiny_model.lm_head.weight)
+        ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(8))
+        with_half, with_full = (t.prefill(t.new_state(), ids).logits for t in (half, full))
+        assert not torch.equal(with_half, with_full)
+        torch.testing.assert_close(with_half, with_full, rtol=1e-3, atol=1e-3)
+    plain = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(2,), report=lambda line: None)
+    assert not plain.half_head and drafter_kernels(plain) == {kernels.PreparedLinear}
+    monkeypatch.setenv(kernels.CAPABILITY_ENV, "DEFAULT")
+    assert not int4_target(tiny_model, tiny_tokenizer).half_head

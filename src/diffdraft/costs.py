@@ -58,6 +58,7 @@ def _key(target, drafter, max_tokens: int) -> dict:
         "backend": target.kind,
         "dtype": str(target.dtype),
         "weights": target.weights,  # 4-bit linears have their own cost curve
+        "half_head": target.half_head,  # so has a float16 LM head (and the drafter that follows it)
         "drafter": None if drafter is None else drafter.cost_id(),
         "max_tokens": max_tokens,
     }

@@ -76,6 +76,7 @@ def build_target(
     layers, told = int4_layers(module, weights, gguf)
     target = LeanLlamaTarget(module, tokenizer, tap_layers=tap_layers, name=name, int4_layers=layers,
                              weights=weights, bulk_prefill=bulk_prefill)
+    told += "; LM head float16 (FBGEMM)" if target.half_head else "; LM head float32"
     if target.bulk_prefill:
         told += f"; prefills of {BULK_ROWS}+ tokens on a bfloat16 copy (oneDNN)"
     (report or _to_stderr)(told)
@@ -94,11 +95,11 @@ def int4_layers(module: nn.Module, weights: str, gguf: Path | None) -> tuple[lis
         native = read_native_linears(gguf, config.num_hidden_layers, config.num_attention_heads,
                                      config.num_key_value_heads,
                                      cache=cache_dir() / "int4" / f"{gguf_cache_name(Path(gguf))}.safetensors")
-        return native.layers, f"weights: native from {Path(gguf).name}: {native.summary()}; LM head float32"
+        return native.layers, f"weights: native from {Path(gguf).name}: {native.summary()}"
     layers = [{key: round_to_nearest(layer.get_submodule(path).weight) for key, path in MODULE_PATHS.items()}
               for layer in module.model.layers]
     return layers, (f"weights: int4, the float decoder linears rounded to 4-bit groups of 32 ({7 * len(layers)} "
-                    "tensors); LM head float32")
+                    "tensors)")
 
 
 def _to_stderr(line: str) -> None:

@@ -12,6 +12,11 @@ Int4Linear runs 4-bit weights (backends/int4.py) through PyTorch's int4 CPU kern
 the activations rounded to bfloat16 on the way in and the output widened to float32 on the
 way out; its rows are invariant too (tested).
 
+HalfLinear keeps a weight in float16 in FBGEMM's packed layout and multiplies float32 rows
+by it with float32 accumulation and a float32 output: half the bytes a float32 weight reads
+per token, the activations and the result untouched. A 4-bit target's LM head and its
+drafter run on it (docs/native-weights.md); its rows are invariant too (tested).
+
 Kernels are chosen by what the CPU can do, not by dtype alone: oneDNN's bfloat16 weight
 reorder needs AVX-512 (or AVX-NE-CONVERT) and raises on an AVX2-only CPU, so a bfloat16
 weight gets oneDNN only where `onednn_bf16_supported()` says so. DIFFDRAFT_CPU_CAPABILITY
@@ -51,6 +56,11 @@ def onednn_bf16_supported() -> bool:
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
     return cpu_capability() not in ("DEFAULT", "AVX2")  # a lowered capability stands for a CPU without them
+
+
+def half_supported() -> bool:
+    """Whether FBGEMM's float16-weight linear runs here (an x86 CPU with AVX2 and F16C, and the engine built in)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and cpu_capability() in ("AVX2", "AVX512")
 
 
 def onednn_ready(weight: torch.Tensor) -> bool:
@@ -151,6 +161,29 @@ class BulkLinear:
         return y
 
 
+class HalfLinear:
+    """y = x W^T (+ b) with W rounded once to float16 (FBGEMM's packed layout): x float32 -> y float32, the
+    products summed in float32. Half the weight bytes of a float32 linear, for a layer whose weight reads
+    dominate (SmolLM2's LM head: 57 MB instead of 113 per token). Each output row is computed alone, whatever
+    the number of rows in the call (tests/test_native_weights.py). Only where `half_supported()`; CPU only."""
+
+    row_invariant = True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if not half_supported():
+            raise ValueError("HalfLinear needs FBGEMM's float16 linear (half_supported())")
+        weight = weight.detach().float().contiguous()  # [out, in]
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight, self.bias)
+
+    def __call__(self, x: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        """`widen` is Int4Linear's; the output is always float32."""
+        rows = x.reshape(-1, self.in_features).float()  # [R, in]
+        y = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)  # [R, out]
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 class AdaptedLinear:
     """A prepared kernel plus a low-rank update: y = base(x) + (x A^T) B^T, with A [r, in] and B [out, r] (any
     scale folded into B), the update's two matmuls through prepared oneDNN linears, so rows stay invariant
@@ -169,23 +202,24 @@ class AdaptedLinear:
 
 
 class PreparedLinearModule(nn.Module):
-    """A drop-in for an inference-only nn.Linear that runs through a PreparedLinear."""
+    """A drop-in for an inference-only nn.Linear that runs through a PreparedLinear (a HalfLinear with half)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, half: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.kernel = PreparedLinear(linear.weight, linear.bias)
+        self.kernel = HalfLinear(linear.weight, linear.bias) if half else PreparedLinear(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)
 
 
-def prepared_copy(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def prepared_copy(module: nn.Module, device: torch.device, dtype: torch.dtype, half: bool = False) -> nn.Module:
     """An inference-only copy of a network on `device` in `dtype`, whose every nn.Linear runs
-    through a PreparedLinear. The original is left as it was (a trainer may still be training it)."""
+    through a PreparedLinear, or with `half` (float32 only) a HalfLinear. The original is left as it was (a
+    trainer may still be training it)."""
     prepared = copy.deepcopy(module).to(device=device, dtype=dtype).eval().requires_grad_(False)
     for parent in list(prepared.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PreparedLinearModule(child))
+                setattr(parent, name, PreparedLinearModule(child, half=half))
     return prepared

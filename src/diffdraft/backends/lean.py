@@ -23,7 +23,9 @@ Weights (docs/native-weights.md): the decoder linears run either on the loaded f
 (oneDNN, `weights="float32"`) or as 4-bit groups through the int4 kernel (`int4_layers`:
 the GGUF file's own blocks, "native", or the float weights rounded, "int4"); a fused linear
 whose parts are not all 4-bit stays float. The residual stream, norms, attention and the
-LM head stay float32 either way; only the 4-bit matmuls read bfloat16 activations.
+LM head's activations and logits stay float32 either way; only the 4-bit matmuls read bfloat16
+activations. With 4-bit weights the LM head's weight is read in float16 (HalfLinear, where FBGEMM
+runs it), else float32.
 
 Several sequences' rows run through one forward (forward_many, a batch of requests): the
 row-wise parts over all rows at once, the cache writes and attention per sequence and row,
@@ -42,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffdraft.backends.int4 import Int4Weight
-from diffdraft.backends.kernels import AdaptedLinear, BulkLinear, Int4Linear, PreparedLinear, onednn_bf16_supported
+from diffdraft.backends.kernels import (AdaptedLinear, BulkLinear, HalfLinear, Int4Linear, PreparedLinear,
+                                       half_supported, onednn_bf16_supported)
 from diffdraft.errors import DiffdraftError
 from diffdraft.rope import rope_tables, rotate_in_place, signed_sin
 from diffdraft.target import Rows, SequenceRows, TargetBackend, TargetOutput, TargetState
@@ -217,7 +220,10 @@ class LeanLlamaTarget(TargetBackend):
             self._embed = body.embed_tokens.weight.detach()  # [V (+ n extra), D]
             if extra_embeddings is not None:
                 self._embed = torch.cat([self._embed, extra_embeddings.detach().to(self._embed.dtype)])
-            self._head = PreparedLinear(module.lm_head.weight, None, prefer_onednn)
+            # 4-bit targets read their LM head in float16 where FBGEMM runs it (float32 in and out): half the bytes
+            self.half_head = int4_layers is not None and prefer_onednn and half_supported()
+            head = module.lm_head.weight
+            self._head = HalfLinear(head) if self.half_head else PreparedLinear(head, None, prefer_onednn)
             self._cos, self._sin_signed = self._rope_tables(body.rotary_emb)  # [C, hd] each
         self.row_invariant = all(
             lin.row_invariant for layer in self._layers

@@ -103,7 +103,8 @@ class BlockDiffusionDrafter(HeadedDrafter):
         # Decoding runs a copy whose linears are prepared once for the fastest kernel (the net passed
         # in may still be training); `net` stays the plain network, for saving and inspection.
         self.net = net
-        self._fast = prepared_copy(net, target.device, target.dtype)
+        # (over a target whose head reads float16 weights, its linears do too: q stays the law of what it drafts)
+        self._fast = prepared_copy(net, target.device, target.dtype, half=target.half_head)
         self.tap_layers = tuple(tap_layers)
         self.signature = signature or target_signature(target)
         self.check_compatible(target)

@@ -13,7 +13,7 @@ import torch
 
 from diffdraft.config import SamplingConfig
 from diffdraft.drafters.base import Drafter
-from diffdraft.backends.kernels import PreparedLinear
+from diffdraft.backends.kernels import HalfLinear, PreparedLinear
 from diffdraft.errors import DiffdraftError
 from diffdraft.sampling import logits_to_probs
 
@@ -33,7 +33,8 @@ class DraftHead:
         weight, bias = target.lm_head.weight, target.lm_head.bias
         if self.draft_vocab is not None:
             weight, bias = weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
-        self._weight = PreparedLinear(weight.detach(), bias)  # [N, D], prepared once for the fastest kernel
+        # [N, D], prepared once for the fastest kernel: float16 weights where the target's own head has them
+        self._weight = HalfLinear(weight, bias) if target.half_head else PreparedLinear(weight.detach(), bias)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, D] -> logits [n, N] over the draft vocabulary (N = V without one)."""
