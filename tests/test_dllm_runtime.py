@@ -15,6 +15,7 @@ from diffdraft.dllm.masks import finished_then
 from diffdraft.dllm.model import MASK_ID
 from diffdraft.dllm.runtime import LeanBlocks, ModuleBlocks, blocks_for
 from diffdraft.errors import DiffdraftError
+from diffdraft.rope import paired_rows
 from test_dllm_model import converted
 
 PROMPT = [5, 9, 33, 100, 7]
@@ -36,10 +37,15 @@ def test_the_lean_runtime_reads_the_adapters_beside_the_weights(net, tiny_tokeni
     x = torch.randn(3, net.base.config.hidden_size, generator=torch.Generator().manual_seed(2))
     layer = blocks.target._layers[0].rowwise.qkv
     base = net.base.model.layers[0].self_attn
-    expected = torch.cat([net.adapters.apply(0, name, base_linear(net.base.model.layers[0], name), x)
-                          for name in ("q", "k", "v")], dim=-1)
+    config = net.base.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    orders = {"q": paired_rows(config.num_attention_heads, head_dim), "k": paired_rows(config.num_key_value_heads,
+                                                                                         head_dim)}
+    expected = torch.cat([net.adapters.apply(0, name, base_linear(net.base.model.layers[0], name), x)[
+        :, orders.get(name, slice(None))] for name in ("q", "k", "v")], dim=-1)  # q, k rows as the runtime pairs them
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(layer(x), torch.cat([base.q_proj(x), base.k_proj(x), base.v_proj(x)], -1), atol=1e-3)
+    unadapted = torch.cat([base.q_proj(x)[:, orders["q"]], base.k_proj(x)[:, orders["k"]], base.v_proj(x)], -1)
+    assert not torch.allclose(layer(x), unadapted, atol=1e-3)
     with pytest.raises(DiffdraftError, match="layers"):
         LeanBlocks(converted(net.base, 4, num_layers=2), tiny_tokenizer)
 

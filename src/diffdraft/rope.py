@@ -2,8 +2,10 @@
 
 rope_tables turns integer positions into cos/sin tables, from a base theta or from given
 inverse frequencies (a loaded model's own, which may carry a scaling); apply_rope rotates
-queries or keys; rotate_in_place does the same in three ops on a tensor it may overwrite,
-with the sine table signed once (signed_sin) instead of negating half of x at every call. Elementwise per row: nothing here mixes positions. Knows nothing of models.
+queries or keys. For a runtime that keeps each rotary pair side by side (its q and k weight
+rows reordered once by paired_rows), rotate_pairs_in_place rotates in one op: a complex
+multiply by the phases of rope_phases. Elementwise per row: nothing here mixes positions.
+Knows nothing of models.
 """
 
 from __future__ import annotations
@@ -34,15 +36,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
 
 
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """A sin table [..., hd] with its first half negated, for rotate_in_place."""
-    half = sin.shape[-1] // 2
-    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+def paired_rows(heads: int, head_dim: int) -> torch.Tensor:
+    """Row order [heads * head_dim] that puts each rotary pair of a rotate-half layout side by side: per head,
+    rows p and p + head_dim / 2 go to 2p and 2p + 1. A projection whose q (or k) rows are taken in this order
+    gives queries (keys) that rotate_pairs_in_place rotates; their dot products are the same sums, reordered."""
+    half = head_dim // 2
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()  # [hd]
+    return (torch.arange(heads)[:, None] * head_dim + within).flatten()
 
 
-def rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
-    """x [..., hd] <- x * cos + rotate_half(x) * sin, written into x; cos / sin_signed broadcast against x.
-    rotate_half(x) * sin equals the halves of x swapped times signed_sin(sin), exactly."""
-    half = x.shape[-1] // 2
-    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # [..., hd]: (x2, x1), a copy
-    x.mul_(cos).addcmul_(swapped, sin_signed)
+def rope_phases(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Tables of rope_tables [..., hd] -> the rotations as unit complex numbers [..., hd / 2] (complex64)."""
+    half = cos.shape[-1] // 2
+    return torch.complex(cos[..., :half].float(), sin[..., :half].float())
+
+
+def rotate_pairs_in_place(x: torch.Tensor, phases: torch.Tensor) -> None:
+    """x [..., hd] in paired layout (paired_rows) <- each pair (a, b) rotated: (a cos - b sin, a sin + b cos),
+    the rotate-half RoPE of the pair's two rows; phases (rope_phases) broadcast against [..., hd / 2]. One
+    complex multiply in place for float32 x; another dtype goes through float32."""
+    if x.dtype == torch.float32:
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(phases)
+        return
+    wide = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    x.copy_(torch.view_as_real(wide * phases).flatten(-2))

@@ -2,7 +2,8 @@
 
 Built from a loaded HF Llama (SmolLM2, any Llama-architecture folder or GGUF); its weights
 are read once and prepared for the fastest row-invariant kernel (backends/kernels.py),
-with q/k/v and gate/up fused into one linear each. Each sequence's KV cache (in its
+with q/k/v and gate/up fused into one linear each, and q and k's rows ordered so that each rotary
+pair sits side by side (RoPE is then one complex multiply: rope.rotate_pairs_in_place). Each sequence's KV cache (in its
 TargetState) is one preallocated tensor per K and V, [layers, kv heads, capacity, head dim];
 crop is a change of length. Only the tapped layers' hidden states are kept, and only when
 asked for.
@@ -47,7 +48,7 @@ from diffdraft.backends.int4 import Int4Weight
 from diffdraft.backends.kernels import (AdaptedLinear, BulkLinear, HalfLinear, Int4Linear, PreparedLinear,
                                        half_supported, onednn_bf16_supported)
 from diffdraft.errors import DiffdraftError
-from diffdraft.rope import rope_tables, rotate_in_place, signed_sin
+from diffdraft.rope import paired_rows, rope_phases, rope_tables, rotate_pairs_in_place
 from diffdraft.target import Rows, SequenceRows, TargetBackend, TargetOutput, TargetState
 
 # Verify forwards up to this many tokens are computed row by row (draft lengths are far below it).
@@ -91,24 +92,34 @@ LowRank = tuple[torch.Tensor, torch.Tensor]  # (A [r, in], B [out, r]): a weight
 
 
 def _linear(parts: list[nn.Linear], int4: list[Int4Weight | None], prefer_onednn: bool, bulk: bool,
-            low_rank: list[LowRank | None] | None = None) -> tuple[Kernel, Kernel]:
+            low_rank: list[LowRank | None] | None = None,
+            orders: list[torch.Tensor | None] | None = None) -> tuple[Kernel, Kernel]:
     """One linear over `parts` stacked on the output side, as (its row-invariant kernel, its kernel for bulk
     prefills): 4-bit when every part has 4-bit weights, else float; the bulk kernel is a bfloat16 copy of
     4-bit weights where `bulk` says so, else the same kernel. Parts with a low-rank update (`low_rank`)
-    get it beside the weight, both kernels alike (AdaptedLinear)."""
-    biases = [p.bias for p in parts]
+    get it beside the weight, both kernels alike (AdaptedLinear). A part with a row order in `orders` gives its
+    output rows in that order (weight, bias and update alike)."""
+    orders = orders or [None] * len(parts)
+
+    def ordered(rows: torch.Tensor | None, order: torch.Tensor | None) -> torch.Tensor | None:
+        return rows if rows is None or order is None else rows[order]
+
+    biases = [ordered(p.bias, order) for p, order in zip(parts, orders)]
     bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
     if int4 and all(w is not None for w in int4):
-        weight = Int4Weight.cat(int4)
+        weight = Int4Weight.cat([w if order is None else w.take_rows(order) for w, order in zip(int4, orders)])
         kernel = Int4Linear(weight, bias)
         pair = (kernel, BulkLinear(weight, bias) if bulk else kernel)
     else:
-        linear = PreparedLinear(torch.cat([p.weight.detach() for p in parts]), prefer_onednn=prefer_onednn)
+        weights = [ordered(p.weight.detach(), order) for p, order in zip(parts, orders)]
+        linear = PreparedLinear(torch.cat(weights), prefer_onednn=prefer_onednn)
         if bias is not None:
             linear.bias = bias
         pair = (linear, linear)
     if not low_rank or all(update is None for update in low_rank):
         return pair
+    low_rank = [None if update is None else (update[0], ordered(update[1], order))
+                for update, order in zip(low_rank, orders)]
     a, b = _stacked_low_rank(low_rank, [p.out_features for p in parts])
     rowwise = AdaptedLinear(pair[0], a, b)
     return rowwise, rowwise if pair[1] is pair[0] else AdaptedLinear(pair[1], a, b)
@@ -142,16 +153,20 @@ class _LeanLayer:
     row-invariant kernels every decoding forward runs on, and `bulk`, those of a long prefill (the same
     objects unless `bulk`)."""
 
-    def __init__(self, layer: nn.Module, prefer_onednn: bool, int4: dict[str, Int4Weight | None] | None = None,
-                 bulk: bool = False, low_rank: dict[str, LowRank] | None = None):
+    def __init__(self, layer: nn.Module, head_dim: int, prefer_onednn: bool,
+                 int4: dict[str, Int4Weight | None] | None = None, bulk: bool = False,
+                 low_rank: dict[str, LowRank] | None = None):
         attn, mlp = layer.self_attn, layer.mlp
         int4, low_rank = int4 or {}, low_rank or {}
 
-        def make(names: list[str], parts: list[nn.Linear]):
+        def make(names: list[str], parts: list[nn.Linear], orders=None):
             return _linear(parts, [int4.get(n) for n in names] if int4 else [], prefer_onednn, bulk,
-                           [low_rank.get(n) for n in names])
+                           [low_rank.get(n) for n in names], orders)
 
-        pairs = [make(["q", "k", "v"], [attn.q_proj, attn.k_proj, attn.v_proj]), make(["o"], [attn.o_proj]),
+        # q and k with each rotary pair side by side, so RoPE is one complex multiply (rope.paired_rows)
+        heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+        paired = [paired_rows(heads, head_dim), paired_rows(kv_heads, head_dim), None]
+        pairs = [make(["q", "k", "v"], [attn.q_proj, attn.k_proj, attn.v_proj], paired), make(["o"], [attn.o_proj]),
                  make(["gate", "up"], [mlp.gate_proj, mlp.up_proj]), make(["down"], [mlp.down_proj])]
         self.rowwise = _Linears(*(pair[0] for pair in pairs))
         self.bulk = _Linears(*(pair[1] for pair in pairs))
@@ -213,7 +228,8 @@ class LeanLlamaTarget(TargetBackend):
         # 4-bit weights get a bfloat16 copy for long prefills where oneDNN runs bfloat16 (BulkLinear)
         self.bulk_prefill = bulk_prefill and int4_layers is not None and prefer_onednn and onednn_bf16_supported()
         with torch.no_grad():
-            self._layers = [_LeanLayer(layer, prefer_onednn, None if int4_layers is None else int4_layers[i],
+            self._layers = [_LeanLayer(layer, self.head_dim, prefer_onednn,
+                                       None if int4_layers is None else int4_layers[i],
                                        bulk=self.bulk_prefill, low_rank=None if low_rank is None else low_rank[i])
                             for i, layer in enumerate(body.layers)]
             self._final_norm = body.norm.weight.detach()
@@ -224,18 +240,18 @@ class LeanLlamaTarget(TargetBackend):
             self.half_head = int4_layers is not None and prefer_onednn and half_supported()
             head = module.lm_head.weight
             self._head = HalfLinear(head) if self.half_head else PreparedLinear(head, None, prefer_onednn)
-            self._cos, self._sin_signed = self._rope_tables(body.rotary_emb)  # [C, hd] each
+            self._phases = self._rope_phases(body.rotary_emb)  # [C, hd / 2] complex
         self.row_invariant = all(
             lin.row_invariant for layer in self._layers
             for lin in (layer.rowwise.qkv, layer.rowwise.o, layer.rowwise.gate_up, layer.rowwise.down)
         ) and self._head.row_invariant
 
-    def _rope_tables(self, rotary: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's own frequencies and scaling (as its rotary module holds them) at every position:
-        cos and the signed sin of rope.rotate_in_place, [C, hd] each."""
+    def _rope_phases(self, rotary: nn.Module) -> torch.Tensor:
+        """The model's own frequencies and scaling (as its rotary module holds them) at every position, as the
+        phases of rope.rotate_pairs_in_place: [C, hd / 2] complex64."""
         positions = torch.arange(self.max_context, device=self.device)
         cos, sin = rope_tables(positions, self.head_dim, 0.0, inv_freq=rotary.inv_freq, scale=rotary.attention_scaling)
-        return cos.to(self.dtype), signed_sin(sin).to(self.dtype)
+        return rope_phases(cos, sin)
 
     # ----- incremental decoding -----
     def _empty_cache(self, old: torch.Tensor | None, capacity: int) -> torch.Tensor:
@@ -282,12 +298,11 @@ class LeanLlamaTarget(TargetBackend):
         rows_total = ids.shape[0]
         x = F.embedding(ids, self._embed)  # [R, D]
         if len(parts) == 1 and parts[0].rows is None:
-            cos = self._cos[starts[0] : starts[0] + rows_total, None]  # [R, 1, hd]
-            sin = self._sin_signed[starts[0] : starts[0] + rows_total, None]
+            phases = self._phases[starts[0] : starts[0] + rows_total, None]  # [R, 1, hd / 2]
         else:
             at = torch.cat([start + (torch.arange(k) if part.rows is None else torch.tensor(part.rows.depth))
                             for part, start, k in zip(parts, starts, sizes)]).to(self.device)  # [R] positions
-            cos, sin = self._cos[at, None], self._sin_signed[at, None]  # [R, 1, hd]
+            phases = self._phases[at, None]  # [R, 1, hd / 2]
         offsets = [sum(sizes[:i]) for i in range(len(parts))]
         # a long prefill (only prefill is last_only): no one-token forward has to match its rows, so it runs on
         # the bulk kernels (the row-wise ones where there is no bulk copy) and attends in one masked call
@@ -297,7 +312,7 @@ class LeanLlamaTarget(TargetBackend):
         for index, layer in enumerate(self._layers):
             linears = layer.bulk if bulk else layer.rowwise
             qkv = linears.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [R, (H + 2 Hkv) hd]
-            rotate_in_place(qkv[:, : (heads + kv_heads) * hd].view(rows_total, heads + kv_heads, hd), cos, sin)
+            rotate_pairs_in_place(qkv[:, : (heads + kv_heads) * hd].view(rows_total, heads + kv_heads, hd), phases)
             new_kv = qkv[:, heads * hd :].view(rows_total, 2, kv_heads, hd)  # rotated keys, then values
             q_all = qkv[:, : heads * hd].view(rows_total, heads, hd)
             attended = []
