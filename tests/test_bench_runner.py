@@ -147,6 +147,25 @@ def test_absent_llama_cpp_is_said_clearly(tiny_target, monkeypatch):
         build_peers([LLAMA_CPP], tiny_target, None, 4, 1, explicit=True)
 
 
+def test_a_llama_cpp_that_crashes_here_is_skipped_with_the_reason(tiny_target, tmp_path, monkeypatch):
+    """The probe runs in a child process: a crash (here a SIGSEGV on purpose) or an error becomes a one-line
+    reason, and the bench process lives on; a probe that ends well lets the peer run."""
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    gguf = tmp_path / "model.gguf"
+    reason = peers_module.llama_cpp_failure(gguf, 1, code=crash)
+    assert "crashed (SIGSEGV) decoding model.gguf" in reason and "GGML_AMX_INT8=OFF" in reason
+    assert "ValueError: no model" in peers_module.llama_cpp_failure(gguf, 1, code="raise ValueError('no model')")
+    assert peers_module.llama_cpp_failure(gguf, 1, code="import sys; assert sys.argv[1:] == [sys.argv[1], '1']") \
+        is None
+    monkeypatch.setattr(peers_module, "llama_cpp_available", lambda: True)
+    monkeypatch.setattr(peers_module, "llama_cpp_failure", lambda gguf, threads: "llama-cpp-python crashed (SIGSEGV)")
+    gguf.write_bytes(b"")
+    found, skipped = build_peers([HF_GENERATE, LLAMA_CPP], tiny_target, str(gguf), 4, 1, explicit=False)
+    assert [p.name for p in found] == [HF_GENERATE] and "crashed (SIGSEGV)" in skipped[LLAMA_CPP]
+    with pytest.raises(DiffdraftError, match="peer llama.cpp cannot run: llama-cpp-python crashed"):
+        build_peers([LLAMA_CPP], tiny_target, str(gguf), 4, 1, explicit=True)
+
+
 def test_llama_cpp_needs_a_gguf(tiny_target, tiny_model_dir):
     _, skipped = build_peers([LLAMA_CPP], tiny_target, tiny_model_dir, 4, 1, explicit=False)
     assert "not a GGUF file" in skipped[LLAMA_CPP]

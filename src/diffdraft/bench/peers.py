@@ -5,7 +5,9 @@
 - hf-prompt-lookup: HF assisted generation with `prompt_lookup_num_tokens` (HF's n-gram
   drafter), same model.
 - llama.cpp: `llama_cpp.Llama` on the GGUF file the target was converted from (its own
-  quantized weights and kernels: outputs are not expected to equal the engine's).
+  quantized weights and kernels: outputs are not expected to equal the engine's). It is first
+  run once in a child process (llama_cpp_failure): a llama-cpp-python build whose kernels
+  crash on this CPU is then skipped with the reason, instead of taking the bench down with it.
 
 Each reports its tokens and a Stats: total time, time to first token, and for HF the
 verify-step trace (tokens proposed per target forward, from a forward pre-hook, and tokens
@@ -17,6 +19,9 @@ Knows nothing of suites, records or reports.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -161,6 +166,38 @@ def llama_cpp_available() -> bool:
     return True
 
 
+# What the probe runs in a child: load the GGUF, then a prompt's forward and a one-token forward (the two
+# kinds of matmul a decode runs).
+LLAMA_CPP_PROBE = ("import sys; from llama_cpp import Llama; "
+                   "m = Llama(model_path=sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), verbose=False); "
+                   "m.eval(m.tokenize(b'The probe of a peer')); m.eval([m.token_eos()])")
+# Where llama.cpp's AMX kernels crash (seen on an AVX-512 Xeon with AMX in a VM), this build runs.
+LLAMA_CPP_WITHOUT_AMX = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_INT8=OFF '
+                         '-DGGML_AMX_TILE=OFF" pip install --force-reinstall --no-deps llama-cpp-python')
+
+
+def child_failure(code: str, *args: str, timeout_s: float = 300.0) -> str | None:
+    """None when `code` runs to its end in a fresh Python with `args`, else why not, in a few words."""
+    try:
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"did not finish within {timeout_s:.0f} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return f"crashed ({signal.Signals(-done.returncode).name})"
+    last = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
+    return f"failed ({last[0] if last else f'exit code {done.returncode}'})"
+
+
+def llama_cpp_failure(gguf: Path, threads: int, code: str = LLAMA_CPP_PROBE) -> str | None:
+    """Why llama.cpp cannot decode `gguf` on this machine (its probe, in a child process), or None."""
+    failure = child_failure(code, str(gguf), str(threads))
+    if failure is None:
+        return None
+    return f"llama-cpp-python {failure} decoding {gguf.name} in a probe; a build without AMX may run: {LLAMA_CPP_WITHOUT_AMX}"
+
+
 class LlamaCpp(PeerDecoder):
     """llama.cpp through llama-cpp-python, on a GGUF file, fed the same prompt ids."""
 
@@ -235,6 +272,8 @@ def build_peers(
                 skipped[name] = f"the model {model_spec!r} is not a GGUF file"
             elif not llama_cpp_available():
                 skipped[name] = "llama-cpp-python is not installed (pip install 'diffdraft[peers]')"
+            elif failure := llama_cpp_failure(gguf, threads):
+                skipped[name] = failure
             else:
                 peers.append(LlamaCpp(gguf, target.eos_token_ids, n_ctx=target.max_context, threads=threads))
     if explicit and skipped:
