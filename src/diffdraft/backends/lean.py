@@ -2,10 +2,10 @@
 
 Built from a loaded HF Llama (SmolLM2, any Llama-architecture folder or GGUF); its weights
 are read once and prepared for the fastest row-invariant kernel (backends/kernels.py),
-with q/k/v and gate/up fused into one linear each, and q and k's rows ordered so that each rotary
-pair sits side by side (RoPE is then one complex multiply: rope.rotate_pairs_in_place). Each sequence's KV cache (in its
-TargetState) is one preallocated tensor per K and V, [layers, kv heads, capacity, head dim];
-crop is a change of length. Only the tapped layers' hidden states are kept, and only when
+with q/k/v and gate/up fused into one linear each, and q and k's rows ordered so that each
+rotary pair sits side by side (RoPE is then one complex multiply: rope.rotate_pairs_in_place).
+Each sequence's KV cache (in its TargetState) is one preallocated tensor per K and V, [layers,
+kv heads, capacity, head dim]; crop is a change of length. Only the tapped layers' hidden states are kept, and only when
 asked for.
 
 Batch invariance: for a forward over k <= `invariant_rows` tokens, every operation computes

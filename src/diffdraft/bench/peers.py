@@ -195,7 +195,8 @@ def llama_cpp_failure(gguf: Path, threads: int, code: str = LLAMA_CPP_PROBE) -> 
     failure = child_failure(code, str(gguf), str(threads))
     if failure is None:
         return None
-    return f"llama-cpp-python {failure} decoding {gguf.name} in a probe; a build without AMX may run: {LLAMA_CPP_WITHOUT_AMX}"
+    return (f"llama-cpp-python {failure} decoding {gguf.name} in a probe; a build without AMX may run: "
+            f"{LLAMA_CPP_WITHOUT_AMX}")
 
 
 class LlamaCpp(PeerDecoder):
