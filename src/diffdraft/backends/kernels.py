@@ -184,6 +184,14 @@ class HalfLinear:
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def prepared_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, half: bool = False,
+                    prefer_onednn: bool = True) -> "PreparedLinear | HalfLinear":
+    """The kernel for an inference-only float linear: a HalfLinear with `half`, else a PreparedLinear."""
+    if half:
+        return HalfLinear(weight, bias)
+    return PreparedLinear(weight.detach(), bias, prefer_onednn)
+
+
 class AdaptedLinear:
     """A prepared kernel plus a low-rank update: y = base(x) + (x A^T) B^T, with A [r, in] and B [out, r] (any
     scale folded into B), the update's two matmuls through prepared oneDNN linears, so rows stay invariant
@@ -207,7 +215,7 @@ class PreparedLinearModule(nn.Module):
     def __init__(self, linear: nn.Linear, half: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.kernel = HalfLinear(linear.weight, linear.bias) if half else PreparedLinear(linear.weight, linear.bias)
+        self.kernel = prepared_linear(linear.weight, linear.bias, half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)

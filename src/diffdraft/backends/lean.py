@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffdraft.backends.int4 import Int4Weight
-from diffdraft.backends.kernels import (AdaptedLinear, BulkLinear, HalfLinear, Int4Linear, PreparedLinear,
-                                       half_supported, onednn_bf16_supported)
+from diffdraft.backends.kernels import (AdaptedLinear, BulkLinear, Int4Linear, PreparedLinear, half_supported,
+                                       onednn_bf16_supported, prepared_linear)
 from diffdraft.errors import DiffdraftError
 from diffdraft.rope import paired_rows, rope_phases, rope_tables, rotate_pairs_in_place
 from diffdraft.target import Rows, SequenceRows, TargetBackend, TargetOutput, TargetState
@@ -238,8 +238,7 @@ class LeanLlamaTarget(TargetBackend):
                 self._embed = torch.cat([self._embed, extra_embeddings.detach().to(self._embed.dtype)])
             # 4-bit targets read their LM head in float16 where FBGEMM runs it (float32 in and out): half the bytes
             self.half_head = int4_layers is not None and prefer_onednn and half_supported()
-            head = module.lm_head.weight
-            self._head = HalfLinear(head) if self.half_head else PreparedLinear(head, None, prefer_onednn)
+            self._head = prepared_linear(module.lm_head.weight, None, self.half_head, prefer_onednn)
             self._phases = self._rope_phases(body.rotary_emb)  # [C, hd / 2] complex
         self.row_invariant = all(
             lin.row_invariant for layer in self._layers

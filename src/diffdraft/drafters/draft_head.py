@@ -13,7 +13,7 @@ import torch
 
 from diffdraft.config import SamplingConfig
 from diffdraft.drafters.base import Drafter
-from diffdraft.backends.kernels import HalfLinear, PreparedLinear
+from diffdraft.backends.kernels import prepared_linear
 from diffdraft.errors import DiffdraftError
 from diffdraft.sampling import logits_to_probs
 
@@ -34,7 +34,7 @@ class DraftHead:
         if self.draft_vocab is not None:
             weight, bias = weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
         # [N, D], prepared once for the fastest kernel: float16 weights where the target's own head has them
-        self._weight = HalfLinear(weight, bias) if target.half_head else PreparedLinear(weight.detach(), bias)
+        self._weight = prepared_linear(weight, bias, half=target.half_head)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, D] -> logits [n, N] over the draft vocabulary (N = V without one)."""
