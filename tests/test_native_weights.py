@@ -132,11 +132,12 @@ def test_the_int4_kernel_rows_are_invariant_and_equal_the_rounded_weight():
     torch.testing.assert_close(rows, expected, rtol=0.02, atol=0.05)  # the output is rounded to bfloat16
 
 
-@pytest.mark.parametrize("weights", ["int4"])
-def test_native_rows_are_bit_identical_to_one_token_forwards(tiny_model, tiny_tokenizer, weights):
-    target = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(0, 2, 4), weights=weights,
-                          report=lambda line: None)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-layers", "python-layers"])
+def test_native_rows_are_bit_identical_to_one_token_forwards(tiny_model, tiny_tokenizer, fused):
+    target = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(0, 2, 4), weights="int4",
+                          report=lambda line: None, fused=fused)
     assert target.weights == "int4" and target.row_invariant
+    assert target.fused_layers == fused, target.fused_note
     ids = torch.randint(0, 256, (1, CONTEXT + MAX_K), generator=torch.Generator().manual_seed(0))
     for k in range(1, MAX_K + 1):
         batched, single = k_token_vs_one_token(target, ids, k)
@@ -144,9 +145,10 @@ def test_native_rows_are_bit_identical_to_one_token_forwards(tiny_model, tiny_to
 
 
 def test_the_identity_fails_when_a_non_invariant_kernel_is_swapped_in(tiny_model, tiny_tokenizer, monkeypatch):
-    """Negative control: the int4 linears replaced by F.linear on their weights (MKL) lose the identity."""
+    """Negative control: the int4 linears replaced by F.linear on their weights (MKL) lose the identity
+    (the Python layers, where a kernel can be swapped)."""
     target = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(0, 2, 4), weights="int4",
-                          report=lambda line: None)
+                          report=lambda line: None, fused=False)
     dense = {}
 
     def f_linear(self, x, widen=True):
@@ -160,6 +162,42 @@ def test_the_identity_fails_when_a_non_invariant_kernel_is_swapped_in(tiny_model
     ids = torch.randint(0, 256, (1, CONTEXT + MAX_K), generator=torch.Generator().manual_seed(0))
     differs = [k for k in range(2, MAX_K + 1) if not torch.equal(*k_token_vs_one_token(target, ids, k))]
     assert differs, "F.linear happened to be row-invariant: the bit-identity test proves nothing here"
+
+
+def test_the_fused_layers_agree_with_the_python_layers(tiny_model, tiny_tokenizer):
+    """The fused C++ layers compute what the Python layers do: logits and taps close (on SmolLM2 their own
+    sums and roundings make the bits differ; on the tiny model's small activations they happen to agree)."""
+    ids = torch.randint(0, 256, (1, CONTEXT + MAX_K), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for fused in (True, False):
+        target = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(0, 2, 4), weights="int4",
+                              report=lambda line: None, fused=fused)
+        state = target.new_state()
+        target.prefill(state, ids[:, :CONTEXT])
+        out = target.forward(state, ids[:, CONTEXT:], want_taps=True)
+        outs.append((out.logits, out.taps))
+    (logits, taps), (py_logits, py_taps) = outs
+    torch.testing.assert_close(logits, py_logits, rtol=0, atol=0.05)
+    torch.testing.assert_close(taps, py_taps, rtol=0, atol=0.05)
+
+
+def test_without_a_build_the_layers_run_in_python_and_the_load_line_says_why(tiny_model, tiny_tokenizer,
+                                                                          monkeypatch):
+    from diffdraft.backends import fused
+
+    def no_compiler():
+        raise RuntimeError("Command 'c++' not found\nmore lines")
+
+    monkeypatch.setattr(fused, "_state", {})
+    monkeypatch.setattr(fused, "_build", no_compiler)
+    lines = []
+    target = build_target(tiny_model, tiny_tokenizer, backend="lean", weights="int4", report=lines.append)
+    assert not target.fused_layers
+    assert "decoder layers in Python (the fused layers did not build (Command 'c++' not found))" in lines[0]
+    monkeypatch.setattr(fused, "_state", {})
+    monkeypatch.setenv("DIFFDRAFT_FUSED", "0")
+    assert not build_target(tiny_model, tiny_tokenizer, backend="lean", weights="int4",
+                            report=lambda line: None).fused_layers
 
 
 def test_int4_weights_stay_close_to_float32(tiny_model, tiny_tokenizer):

@@ -1,7 +1,7 @@
 """The row forward (target.Rows): rows of a draft tree in one forward, each bit-identical to a
 one-token forward at its position, and commit_path keeping one path as if it had been decoded alone.
 
-On the tiny random Llama (lean runtime, float32, CPU). The control: a tree row whose ancestors
+On the tiny random Llama (lean runtime, CPU; float32 weights, and 4-bit ones on the fused layers). The control: a tree row whose ancestors
 are not what it sees (a row that sees a sibling) must differ.
 """
 
@@ -18,6 +18,14 @@ PROMPT = [5, 17, 33, 2, 41, 8, 19, 23]
 # row 0 follows the committed prompt; rows 1-2 are its children, 3-4 children of 1, 5 of 2, 6 of 3
 PARENTS = [-1, 0, 0, 1, 1, 2, 3]
 TOKENS = [7, 11, 12, 13, 14, 15, 16]
+
+
+@pytest.fixture(params=["float32", "int4"], ids=["float32", "int4-fused"])
+def tiny_target(request, tiny_model, tiny_tokenizer):
+    """The tiny Llama's rows on float32 weights (Python layers) and on 4-bit ones (the fused C++ layers)."""
+    target = build_target(tiny_model, tiny_tokenizer, name="tiny", weights=request.param, report=lambda line: None)
+    assert target.fused_layers == (request.param == "int4"), target.fused_note
+    return target
 
 
 def path_to(parents: list[int], row: int) -> list[int]:

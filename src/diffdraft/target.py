@@ -107,6 +107,7 @@ class TargetBackend(ABC):
     weights: str = "float32"  # what its linears run on: the loaded weights, or 4-bit (lean: native, int4)
     note: str | None = None  # why this backend, where it was not the one asked for (auto's fallback)
     half_head: bool = False  # whether its LM head reads float16 weights (HalfLinear); its drafters' linears follow
+    fused_layers: bool = False  # whether its decoder layers run as one C++ call (backends/fused.py)
 
     def __init__(self, module: nn.Module, tokenizer, tap_layers: tuple[int, ...] | None = None, name: str = "model"):
         self.module = module

@@ -58,6 +58,7 @@ def resolve_weights(weights: str, backend: str, module: nn.Module, gguf: Path | 
 def build_target(
     module: nn.Module, tokenizer, backend: str = "auto", tap_layers: tuple[int, ...] | None = None,
     name: str = "model", weights: str = "float32", gguf: Path | None = None, report=None, bulk_prefill: bool = True,
+    fused: bool = True,
 ) -> TargetBackend:
     """A backend over a loaded HF causal LM (read from `gguf` when it came from one); tap layers are fixed
     here, for the life of the backend. `report` (a function of one line; default stderr) hears which path
@@ -75,7 +76,9 @@ def build_target(
         return LeanLlamaTarget(module, tokenizer, tap_layers=tap_layers, name=name, weights=weights)
     layers, told = int4_layers(module, weights, gguf)
     target = LeanLlamaTarget(module, tokenizer, tap_layers=tap_layers, name=name, int4_layers=layers,
-                             weights=weights, bulk_prefill=bulk_prefill)
+                             weights=weights, bulk_prefill=bulk_prefill, fused=fused)
+    if target.fused_note:
+        told += f"; {target.fused_note}"
     told += "; LM head float16 (FBGEMM)" if target.half_head else "; LM head float32"
     if target.bulk_prefill:
         told += f"; prefills of {BULK_ROWS}+ tokens on a bfloat16 copy (oneDNN)"

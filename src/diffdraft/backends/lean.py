@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffdraft.backends.fused import fused_layers
 from diffdraft.backends.int4 import Int4Weight
 from diffdraft.backends.kernels import (AdaptedLinear, BulkLinear, Int4Linear, PreparedLinear, half_supported,
                                        onednn_bf16_supported, prepared_linear)
@@ -196,9 +197,11 @@ class LeanLlamaTarget(TargetBackend):
         bulk_prefill: bool = True,
         low_rank: list[dict[str, LowRank]] | None = None,
         extra_embeddings: torch.Tensor | None = None,
+        fused: bool = True,
     ):
         """low_rank: per layer, by LINEARS key, an update beside that weight (a LoRA adapter, not merged);
-        extra_embeddings [n, D]: input embeddings for ids V..V+n-1, which no output predicts (a dLLM's mask)."""
+        extra_embeddings [n, D]: input embeddings for ids V..V+n-1, which no output predicts (a dLLM's mask).
+        fused: run the decoder layers of 4-bit targets in one C++ call where it builds (backends/fused.py)."""
         reason = lean_unsupported(module)
         if reason:
             raise DiffdraftError(f"the lean runtime cannot run this model: {reason}; use --backend hf")
@@ -240,10 +243,48 @@ class LeanLlamaTarget(TargetBackend):
             self.half_head = int4_layers is not None and prefer_onednn and half_supported()
             self._head = prepared_linear(module.lm_head.weight, None, self.half_head, prefer_onednn)
             self._phases = self._rope_phases(body.rotary_emb)  # [C, hd / 2] complex
+        self._fused, self.fused_note = self._prepare_fused(fused)
+        self.fused_layers = self._fused is not None
         self.row_invariant = all(
             lin.row_invariant for layer in self._layers
             for lin in (layer.rowwise.qkv, layer.rowwise.o, layer.rowwise.gate_up, layer.rowwise.down)
         ) and self._head.row_invariant
+
+    def _prepare_fused(self, wanted: bool):
+        """(the fused layer op and its arguments that do not change, a note for the load line), or (None, note)
+        where the layers run in Python: not asked for, not every decoder linear a plain 4-bit one, or no build."""
+        kernels = [lin for layer in self._layers for lin in (layer.rowwise.qkv, layer.rowwise.o,
+                                                             layer.rowwise.gate_up, layer.rowwise.down)]
+        if not wanted or self.device.type != "cpu" or self.dtype != torch.float32:
+            return None, ""
+        if not all(type(lin) is Int4Linear and lin.bias is None for lin in kernels):
+            return None, ""
+        op, why = fused_layers()
+        if op is None:
+            return None, f"decoder layers in Python ({why})"
+        weights = ([lin.packed for lin in kernels], [lin.scale_zero for lin in kernels])
+        norms = ([layer.attn_norm.contiguous() for layer in self._layers],
+                 [layer.mlp_norm.contiguous() for layer in self._layers])
+        return (op, norms, weights), "decoder layers fused (C++)"
+
+    def _run_fused(self, x: torch.Tensor, parts: list[SequenceRows], starts: list[int], sizes: list[int],
+                   phases: torch.Tensor, want_taps: bool) -> dict[int, torch.Tensor]:
+        """Every layer over x [R, D] (in place) in one C++ call; returns the taps of layers 1..L-1 asked for."""
+        op, (attn_norms, mlp_norms), (packed, scale_zero) = self._fused
+        chains = [1 if part.rows is None or part.rows.is_chain else 0 for part in parts]
+        if all(chains):
+            seen = offsets = torch.empty(0, dtype=torch.long)
+        else:
+            lists = [seen for part, k in zip(parts, sizes)
+                     for seen in (part.rows.sees if part.rows is not None else [tuple(range(i + 1)) for i in range(k)])]
+            seen = torch.tensor([j for row in lists for j in row], dtype=torch.long)
+            offsets = torch.tensor([0] + [len(row) for row in lists], dtype=torch.long).cumsum(0)
+        taps = [i for i in self.tap_layers if 0 < i < self.num_layers] if want_taps else []
+        pairs = torch.view_as_real(phases[:, 0]).contiguous()  # [R, hd / 2, 2]
+        tapped = op(x, attn_norms, mlp_norms, packed, scale_zero, [part.state.cache for part in parts], sizes,
+                    starts, chains, seen, offsets, pairs, self.num_heads, self.num_kv_heads, self.head_dim,
+                    self.eps, taps)
+        return dict(zip(taps, tapped))
 
     def _rope_phases(self, rotary: nn.Module) -> torch.Tensor:
         """The model's own frequencies and scaling (as its rotary module holds them) at every position, as the
@@ -308,7 +349,11 @@ class LeanLlamaTarget(TargetBackend):
         bulk = last_only and len(parts) == 1 and rows_total >= BULK_ROWS
         taps = {0: x} if want_taps and 0 in self.tap_layers else {}
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        for index, layer in enumerate(self._layers):
+        if self._fused is not None and not bulk:
+            if 0 in taps:
+                taps[0] = x.clone()  # the fused layers update x in place
+            taps.update(self._run_fused(x, parts, starts, sizes, phases, want_taps))
+        for index, layer in enumerate([] if self._fused is not None and not bulk else self._layers):
             linears = layer.bulk if bulk else layer.rowwise
             qkv = linears.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [R, (H + 2 Hkv) hd]
             rotate_pairs_in_place(qkv[:, : (heads + kv_heads) * hd].view(rows_total, heads + kv_heads, hd), phases)

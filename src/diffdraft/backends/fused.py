@@ -1,0 +1,87 @@
+"""The fused C++ layer stack (fused_layers.cpp): built once per machine with the system's C++ compiler, then
+loaded from the cache; `fused_layers()` hands out its op, or None with the reason it is not here.
+
+One call of the C++ compiler (c++, or $CXX) against torch's own headers and libraries: keyed by the source,
+the torch version and this CPU's instruction sets (it is compiled for this CPU), about 10 s on two cores,
+said on stderr when it happens. Without a compiler the lean runtime runs its layers in Python and its
+load line says why. Set
+DIFFDRAFT_FUSED=0 to run the layers in Python instead. Knows nothing of models: lean.py decides when to
+use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from diffdraft.loading import cache_dir
+
+SOURCE = Path(__file__).with_name("fused_layers.cpp")
+NAME = "diffdraft_fused"
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> str:
+    """This CPU's instruction-set flags (the binary is built with -march=native)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def build_folder() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    return cache_dir() / "fused" / key
+
+
+def compile_command(source: Path, output: Path) -> list[str]:
+    """The one compiler call that builds `source` into a shared library against this torch."""
+    torch_dir = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(torch_dir / "include"),
+            "-isystem", str(torch_dir / "include" / "torch" / "csrc" / "api" / "include"),
+            str(source), "-o", str(output), f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu"]
+
+
+def _build() -> Callable:
+    folder = build_folder()
+    built = folder / f"{NAME}.so"
+    if not built.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f"{NAME}.{os.getpid()}.so.partial"  # renamed into place whole, never half-written
+        tick = time.perf_counter()
+        print("compiling the fused CPU layers for this machine (once)...", file=sys.stderr, flush=True)
+        try:
+            done = subprocess.run(compile_command(SOURCE, partial), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError((done.stderr.strip() or f"the compiler exited {done.returncode}").splitlines()[0])
+            partial.replace(built)
+        finally:
+            partial.unlink(missing_ok=True)
+        print(f"compiled in {time.perf_counter() - tick:.0f} s", file=sys.stderr, flush=True)
+    torch.ops.load_library(str(built))
+    return torch.ops.diffdraft_fused.run_layers
+
+
+def fused_layers() -> tuple[Callable | None, str]:
+    """(the op, "") where the fused layers run here, else (None, why not). Built at most once per process."""
+    if os.environ.get("DIFFDRAFT_FUSED", "1") == "0":
+        return None, "DIFFDRAFT_FUSED=0"
+    if "op" not in _state:
+        try:
+            _state["op"], _state["why"] = _build(), ""
+        except Exception as error:  # no compiler, no headers, a failed build: the Python layers run instead
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            _state["op"], _state["why"] = None, f"the fused layers did not build ({first})"
+    return _state["op"], _state["why"]  # type: ignore[return-value]

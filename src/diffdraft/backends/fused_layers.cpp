@@ -1,0 +1,199 @@
+// The lean runtime's decoder layers for 4-bit weights, as one C++ call per forward (docs/native-weights.md,
+// "The fused layer stack"). Between the 4-bit matmuls (ATen's _weight_int4pack_mm_for_cpu, as the Python path
+// runs them) everything a layer does -- RMSNorm, RoPE, the cache writes, attention, SiLU -- is a plain loop
+// here, so a one-row step costs the matmuls plus microseconds instead of some forty PyTorch ops per layer.
+//
+// Every row is computed alone, in the same order whatever the other rows are: a k-row forward gives each row
+// the bits a one-row forward at its position gives. Knows nothing of models, tokenizers or Python.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+using at::Tensor;
+
+constexpr int64_t kLanes = 16;  // independent partial sums: the compiler vectorizes them without reassociating
+
+float dot(const float* a, const float* b, int64_t n) {
+  float lanes[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+  float sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// out[r] = bfloat16(w * x[r] / rms(x[r])): Llama's RMSNorm, rounded for the 4-bit matmul's input.
+void norm_rows(const float* x, const float* w, BFloat16* out, int64_t rows, int64_t dim, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    const float inv = 1.0f / std::sqrt(dot(xr, xr, dim) / static_cast<float>(dim) + eps);
+    for (int64_t d = 0; d < dim; ++d) out[r * dim + d] = BFloat16(w[d] * (xr[d] * inv));
+  }
+}
+
+Tensor int4_mm(const Tensor& rows, const Tensor& packed, const Tensor& scale_zero) {
+  return at::_weight_int4pack_mm_for_cpu(rows, packed, 32, scale_zero);
+}
+
+// One row's keys and values: the committed cache slots 0..start-1, then the new rows it sees (slot start + j).
+struct RowView {
+  int64_t part, start, slot;       // its sequence, that sequence's committed length, its own cache slot
+  const int64_t* seen;             // offsets j of the new rows it sees, ascending, itself last
+  int64_t seen_count;
+};
+
+// Attention of one row and head over its keys: softmax(q k / sqrt(hd)) v -> out [hd].
+void attend(const float* q, const float* keys, const float* values, const RowView& row, int64_t head_dim,
+            float scale, std::vector<float>& weights, float* out) {
+  const int64_t n = row.start + row.seen_count;
+  weights.resize(n);
+  float top = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t slot = t < row.start ? t : row.start + row.seen[t - row.start];
+    weights[t] = dot(q, keys + slot * head_dim, head_dim) * scale;
+    top = std::max(top, weights[t]);
+  }
+  float total = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    weights[t] = std::exp(weights[t] - top);
+    total += weights[t];
+  }
+  for (int64_t d = 0; d < head_dim; ++d) out[d] = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t slot = t < row.start ? t : row.start + row.seen[t - row.start];
+    const float* v = values + slot * head_dim;
+    const float p = weights[t] / total;
+    for (int64_t d = 0; d < head_dim; ++d) out[d] += p * v[d];
+  }
+}
+
+// x [R, D] float32, updated in place through every layer. Per layer l, weights[4 l .. 4 l + 3] are the packed
+// q/k/v, o, gate/up and down weights (their scales and zeros in scale_zero alike), q and k rows in rotary-pair
+// order. caches: one [L, 2, Hkv, C, hd] float32 per sequence; sizes / starts: each sequence's new rows and its
+// committed length; chains[s] = 1 where sequence s's rows form a chain, else seen / seen_offsets [R + 1] list
+// what each row sees. phases [R, hd / 2, 2]: each row's rotation (cos, sin). Returns x after each layer in taps.
+std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorList mlp_norm, at::TensorList weights,
+                               at::TensorList scale_zero, at::TensorList caches, at::IntArrayRef sizes,
+                               at::IntArrayRef starts, at::IntArrayRef chains, const Tensor& seen,
+                               const Tensor& seen_offsets, const Tensor& phases, int64_t heads, int64_t kv_heads,
+                               int64_t head_dim, double eps, at::IntArrayRef taps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be [R, D] float32");
+  const int64_t rows = x.size(0), dim = x.size(1), layers = attn_norm.size();
+  TORCH_CHECK(weights.size() == 4 * layers && scale_zero.size() == 4 * layers, "four linears per layer");
+  TORCH_CHECK(phases.scalar_type() == at::kFloat && phases.is_contiguous(), "phases must be float32 [R, hd/2, 2]");
+  const int64_t group = heads / kv_heads, q_width = heads * head_dim, kv_width = kv_heads * head_dim;
+
+  // Each row's sequence, cache slot and the new rows it sees (a chain's row i sees 0..i).
+  std::vector<int64_t> chain_seen(rows);
+  for (int64_t i = 0; i < rows; ++i) chain_seen[i] = i;
+  const int64_t* seen_data = seen.numel() ? seen.data_ptr<int64_t>() : nullptr;
+  const int64_t* seen_at = seen_offsets.numel() ? seen_offsets.data_ptr<int64_t>() : nullptr;
+  std::vector<RowView> views;
+  for (int64_t s = 0, r = 0; s < static_cast<int64_t>(sizes.size()); ++s) {
+    TORCH_CHECK(caches[s].scalar_type() == at::kFloat && caches[s].is_contiguous(), "caches must be float32");
+    for (int64_t i = 0; i < sizes[s]; ++i, ++r) {
+      if (chains[s]) {
+        views.push_back({s, starts[s], starts[s] + i, chain_seen.data(), i + 1});
+      } else {
+        TORCH_CHECK(seen_at != nullptr, "a tree's rows need seen and seen_offsets");
+        views.push_back({s, starts[s], starts[s] + i, seen_data + seen_at[r], seen_at[r + 1] - seen_at[r]});
+      }
+    }
+  }
+  TORCH_CHECK(static_cast<int64_t>(views.size()) == rows, "the sequences' sizes must add up to x's rows");
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const float* rot = phases.data_ptr<float>();
+  float* xs = x.data_ptr<float>();
+  Tensor normed = at::empty({rows, dim}, x.options().dtype(at::kBFloat16));
+  Tensor q = at::empty({rows, q_width}, x.options());
+  Tensor attended = at::empty({rows, q_width}, x.options().dtype(at::kBFloat16));
+  std::vector<float> weights_of_row, out(head_dim);  // attention's scratch
+  std::vector<Tensor> tapped;
+  std::vector<bool> tap_after(layers + 1, false);
+  for (int64_t t : taps) if (t >= 0 && t <= layers) tap_after[t] = true;
+
+  for (int64_t l = 0; l < layers; ++l) {
+    // attention block
+    norm_rows(xs, attn_norm[l].data_ptr<float>(), normed.data_ptr<BFloat16>(), rows, dim, static_cast<float>(eps));
+    Tensor qkv = int4_mm(normed, weights[4 * l], scale_zero[4 * l]);  // [R, (H + 2 Hkv) hd] bfloat16
+    const BFloat16* qkv_data = qkv.data_ptr<BFloat16>();
+    const int64_t qkv_width = qkv.size(1);
+    for (int64_t r = 0; r < rows; ++r) {
+      const BFloat16* in = qkv_data + r * qkv_width;
+      const float* c = rot + r * head_dim;  // [hd / 2, 2]
+      const RowView& row = views[r];
+      float* cache = caches[row.part].data_ptr<float>();
+      const int64_t capacity = caches[row.part].size(3);
+      const int64_t layer_at = l * 2 * kv_heads * capacity * head_dim;
+      float* qr = q.data_ptr<float>() + r * q_width;
+      for (int64_t h = 0; h < heads + kv_heads; ++h) {  // queries, then keys: rotate each pair
+        float* dst = h < heads ? qr + h * head_dim
+                               : cache + layer_at + ((h - heads) * capacity + row.slot) * head_dim;
+        const BFloat16* src = in + h * head_dim;
+        for (int64_t p = 0; p < head_dim / 2; ++p) {
+          const float a = src[2 * p], b = src[2 * p + 1], cs = c[2 * p], sn = c[2 * p + 1];
+          dst[2 * p] = a * cs - b * sn;
+          dst[2 * p + 1] = a * sn + b * cs;
+        }
+      }
+      for (int64_t h = 0; h < kv_heads; ++h) {  // values, as they are
+        float* dst = cache + layer_at + ((kv_heads + h) * capacity + row.slot) * head_dim;
+        const BFloat16* src = in + (heads + kv_heads + h) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = src[d];
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {  // one thread: a row's attention is microseconds at these sizes
+      const RowView& row = views[r];
+      const float* cache = caches[row.part].data_ptr<float>();
+      const int64_t capacity = caches[row.part].size(3);
+      const int64_t layer_at = l * 2 * kv_heads * capacity * head_dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t kvh = h / group;
+        attend(q.data_ptr<float>() + r * q_width + h * head_dim, cache + layer_at + kvh * capacity * head_dim,
+               cache + layer_at + (kv_heads + kvh) * capacity * head_dim, row, head_dim, scale, weights_of_row,
+               out.data());
+        BFloat16* dst = attended.data_ptr<BFloat16>() + r * q_width + h * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = BFloat16(out[d]);
+      }
+    }
+    Tensor o = int4_mm(attended, weights[4 * l + 1], scale_zero[4 * l + 1]);  // [R, D] bfloat16
+    const BFloat16* od = o.data_ptr<BFloat16>();
+    for (int64_t i = 0; i < rows * dim; ++i) xs[i] += static_cast<float>(od[i]);
+
+    // MLP block
+    norm_rows(xs, mlp_norm[l].data_ptr<float>(), normed.data_ptr<BFloat16>(), rows, dim, static_cast<float>(eps));
+    Tensor gate_up = int4_mm(normed, weights[4 * l + 2], scale_zero[4 * l + 2]);  // [R, 2 I] bfloat16
+    const int64_t inter = gate_up.size(1) / 2;
+    Tensor act = at::empty({rows, inter}, normed.options());
+    const BFloat16* gu = gate_up.data_ptr<BFloat16>();
+    BFloat16* ad = act.data_ptr<BFloat16>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < inter; ++i) {
+        const float g = gu[r * 2 * inter + i], u = gu[r * 2 * inter + inter + i];
+        ad[r * inter + i] = BFloat16(g / (1.0f + std::exp(-g)) * u);
+      }
+    Tensor down = int4_mm(act, weights[4 * l + 3], scale_zero[4 * l + 3]);  // [R, D] bfloat16
+    const BFloat16* dd = down.data_ptr<BFloat16>();
+    for (int64_t i = 0; i < rows * dim; ++i) xs[i] += static_cast<float>(dd[i]);
+    if (tap_after[l + 1]) tapped.push_back(x.clone());
+  }
+  return tapped;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(diffdraft_fused, m) {
+  m.def("run_layers(Tensor(a!) x, Tensor[] attn_norm, Tensor[] mlp_norm, Tensor[] weights, Tensor[] scale_zero, "
+        "Tensor(b!)[] caches, int[] sizes, int[] starts, int[] chains, Tensor seen, Tensor seen_offsets, "
+        "Tensor phases, int heads, int kv_heads, int head_dim, float eps, int[] taps) -> Tensor[]");
+  m.impl("run_layers", c10::DispatchKey::CPU, &run_layers);
+}
