@@ -4,6 +4,10 @@ capability. Tiny random models and a small GGUF file written here; the real file
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +148,22 @@ def test_native_rows_are_bit_identical_to_one_token_forwards(tiny_model, tiny_to
         assert torch.equal(batched, single), f"k = {k}: max difference {(batched - single).abs().max()}"
 
 
+def test_the_fused_attention_on_two_threads_gives_the_one_thread_bits(tiny_model, tiny_tokenizer, monkeypatch):
+    """Forced onto torch's threads (PARALLEL_WORK 1), each (row, head) is still computed alone: a k-row forward
+    equals one-token forwards and the one-thread run, bit for bit."""
+    from diffdraft.backends import fused
+
+    target = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(0, 2, 4), weights="int4",
+                          report=lambda line: None)
+    assert target.fused_layers, target.fused_note
+    ids = torch.randint(0, 256, (1, CONTEXT + MAX_K), generator=torch.Generator().manual_seed(0))
+    serial = k_token_vs_one_token(target, ids, MAX_K)[0]
+    monkeypatch.setattr(fused, "PARALLEL_WORK", 1)
+    torch.set_num_threads(2)
+    batched, single = k_token_vs_one_token(target, ids, MAX_K)
+    assert torch.equal(batched, single) and torch.equal(batched, serial)
+
+
 def test_the_identity_fails_when_a_non_invariant_kernel_is_swapped_in(tiny_model, tiny_tokenizer, monkeypatch):
     """Negative control: the int4 linears replaced by F.linear on their weights (MKL) lose the identity
     (the Python layers, where a kernel can be swapped)."""
@@ -198,6 +218,26 @@ def test_without_a_build_the_layers_run_in_python_and_the_load_line_says_why(tin
     monkeypatch.setenv("DIFFDRAFT_FUSED", "0")
     assert not build_target(tiny_model, tiny_tokenizer, backend="lean", weights="int4",
                             report=lambda line: None).fused_layers
+
+
+def test_a_damaged_build_is_made_again(tmp_path):
+    """A library in the cache that does not load (here: garbage bytes) is compiled again, in a fresh process
+    (a process loads the op's library once)."""
+    script = (
+        "from diffdraft.backends import fused\n"
+        "path = fused.build_folder() / (fused.NAME + '.so')\n"
+        "path.parent.mkdir(parents=True)\n"
+        "path.write_bytes(b'not a library')\n"
+        "op, why = fused.fused_layers()\n"
+        "assert op is not None, why\n"
+        "print('rebuilt', path.stat().st_size > 10000)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DIFFDRAFT_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "rebuilt True" in done.stdout
+    assert "compiling the fused CPU layers" in done.stderr
+    assert not list(tmp_path.rglob("*.partial"))
 
 
 def test_int4_weights_stay_close_to_float32(tiny_model, tiny_tokenizer):

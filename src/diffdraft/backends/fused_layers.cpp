@@ -7,6 +7,7 @@
 // the bits a one-row forward at its position gives. Knows nothing of models, tokenizers or Python.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -79,12 +80,14 @@ void attend(const float* q, const float* keys, const float* values, const RowVie
 // q/k/v, o, gate/up and down weights (their scales and zeros in scale_zero alike), q and k rows in rotary-pair
 // order. caches: one [L, 2, Hkv, C, hd] float32 per sequence; sizes / starts: each sequence's new rows and its
 // committed length; chains[s] = 1 where sequence s's rows form a chain, else seen / seen_offsets [R + 1] list
-// what each row sees. phases [R, hd / 2, 2]: each row's rotation (cos, sin). Returns x after each layer in taps.
+// what each row sees. phases [R, hd / 2, 2]: each row's rotation (cos, sin). Attention runs on torch's threads
+// where a layer's (keys x heads x head dim) reaches parallel_work. Returns x after each layer in taps.
 std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorList mlp_norm, at::TensorList weights,
                                at::TensorList scale_zero, at::TensorList caches, at::IntArrayRef sizes,
                                at::IntArrayRef starts, at::IntArrayRef chains, const Tensor& seen,
                                const Tensor& seen_offsets, const Tensor& phases, int64_t heads, int64_t kv_heads,
-                               int64_t head_dim, double eps, at::IntArrayRef taps) {
+                               int64_t head_dim, double eps, at::IntArrayRef taps,
+                               int64_t parallel_work) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be [R, D] float32");
   const int64_t rows = x.size(0), dim = x.size(1), layers = attn_norm.size();
   TORCH_CHECK(weights.size() == 4 * layers && scale_zero.size() == 4 * layers, "four linears per layer");
@@ -116,7 +119,6 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
   Tensor normed = at::empty({rows, dim}, x.options().dtype(at::kBFloat16));
   Tensor q = at::empty({rows, q_width}, x.options());
   Tensor attended = at::empty({rows, q_width}, x.options().dtype(at::kBFloat16));
-  std::vector<float> weights_of_row, out(head_dim);  // attention's scratch
   std::vector<Tensor> tapped;
   std::vector<bool> tap_after(layers + 1, false);
   for (int64_t t : taps) if (t >= 0 && t <= layers) tap_after[t] = true;
@@ -151,20 +153,24 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = src[d];
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {  // one thread: a row's attention is microseconds at these sizes
-      const RowView& row = views[r];
-      const float* cache = caches[row.part].data_ptr<float>();
-      const int64_t capacity = caches[row.part].size(3);
-      const int64_t layer_at = l * 2 * kv_heads * capacity * head_dim;
-      for (int64_t h = 0; h < heads; ++h) {
-        const int64_t kvh = h / group;
+    // each (row, head) alone, so the split among threads changes no bits; short contexts stay on this thread
+    int64_t keys_seen = 0;
+    for (const RowView& row : views) keys_seen += row.start + row.seen_count;
+    const int64_t grain = keys_seen * heads * head_dim >= parallel_work ? 1 : rows * heads;
+    at::parallel_for(0, rows * heads, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, out(head_dim);
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t r = job / heads, h = job % heads, kvh = h / group;
+        const RowView& row = views[r];
+        const float* cache = caches[row.part].data_ptr<float>();
+        const int64_t capacity = caches[row.part].size(3);
+        const int64_t layer_at = l * 2 * kv_heads * capacity * head_dim;
         attend(q.data_ptr<float>() + r * q_width + h * head_dim, cache + layer_at + kvh * capacity * head_dim,
-               cache + layer_at + (kv_heads + kvh) * capacity * head_dim, row, head_dim, scale, weights_of_row,
-               out.data());
+               cache + layer_at + (kv_heads + kvh) * capacity * head_dim, row, head_dim, scale, scores, out.data());
         BFloat16* dst = attended.data_ptr<BFloat16>() + r * q_width + h * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = BFloat16(out[d]);
       }
-    }
+    });
     Tensor o = int4_mm(attended, weights[4 * l + 1], scale_zero[4 * l + 1]);  // [R, D] bfloat16
     const BFloat16* od = o.data_ptr<BFloat16>();
     for (int64_t i = 0; i < rows * dim; ++i) xs[i] += static_cast<float>(od[i]);
@@ -194,6 +200,6 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
 TORCH_LIBRARY(diffdraft_fused, m) {
   m.def("run_layers(Tensor(a!) x, Tensor[] attn_norm, Tensor[] mlp_norm, Tensor[] weights, Tensor[] scale_zero, "
         "Tensor(b!)[] caches, int[] sizes, int[] starts, int[] chains, Tensor seen, Tensor seen_offsets, "
-        "Tensor phases, int heads, int kv_heads, int head_dim, float eps, int[] taps) -> Tensor[]");
+        "Tensor phases, int heads, int kv_heads, int head_dim, float eps, int[] taps, int parallel_work) -> Tensor[]");
   m.impl("run_layers", c10::DispatchKey::CPU, &run_layers);
 }

@@ -28,6 +28,12 @@ LM head's activations and logits stay float32 either way; only the 4-bit matmuls
 activations. With 4-bit weights the LM head's weight is read in float16 (HalfLinear, where FBGEMM
 runs it), else float32.
 
+With 4-bit weights the decoder layers run as one C++ call per forward where it builds
+(backends/fused.py, docs/native-weights.md "The fused layer stack"): the same int4 matmuls, and
+the norms, RoPE, cache writes, attention and SiLU between them as loops over the rows, each row
+alone, so the bit-identity above holds for it too; the Python loop below stays for float
+weights, LoRA updates, long prefills and machines without a compiler.
+
 Several sequences' rows run through one forward (forward_many, a batch of requests): the
 row-wise parts over all rows at once, the cache writes and attention per sequence and row,
 so each sequence's logits are bit-identical to its own forward's (tested).
@@ -44,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffdraft.backends.fused import fused_layers
+from diffdraft.backends import fused as fused_kernels
 from diffdraft.backends.int4 import Int4Weight
 from diffdraft.backends.kernels import (AdaptedLinear, BulkLinear, Int4Linear, PreparedLinear, half_supported,
                                        onednn_bf16_supported, prepared_linear)
@@ -259,7 +265,7 @@ class LeanLlamaTarget(TargetBackend):
             return None, ""
         if not all(type(lin) is Int4Linear and lin.bias is None for lin in kernels):
             return None, ""
-        op, why = fused_layers()
+        op, why = fused_kernels.fused_layers()
         if op is None:
             return None, f"decoder layers in Python ({why})"
         weights = ([lin.packed for lin in kernels], [lin.scale_zero for lin in kernels])
@@ -283,7 +289,7 @@ class LeanLlamaTarget(TargetBackend):
         pairs = torch.view_as_real(phases[:, 0]).contiguous()  # [R, hd / 2, 2]
         tapped = op(x, attn_norms, mlp_norms, packed, scale_zero, [part.state.cache for part in parts], sizes,
                     starts, chains, seen, offsets, pairs, self.num_heads, self.num_kv_heads, self.head_dim,
-                    self.eps, taps)
+                    self.eps, taps, fused_kernels.PARALLEL_WORK)
         return dict(zip(taps, tapped))
 
     def _rope_phases(self, rotary: nn.Module) -> torch.Tensor:
