@@ -92,7 +92,7 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
   const int64_t rows = x.size(0), dim = x.size(1), layers = attn_norm.size();
   TORCH_CHECK(weights.size() == 4 * layers && scale_zero.size() == 4 * layers, "four linears per layer");
   TORCH_CHECK(phases.scalar_type() == at::kFloat && phases.is_contiguous(), "phases must be float32 [R, hd/2, 2]");
-  const int64_t group = heads / kv_heads, q_width = heads * head_dim, kv_width = kv_heads * head_dim;
+  const int64_t group = heads / kv_heads, q_width = heads * head_dim;
 
   // Each row's sequence, cache slot and the new rows it sees (a chain's row i sees 0..i).
   std::vector<int64_t> chain_seen(rows);
@@ -100,8 +100,11 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
   const int64_t* seen_data = seen.numel() ? seen.data_ptr<int64_t>() : nullptr;
   const int64_t* seen_at = seen_offsets.numel() ? seen_offsets.data_ptr<int64_t>() : nullptr;
   std::vector<RowView> views;
+  TORCH_CHECK(caches.size() == sizes.size() && starts.size() == sizes.size() && chains.size() == sizes.size(),
+              "one cache, start and chain flag per sequence");
   for (int64_t s = 0, r = 0; s < static_cast<int64_t>(sizes.size()); ++s) {
     TORCH_CHECK(caches[s].scalar_type() == at::kFloat && caches[s].is_contiguous(), "caches must be float32");
+    TORCH_CHECK(starts[s] + sizes[s] <= caches[s].size(3), "a sequence's new rows must fit its cache");
     for (int64_t i = 0; i < sizes[s]; ++i, ++r) {
       if (chains[s]) {
         views.push_back({s, starts[s], starts[s] + i, chain_seen.data(), i + 1});

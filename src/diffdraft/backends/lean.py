@@ -281,10 +281,10 @@ class LeanLlamaTarget(TargetBackend):
         if all(chains):
             seen = offsets = torch.empty(0, dtype=torch.long)
         else:
-            lists = [seen for part, k in zip(parts, sizes)
-                     for seen in (part.rows.sees if part.rows is not None else [tuple(range(i + 1)) for i in range(k)])]
-            seen = torch.tensor([j for row in lists for j in row], dtype=torch.long)
-            offsets = torch.tensor([0] + [len(row) for row in lists], dtype=torch.long).cumsum(0)
+            sees = [row for part, k in zip(parts, sizes)  # per row, the new rows of its sequence it sees
+                    for row in (part.rows.sees if part.rows is not None else [tuple(range(i + 1)) for i in range(k)])]
+            seen = torch.tensor([j for row in sees for j in row], dtype=torch.long)  # all of them, row after row
+            offsets = torch.tensor([0] + [len(row) for row in sees], dtype=torch.long).cumsum(0)  # [R + 1]
         taps = [i for i in self.tap_layers if 0 < i < self.num_layers] if want_taps else []
         pairs = torch.view_as_real(phases[:, 0]).contiguous()  # [R, hd / 2, 2]
         tapped = op(x, attn_norms, mlp_norms, packed, scale_zero, [part.state.cache for part in parts], sizes,
@@ -355,11 +355,12 @@ class LeanLlamaTarget(TargetBackend):
         bulk = last_only and len(parts) == 1 and rows_total >= BULK_ROWS
         taps = {0: x} if want_taps and 0 in self.tap_layers else {}
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if self._fused is not None and not bulk:
+        fused = self._fused is not None and not bulk  # all layers in one C++ call (a long prefill: bulk kernels)
+        if fused:
             if 0 in taps:
                 taps[0] = x.clone()  # the fused layers update x in place
             taps.update(self._run_fused(x, parts, starts, sizes, phases, want_taps))
-        for index, layer in enumerate([] if self._fused is not None and not bulk else self._layers):
+        for index, layer in enumerate(() if fused else self._layers):  # else layer by layer, here
             linears = layer.bulk if bulk else layer.rowwise
             qkv = linears.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [R, (H + 2 Hkv) hd]
             rotate_pairs_in_place(qkv[:, : (heads + kv_heads) * hd].view(rows_total, heads + kv_heads, hd), phases)
