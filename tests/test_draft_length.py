@@ -105,6 +105,9 @@ def test_measured_costs_are_cached_per_machine_and_model(tiny_target, isolated_c
     assert len(list((isolated_cache / "costs").glob("*.json"))) == 2
     files[0].write_text("{not json")
     assert len(cost_curve(tiny_target, drafter, 4).target_s) == 5  # a damaged entry is measured again
+    tiny_target.fused_build = "another-build"  # other fused C++ code (backends/fused.py) is another key
+    cost_curve(tiny_target, drafter, 4)
+    assert len(list((isolated_cache / "costs").glob("*.json"))) == 3
 
 
 def test_cost_measurement_stops_at_its_time_budget(tiny_target, monkeypatch):

@@ -59,7 +59,7 @@ def _key(target, drafter, max_tokens: int) -> dict:
         "dtype": str(target.dtype),
         "weights": target.weights,  # 4-bit linears have their own cost curve
         "half_head": target.half_head,  # so has a float16 LM head (and the drafter that follows it)
-        "fused_layers": target.fused_layers,  # and the fused C++ layers
+        "fused_build": target.fused_build,  # and the fused C++ layers, by the build of their code
         "drafter": None if drafter is None else drafter.cost_id(),
         "max_tokens": max_tokens,
     }

@@ -108,6 +108,7 @@ class TargetBackend(ABC):
     note: str | None = None  # why this backend, where it was not the one asked for (auto's fallback)
     half_head: bool = False  # whether its LM head reads float16 weights (HalfLinear); its drafters' linears follow
     fused_layers: bool = False  # whether its decoder layers run as one C++ call (backends/fused.py)
+    fused_build: str = ""  # and which build of it (a key of its source, torch and CPU): costs follow its code
 
     def __init__(self, module: nn.Module, tokenizer, tap_layers: tuple[int, ...] | None = None, name: str = "model"):
         self.module = module

@@ -251,6 +251,7 @@ class LeanLlamaTarget(TargetBackend):
             self._phases = self._rope_phases(body.rotary_emb)  # [C, hd / 2] complex
         self._fused, self.fused_note = self._prepare_fused(fused)
         self.fused_layers = self._fused is not None
+        self.fused_build = fused_kernels.build_folder().name if self.fused_layers else ""
         self.row_invariant = all(
             lin.row_invariant for layer in self._layers
             for lin in (layer.rowwise.qkv, layer.rowwise.o, layer.rowwise.gate_up, layer.rowwise.down)
