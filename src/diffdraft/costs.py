@@ -15,10 +15,10 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from diffdraft.backends.kernels import cpuinfo_field
 from diffdraft.config import SamplingConfig
 from diffdraft.draft_length import CostCurve
 from diffdraft.loading import cache_dir
@@ -34,14 +34,7 @@ OPENMP_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NU
 
 def machine_id() -> str:
     """The CPU model and core count (and the GPU, when the target runs on one)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpuinfo_field("model name") or platform.processor() or platform.machine()
     return f"{cpu} x{os.cpu_count()}"
 
 

