@@ -599,3 +599,34 @@ def test_python_m_exits_130_even_after_an_interrupt_inside_embedded_code(tmp_pat
     done = subprocess.run([sys.executable, "-m", "interrupted_inside_embedded_code"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 130, (done.returncode, done.stderr)
+
+
+_CTRL_C_DURING_AN_IMPORT = """\
+import signal, sys, time
+from diffdraft import interrupts
+if sys.argv[1] == "diffdraft":
+    interrupts.install()
+else:  # the negative control: Python's own handler raises wherever the signal lands
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+try:
+    import module_interrupted_while_importing
+    time.sleep(5)  # the held-back Ctrl-C must arrive here, long before this ends
+    print("never interrupted")
+except KeyboardInterrupt:
+    made = "module_interrupted_while_importing" in sys.modules
+    print("interrupted after the import" if made else "interrupted inside the import")
+"""
+
+
+@pytest.mark.parametrize("handler, expected", [("diffdraft", "interrupted after the import"),
+                                               ("python", "interrupted inside the import")])
+def test_a_ctrl_c_during_an_import_waits_for_the_import_to_end(tmp_path, handler, expected):
+    """Found in CI: a Ctrl-C while torch ran its C++ import code (pybind11) raised through C++ and
+    aborted the process (SIGABRT). diffdraft's handler holds a Ctrl-C back until the import ends,
+    then raises it; Python's own handler (the control) interrupts the import."""
+    (tmp_path / "module_interrupted_while_importing.py").write_text(
+        "import signal, time\nsignal.raise_signal(signal.SIGINT)\ntime.sleep(0.3)\nfinished = True\n")
+    (tmp_path / "main.py").write_text(_CTRL_C_DURING_AN_IMPORT)
+    done = subprocess.run([sys.executable, "main.py", handler], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == expected, done.stdout + done.stderr
