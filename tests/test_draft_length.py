@@ -63,6 +63,27 @@ def test_longest_useful_and_extrapolation():
         CostCurve(target_s=())
 
 
+def test_a_drafter_whose_call_grows_with_the_slots_is_asked_for_as_many_as_pay():
+    """d(n) = d(1) + (n - 1) d_slot. Fresh calibration, no optimism: every slot's acceptance is NO_CONFIDENCE
+    (0.5), so 1 + E[A_n] = 1.5, 1.75, 1.875, 1.9375; on CPU_LIKE with d(1) = 0.1 and 0.05 a slot the rates
+    for n = 1..4 are 1.5 / 1.2, 1.75 / 1.35, 1.875 / 1.5, 1.9375 / 2.35 -> n = 2. A call that costs the same
+    for any count is asked for everything, as before."""
+    growing = CostCurve(target_s=CPU_LIKE.target_s, draft_s=0.1, draft_slot_s=0.05)
+    assert growing.draft(1) == pytest.approx(0.1) and growing.draft(4) == pytest.approx(0.25)
+    assert LengthPolicy(growing, explore=0.0).proposal(4, greedy=True) == 2
+    assert LengthPolicy(CPU_LIKE, explore=0.0).proposal(4, greedy=True) == 4
+    policy = LengthPolicy(growing, explore=0.0)
+    for _ in range(50):  # slots 1 and 2 always accepted, 3 never: n = 2 or 3 is worth asking for, not 1
+        policy.observe(conf(0.5, 0.5, 0.5), 3, 2, greedy=True)
+    assert policy.proposal(4, greedy=True) in (2, 3) and policy.proposal(4, greedy=False) == 2
+    # the cost of what was asked is spent whatever is verified: rates for k = 0..2 after asking for 4
+    rates = LengthPolicy(growing, explore=0.0).rates(conf(0.5, 0.5), 2, greedy=True)
+    assert rates.tolist() == pytest.approx([1 / 1.15, 1.5 / 1.25, 1.75 / 1.35])
+    assert growing.in_batch(2).draft_slot_s == 0.05 and growing.to_dict()["draft_slot_ms"] == 50.0
+    with pytest.raises(ValueError):
+        CostCurve(target_s=(1.0,), draft_slot_s=-1.0)
+
+
 def test_calibration_learns_from_observed_acceptance():
     calibration = AcceptanceCalibration()
     before = calibration.estimate(conf(0.9, 0.9), 2)
@@ -90,7 +111,7 @@ def test_optimism_tries_a_slot_that_looks_poor_until_it_is_known():
 def test_measured_costs_are_cached_per_machine_and_model(tiny_target, isolated_cache, capsys):
     drafter = drafter_for("early-exit-1", tiny_target)
     first = cost_curve(tiny_target, drafter, 4)
-    assert len(first.target_s) == 5 and first.draft_s > 0
+    assert len(first.target_s) == 5 and first.draft_s > 0 and first.draft_slot_s >= 0
     assert capsys.readouterr().err.startswith("diffdraft: measuring this machine's step costs")  # one line, once
     files = list((isolated_cache / "costs").glob("*.json"))
     assert len(files) == 1

@@ -429,14 +429,19 @@ def small_target() -> TargetBackend:
     return make_small_target()
 
 
-def exact_law(target: TargetBackend, prompt: list[int], sampling: SamplingConfig) -> dict:
-    """P(x_1..x_L) from the model's own logits on every prefix, by enumeration."""
+def exact_law(target: TargetBackend, prompt: list[int], sampling: SamplingConfig, backend: bool = False) -> dict:
+    """P(x_1..x_L) from the model's own logits on every prefix, by enumeration; with `backend`, from the backend's
+    (a 4-bit target's law is its kernels', not the float model's)."""
     law = {(): 1.0}
     model = target.module
     for _ in range(L):
         prefixes = list(law)
         with torch.no_grad():
-            logits = model(torch.tensor([prompt + list(p) for p in prefixes])).logits[:, -1]  # [n, V]
+            if backend:
+                logits = torch.cat([target.prefill(target.new_state(), torch.tensor([prompt + list(p)])).logits[:, -1]
+                                    for p in prefixes])  # [n, V]
+            else:
+                logits = model(torch.tensor([prompt + list(p) for p in prefixes])).logits[:, -1]  # [n, V]
         probs = logits_to_probs(logits, sampling).double()
         law = {p + (x,): law[p] * float(probs[i, x]) for i, p in enumerate(prefixes) for x in range(VOCAB_SMALL)}
     return law

@@ -148,9 +148,9 @@ def test_the_budget_follows_the_cost_curve():
     flat = CostCurve(target_s=tuple(0.010 + 0.0001 * k for k in range(32)), draft_s=0.002)
     steep = CostCurve(target_s=tuple(0.010 * (1 + k) for k in range(32)), draft_s=0.002)
     middle = CostCurve(target_s=tuple(0.010 + 0.002 * k for k in range(32)), draft_s=0.002)
-    assert best_size(tree, flat) > 6  # a flat curve grows a wide tree
-    assert best_size(tree, steep) == 0  # each row costs a whole forward: verify nothing
-    assert 1 <= best_size(tree, middle) < best_size(tree, flat)
+    assert best_size(tree, flat, 3) > 6  # a flat curve grows a wide tree
+    assert best_size(tree, steep, 3) == 0  # each row costs a whole forward: verify nothing
+    assert 1 <= best_size(tree, middle, 3) < best_size(tree, flat, 3)
 
 
 # --------------------------------------------------------------------------- through the engine

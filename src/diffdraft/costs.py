@@ -28,7 +28,7 @@ REPEATS = 3
 # The target's rounds stop once they have taken this long (at least one round runs): a slow machine or
 # a busy one gets a rougher curve in bounded time rather than minutes of measuring.
 BUDGET_S = 20.0
-CURVE_VERSION = 4
+CURVE_VERSION = 5  # 5: the drafter cost per further token
 OPENMP_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
 
 
@@ -105,8 +105,9 @@ def measure_target(target, max_tokens: int, rounds: int = 2 * REPEATS + 1, budge
     return tuple(medians.cummax(dim=0).values.tolist())
 
 
-def measure_drafter(target, drafter, max_tokens: int) -> float:
-    """d: seconds of one drafter call for `max_tokens` tokens after CONTEXT tokens."""
+def measure_drafter(target, drafter, max_tokens: int) -> tuple[float, float]:
+    """(d(1), what each further token adds): seconds of a drafter call for one token and for `max_tokens` tokens
+    after CONTEXT tokens, the second turned into a cost per further token (never below 0)."""
     ids = context_ids(target, 1)
     out = target.prefill(target.new_state(), ids, want_taps=drafter.wants_taps)
     tokens = ids[0].tolist()
@@ -115,7 +116,11 @@ def measure_drafter(target, drafter, max_tokens: int) -> float:
     generator = torch.Generator().manual_seed(0)
     greedy = SamplingConfig()
     drafter.propose(state, tokens, max_tokens, greedy, generator)  # warm up
-    return median_time(lambda: drafter.propose(state, tokens, max_tokens, greedy, generator))
+    one = median_time(lambda: drafter.propose(state, tokens, 1, greedy, generator))
+    if max_tokens == 1:
+        return one, 0.0
+    most = median_time(lambda: drafter.propose(state, tokens, max_tokens, greedy, generator))
+    return one, max(most - one, 0.0) / (max_tokens - 1)
 
 
 def cost_curve(target, drafter, max_tokens: int, use_cache: bool = True) -> CostCurve:
@@ -127,17 +132,18 @@ def cost_curve(target, drafter, max_tokens: int, use_cache: bool = True) -> Cost
         try:
             data = json.loads(path.read_text())
             if data.get("key") == key:
-                return CostCurve(tuple(data["target_s"]), data["draft_s"])
+                return CostCurve(tuple(data["target_s"]), data["draft_s"], data["draft_slot_s"])
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry: measure again
     if use_cache:
         print(f"diffdraft: measuring this machine's step costs for the length rule (once: kept in {path.parent})",
               file=sys.stderr)
-    curve = CostCurve(measure_target(target, max_tokens + 1),
-                      0.0 if drafter is None or max_tokens == 0 else measure_drafter(target, drafter, max_tokens))
+    drafting = (0.0, 0.0) if drafter is None or max_tokens == 0 else measure_drafter(target, drafter, max_tokens)
+    curve = CostCurve(measure_target(target, max_tokens + 1), *drafting)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "target_s": curve.target_s, "draft_s": curve.draft_s}) + "\n")
+        tmp.write_text(json.dumps({"key": key, "target_s": curve.target_s, "draft_s": curve.draft_s,
+                                   "draft_slot_s": curve.draft_slot_s}) + "\n")
         os.replace(tmp, path)  # whole or not at all
     return curve

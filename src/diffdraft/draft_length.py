@@ -1,9 +1,12 @@
 """How many drafted tokens to verify: the cost-aware length rule of docs/design.md, 'How many tokens to verify'.
 
-A step that verifies k drafted tokens emits 1 + A_k tokens and costs d + c(k + 1): the
-drafter's time and the target's forward over k + 1 tokens. With a_i the probability that
-slot i is accepted once the slots before it were, E[A_k] = sum_{i<=k} prod_{j<=i} a_j, and
-the rule verifies the k that maximizes (1 + E[A_k]) / (d + c(k + 1)).
+A step that verifies k drafted tokens emits 1 + A_k tokens and costs d(n) + c(k + 1): the
+drafter's time for the n tokens it was asked for and the target's forward over k + 1 tokens.
+With a_i the probability that slot i is accepted once the slots before it were,
+E[A_k] = sum_{i<=k} prod_{j<=i} a_j, and the rule verifies the k that maximizes
+(1 + E[A_k]) / (d(n) + c(k + 1)). Where a drafter call costs more for more slots (a block
+drafter that runs only the rows asked for), `LengthPolicy.proposal` first sizes n the same way
+from each slot's acceptance so far, before any confidence is known.
 
 - `CostCurve` holds c(1..K) and d, measured on this machine (diffdraft.costs measures and
   caches them).
@@ -50,18 +53,27 @@ PROBE_EVERY = 8
 @dataclass(frozen=True)
 class CostCurve:
     """Measured costs in seconds: target_s[k-1] = c(k), a target forward over k new tokens
-    (k = 1..K); draft_s = d, one drafter call. Beyond K, c grows by the mean step of the curve's upper
+    (k = 1..K); draft_s = d(1), one drafter call for one token, and draft_slot_s what each further token
+    asked of the same call adds (0 for a drafter whose call costs the same for any count). Beyond K, c grows
+    by the mean step of the curve's upper
     half (the last step alone may be a flat stretch of the kernel's tiles, and a batch's rows reach far
     past K: priced by that step, rows there looked nearly free)."""
 
     target_s: tuple[float, ...]
     draft_s: float = 0.0
+    draft_slot_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.target_s or any(not (c > 0 and math.isfinite(c)) for c in self.target_s):
             raise ValueError(f"target costs must be positive and finite, got {self.target_s}")
         if not (self.draft_s >= 0 and math.isfinite(self.draft_s)):
             raise ValueError(f"the drafter cost must be >= 0, got {self.draft_s}")
+        if not (self.draft_slot_s >= 0 and math.isfinite(self.draft_slot_s)):
+            raise ValueError(f"the drafter's cost per further token must be >= 0, got {self.draft_slot_s}")
+
+    def draft(self, n: int) -> float:
+        """d(n): one drafter call asked for n >= 1 tokens."""
+        return self.draft_s + self.draft_slot_s * max(n - 1, 0)
 
     def target(self, k: int) -> float:
         """c(k) for k >= 1."""
@@ -74,11 +86,10 @@ class CostCurve:
 
     def longest_useful(self, limit: int) -> int:
         """The longest draft that could ever be chosen: past it, even a draft accepted whole
-        emits fewer tokens per second than verifying none."""
-        none = 1.0 / (self.draft_s + self.target(1))
+        emits fewer tokens per second than verifying none of it."""
         best = 0
         for k in range(1, limit + 1):
-            if (1 + k) / (self.draft_s + self.target(k + 1)) >= none:
+            if (1 + k) / (self.draft(k) + self.target(k + 1)) >= 1.0 / (self.draft(k) + self.target(1)):
                 best = k
         return best
 
@@ -90,14 +101,16 @@ class CostCurve:
         return _in_batch(self, sequences) if sequences > 1 else self
 
     def to_dict(self) -> dict:
-        return {"target_ms": [round(c * 1000, 3) for c in self.target_s], "draft_ms": round(self.draft_s * 1000, 3)}
+        return {"target_ms": [round(c * 1000, 3) for c in self.target_s], "draft_ms": round(self.draft_s * 1000, 3),
+                "draft_slot_ms": round(self.draft_slot_s * 1000, 3)}
 
 
 @functools.lru_cache(maxsize=64)
 def _in_batch(curve: CostCurve, sequences: int) -> CostCurve:
     base = curve.target(sequences)
     rows = range(1, len(curve.target_s) + 1)
-    return CostCurve(tuple(base / sequences + curve.target(sequences + k - 1) - base for k in rows), curve.draft_s)
+    return CostCurve(tuple(base / sequences + curve.target(sequences + k - 1) - base for k in rows), curve.draft_s,
+                     curve.draft_slot_s)
 
 
 @dataclass
@@ -129,6 +142,14 @@ class AcceptanceCalibration:
         rate = (hits + PRIOR_WEIGHT * prior) / (reached + PRIOR_WEIGHT)
         return (rate + explore / (1 + reached).sqrt()).clamp(max=1.0)
 
+    def marginal(self, n: int, explore: float = 0.0) -> torch.Tensor:
+        """a_1..a_n whatever the confidence: each slot's rate over all its buckets, pulled towards NO_CONFIDENCE
+        as estimate() pulls towards the confidence; [n] float64."""
+        slots = torch.arange(n).clamp(max=MAX_SLOT - 1)
+        hits, reached = self.hits.sum(dim=1)[slots], self.reached.sum(dim=1)[slots]
+        rate = (hits + PRIOR_WEIGHT * NO_CONFIDENCE) / (reached + PRIOR_WEIGHT)
+        return (rate + explore / (1 + reached).sqrt()).clamp(max=1.0)
+
     def observe(self, confidence: torch.Tensor | None, verified: int, accepted: int) -> None:
         """A step verified `verified` drafted tokens and accepted the first `accepted` of them."""
         reached = min(accepted + 1, verified)
@@ -150,12 +171,12 @@ class DraftingValue:
     seconds: float = 0.0
     skipped: int = 0  # steps skipped in a row
 
-    def observe(self, verified: int, accepted: int, costs: CostCurve | None = None) -> None:
-        """A drafting step verified `verified` drafted tokens (0: the drafter was called, none verified);
-        costs: the curve it ran under (a batch's, CostCurve.in_batch), else the request's own."""
+    def observe(self, verified: int, accepted: int, costs: CostCurve | None = None, proposed: int = 1) -> None:
+        """A drafting step asked the drafter for `proposed` tokens and verified `verified` of them (0: none
+        verified); costs: the curve it ran under (a batch's, CostCurve.in_batch), else the request's own."""
         costs = costs or self.costs
         self.emitted = VALUE_DECAY * self.emitted + 1 + accepted
-        self.seconds = VALUE_DECAY * self.seconds + costs.draft_s + costs.target(verified + 1)
+        self.seconds = VALUE_DECAY * self.seconds + costs.draft(proposed) + costs.target(verified + 1)
 
     def pays(self, costs: CostCurve | None = None) -> bool:
         return self.seconds == 0 or self.emitted / self.seconds >= 1.0 / (costs or self.costs).target(1)
@@ -214,8 +235,22 @@ class LengthPolicy:
         costs: the curve this step runs under (a batch's), else the policy's own."""
         costs = costs or self.costs
         acceptance = self.acceptance(confidence, available, greedy)
-        cost = torch.tensor([costs.draft_s + costs.target(k + 1) for k in range(available + 1)], dtype=torch.float64)
+        drafting = costs.draft(available)  # spent: the drafter was asked for `available` tokens
+        cost = torch.tensor([drafting + costs.target(k + 1) for k in range(available + 1)], dtype=torch.float64)
         return expected_emitted(acceptance) / cost
+
+    def proposal(self, limit: int, greedy: bool, costs: CostCurve | None = None) -> int:
+        """How many tokens (1..limit) to ask the drafter for, before its confidences are known: all `limit` where
+        a call costs the same for any count, else the n whose draft, verified whole at each slot's acceptance so
+        far (optimistic where little is known), promises the most tokens per second for d(n) + c(n + 1)."""
+        costs = costs or self.costs
+        if limit <= 1 or costs.draft_slot_s == 0:
+            return limit
+        with self._lock:
+            acceptance = self.calibration(greedy).marginal(limit, explore=self.explore)  # [limit]
+        emitted = expected_emitted(acceptance)[1:]  # [limit]: 1 + E[A_n] for n = 1..limit
+        cost = torch.tensor([costs.draft(n) + costs.target(n + 1) for n in range(1, limit + 1)], dtype=torch.float64)
+        return int((emitted / cost).argmax()) + 1
 
     def choose(self, confidence: torch.Tensor | None, available: int, greedy: bool,
                costs: CostCurve | None = None) -> int:

@@ -66,13 +66,15 @@ def best_first(tokens: torch.Tensor, values: torch.Tensor, limit: int) -> DraftT
     return DraftTree(tuple(nodes_tokens), tuple(nodes_parents), tuple(nodes_values))
 
 
-def best_size(tree: DraftTree, costs: CostCurve) -> int:
-    """How many of the tree's first nodes maximize expected tokens per second (0: verify none)."""
+def best_size(tree: DraftTree, costs: CostCurve, asked: int) -> int:
+    """How many of the tree's first nodes maximize expected tokens per second (0: verify none), after a drafter
+    call asked for `asked` slots."""
     emitted = 1.0
-    best, best_rate = 0, 1.0 / (costs.draft_s + costs.target(1))
+    drafting = costs.draft(asked)  # spent
+    best, best_rate = 0, 1.0 / (drafting + costs.target(1))
     for n, value in enumerate(tree.values, start=1):
         emitted += value
-        rate = emitted / (costs.draft_s + costs.target(n + 1))
+        rate = emitted / (drafting + costs.target(n + 1))
         if rate > best_rate:
             best, best_rate = n, rate
     return best

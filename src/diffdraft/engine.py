@@ -300,6 +300,8 @@ class SpeculativeEngine:
             g = self.policy.longest_useful(g, costs)  # the drafter computes only slots that could be verified
             if g > 0 and not request.drafting.draft_now(costs, sequences):  # drafting has not paid lately: plain step
                 g = 0
+            if g > 0 and self.draft.tree <= 0:  # a chain: as many slots as pay for what the drafter spends on them
+                g = self.policy.proposal(g, self.sampling.greedy, costs)
         step = Step(drafted=g, start=request.target.length, tick=tick, costs=costs, room=room)
         if g > 0:
             if request.unread_taps:  # the drafter catches up on what was committed since it last drafted
@@ -357,7 +359,7 @@ class SpeculativeEngine:
         self.target.crop(request.target, request.target.length - (drafted - verdict.num_accepted))
         if self.policy is not None and step.drafted > 0:  # the drafter was called, whatever it was left to verify
             self.policy.observe(step.full_draft.confidence, drafted, verdict.num_accepted, greedy)
-            request.drafting.observe(drafted, verdict.num_accepted, step.costs)
+            request.drafting.observe(drafted, verdict.num_accepted, step.costs, proposed=step.drafted)
         if self.drafter is not None and out.taps is not None:
             request.unread_taps.append(out.taps[:, : 1 + verdict.num_accepted])
         return verdict, out.logits[0]
@@ -387,7 +389,7 @@ class SpeculativeEngine:
                 else torch.full((len(lookup),), NO_CONFIDENCE, dtype=torch.float64)
             tree = with_branch(tree, lookup, torch.cumprod(rates, dim=0).tolist())
         if self.policy is not None:
-            tree = tree.prefix(min(best_size(tree, step.costs), step.room))
+            tree = tree.prefix(min(best_size(tree, step.costs, step.drafted), step.room))
         else:
             tree = tree.prefix(min(self.draft.tree, step.room))
         step.full_draft, step.tree, step.lookup = draft, tree, lookup
@@ -415,7 +417,7 @@ class SpeculativeEngine:
             if step.lookup:  # and the lookup's calibration from its branch
                 branch = branch_nodes(tree, step.lookup)
                 self.policy.observe(None, len(branch), followed(branch, path), greedy, "lookup")
-            request.drafting.observe(len(tree), verdict.num_accepted, step.costs)
+            request.drafting.observe(len(tree), verdict.num_accepted, step.costs, proposed=step.drafted)
         if out.taps is not None:
             request.unread_taps.append(out.taps[:, path])
         return verdict, out.logits[0][path]

@@ -4,8 +4,9 @@ loaded from the cache; `fused_layers()` hands out its op, or None with the reaso
 One call of the C++ compiler (c++, or $CXX) against torch's own headers and libraries: keyed by the source,
 the torch version and this CPU's instruction sets (it is compiled for this CPU), about 10 s on two cores,
 said on stderr when it happens. Without a compiler the lean runtime runs its layers in Python and its
-load line says why; DIFFDRAFT_FUSED=0 asks for the Python layers. Knows nothing of models: lean.py
-decides when to use it.
+load line says why; DIFFDRAFT_FUSED=0 asks for the Python layers. A FusedStack holds what the op takes
+that does not change between calls (a stack's norms and 4-bit weights, its head shape). Knows nothing of
+models: the lean runtime and the block-diffusion drafter decide when to use it.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from diffdraft.backends.kernels import cpuinfo_field
+from diffdraft.backends.kernels import Int4Linear, cpuinfo_field
 from diffdraft.loading import cache_dir
 
 SOURCE = Path(__file__).with_name("fused_layers.cpp")
@@ -93,3 +95,36 @@ def fused_layers() -> tuple[Callable | None, str]:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             _state["op"], _state["why"] = None, f"the fused layers did not build ({first})"
     return _state["op"], _state["why"]  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class FusedStack:
+    """A stack of Llama-shaped layers for the fused op: per layer two RMSNorm weights and four 4-bit linears
+    (q/k/v with q and k rows in rotary-pair order, o, gate/up, down). Weights only: no request's state."""
+
+    op: Callable
+    attn_norms: list[torch.Tensor]
+    mlp_norms: list[torch.Tensor]
+    packed: list[torch.Tensor]
+    scale_zero: list[torch.Tensor]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+
+    @classmethod
+    def of(cls, op: Callable, norms: Sequence[tuple[torch.Tensor, torch.Tensor]], linears: Sequence[Int4Linear],
+           heads: int, kv_heads: int, head_dim: int, eps: float) -> "FusedStack":
+        """norms: per layer (attention norm, MLP norm); linears: four per layer, in the order a layer runs them."""
+        return cls(op, [a.float().contiguous() for a, _ in norms], [m.float().contiguous() for _, m in norms],
+                   [lin.packed for lin in linears], [lin.scale_zero for lin in linears], heads, kv_heads,
+                   head_dim, float(eps))
+
+    def run(self, x: torch.Tensor, caches: list[torch.Tensor], sizes: list[int], starts: list[int],
+            chains: list[int], seen: torch.Tensor, seen_offsets: torch.Tensor, pairs: torch.Tensor,
+            taps: list[int] = ()) -> list[torch.Tensor]:
+        """Every layer over x [R, D] float32, in place (the arguments as fused_layers.cpp's run_layers states
+        them); returns x after each layer listed in taps."""
+        return self.op(x, self.attn_norms, self.mlp_norms, self.packed, self.scale_zero, caches, sizes, starts,
+                       chains, seen, seen_offsets, pairs, self.heads, self.kv_heads, self.head_dim, self.eps,
+                       list(taps), PARALLEL_WORK)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffdraft.backends.int4 import Int4Weight
+from diffdraft.backends.int4 import Int4Weight, round_to_nearest
 
 
 CAPABILITY_ENV = "DIFFDRAFT_CPU_CAPABILITY"
@@ -127,6 +127,11 @@ class PreparedLinear:
 INT4_ACTIVATIONS = torch.bfloat16
 
 
+def int4_fits(out_features: int, in_features: int) -> bool:
+    """Whether the int4 kernel takes a weight of this shape: inputs in whole groups of 32, outputs by 16s."""
+    return in_features % 32 == 0 and out_features % 16 == 0
+
+
 class Int4Linear:
     """y = x W^T (+ b) for 4-bit weights in groups of 32 (an Int4Weight). x: [..., in] float32 -> [..., out]
     float32; the matmul reads x in bfloat16, and the scales and zeros are rounded to bfloat16. CPU only."""
@@ -198,8 +203,12 @@ class HalfLinear:
 
 
 def prepared_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, half: bool = False,
-                    prefer_onednn: bool = True) -> "PreparedLinear | HalfLinear":
-    """The kernel for an inference-only float linear: a HalfLinear with `half`, else a PreparedLinear."""
+                    prefer_onednn: bool = True, four_bit: bool = False) -> "PreparedLinear | HalfLinear | Int4Linear":
+    """The kernel for an inference-only float linear: with `four_bit` an Int4Linear of the weight rounded to 4 bits
+    (round to nearest, groups of 32) where its shape allows (int4_fits), else with `half` a HalfLinear, else a
+    PreparedLinear."""
+    if four_bit and int4_fits(*weight.shape):
+        return Int4Linear(round_to_nearest(weight.detach().float()), bias)
     if half:
         return HalfLinear(weight, bias)
     return PreparedLinear(weight.detach(), bias, prefer_onednn)
@@ -223,24 +232,25 @@ class AdaptedLinear:
 
 
 class PreparedLinearModule(nn.Module):
-    """A drop-in for an inference-only nn.Linear that runs through a PreparedLinear (a HalfLinear with half)."""
+    """A drop-in for an inference-only nn.Linear that runs through prepared_linear's kernel."""
 
-    def __init__(self, linear: nn.Linear, half: bool = False):
+    def __init__(self, linear: nn.Linear, half: bool = False, four_bit: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.kernel = prepared_linear(linear.weight, linear.bias, half)
+        self.kernel = prepared_linear(linear.weight, linear.bias, half, four_bit=four_bit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)
 
 
-def prepared_copy(module: nn.Module, device: torch.device, dtype: torch.dtype, half: bool = False) -> nn.Module:
+def prepared_copy(module: nn.Module, device: torch.device, dtype: torch.dtype, half: bool = False,
+                  four_bit: bool = False) -> nn.Module:
     """An inference-only copy of a network on `device` in `dtype`, whose every nn.Linear runs
-    through a PreparedLinear, or with `half` (float32 only) a HalfLinear. The original is left as it was (a
-    trainer may still be training it)."""
+    through a PreparedLinear, or with `half` (float32 only) a HalfLinear, or with `four_bit` (float32 on the CPU
+    only) an Int4Linear. The original is left as it was (a trainer may still be training it)."""
     prepared = copy.deepcopy(module).to(device=device, dtype=dtype).eval().requires_grad_(False)
     for parent in list(prepared.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PreparedLinearModule(child, half=half))
+                setattr(parent, name, PreparedLinearModule(child, half=half, four_bit=four_bit))
     return prepared

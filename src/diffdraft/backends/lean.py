@@ -260,7 +260,7 @@ class LeanLlamaTarget(TargetBackend):
             and self._head.row_invariant
 
     def _prepare_fused(self, wanted: bool):
-        """(the fused layer op and its arguments that do not change, a note for the load line), or (None, note)
+        """(the layers as a fused_kernels.FusedStack, a note for the load line), or (None, note)
         where the layers run in Python: not asked for, not every decoder linear a plain 4-bit one, or no build."""
         kernels = [lin for layer in self._layers for lin in layer.rowwise.all()]
         if not wanted or self.device.type != "cpu" or self.dtype != torch.float32:
@@ -270,15 +270,13 @@ class LeanLlamaTarget(TargetBackend):
         op, why = fused_kernels.fused_layers()
         if op is None:
             return None, f"decoder layers in Python ({why})"
-        weights = ([lin.packed for lin in kernels], [lin.scale_zero for lin in kernels])
-        norms = ([layer.attn_norm.contiguous() for layer in self._layers],
-                 [layer.mlp_norm.contiguous() for layer in self._layers])
-        return (op, norms, weights), "decoder layers fused (C++)"
+        stack = fused_kernels.FusedStack.of(op, [(layer.attn_norm, layer.mlp_norm) for layer in self._layers],
+                                            kernels, self.num_heads, self.num_kv_heads, self.head_dim, self.eps)
+        return stack, "decoder layers fused (C++)"
 
     def _run_fused(self, x: torch.Tensor, parts: list[SequenceRows], starts: list[int], sizes: list[int],
                    phases: torch.Tensor, want_taps: bool) -> dict[int, torch.Tensor]:
         """Every layer over x [R, D] (in place) in one C++ call; returns the taps of layers 1..L-1 asked for."""
-        op, (attn_norms, mlp_norms), (packed, scale_zero) = self._fused
         chains = [1 if part.rows is None or part.rows.is_chain else 0 for part in parts]
         if all(chains):
             seen = offsets = torch.empty(0, dtype=torch.long)
@@ -289,9 +287,8 @@ class LeanLlamaTarget(TargetBackend):
             offsets = torch.tensor([0] + [len(row) for row in sees], dtype=torch.long).cumsum(0)  # [R + 1]
         taps = [i for i in self.tap_layers if 0 < i < self.num_layers] if want_taps else []
         pairs = torch.view_as_real(phases[:, 0]).contiguous()  # [R, hd / 2, 2]
-        tapped = op(x, attn_norms, mlp_norms, packed, scale_zero, [part.state.cache for part in parts], sizes,
-                    starts, chains, seen, offsets, pairs, self.num_heads, self.num_kv_heads, self.head_dim,
-                    self.eps, taps, fused_kernels.PARALLEL_WORK)
+        tapped = self._fused.run(x, [part.state.cache for part in parts], sizes, starts, chains, seen, offsets, pairs,
+                                 taps)
         return dict(zip(taps, tapped))
 
     def _rope_phases(self, rotary: nn.Module) -> torch.Tensor:

@@ -3,7 +3,10 @@
 Wraps BlockDiffusionNet with the target's frozen embedding and LM head. Each sequence's state
 is a context cache: per drafter layer, the keys/values of every token the target has committed
 (computed from the target's tapped hidden states as they arrive through begin/observe).
-A step drafts g-1 tokens in one parallel pass over [last token, MASK x (g-1)]. Each token
+A step drafts n <= g-1 tokens in one parallel pass over [last token, MASK x n]: only as many
+masks as tokens asked for (training's blocks hold g-1; docs/native-weights.md, "The fused drafter",
+has what the shorter block costs in acceptance). Over a target whose layers run fused, the
+drafter's layers do too, on 4-bit copies of its weights (drafters/fused_block.py). Each token
 is drawn independently from its own marginal, so that marginal is its exact q given the
 earlier draft tokens, and rejection sampling applies at temperature > 0.
 An optional reduced draft vocabulary (the most frequent tokens of the training data) cuts
@@ -25,6 +28,7 @@ from diffdraft.config import SamplingConfig
 from diffdraft.drafters.base import Draft
 from diffdraft.drafters.checkpoint import read_checkpoint, write_checkpoint
 from diffdraft.drafters.draft_head import DRAFT_VOCAB_KEY, DraftHead, HeadedDrafter, add_draft_vocab
+from diffdraft.drafters.fused_block import fused_block_layers
 from diffdraft.errors import DiffdraftError
 from diffdraft.models.block_diffusion import BlockDiffusionConfig, BlockDiffusionNet
 from diffdraft.sampling import logits_to_probs, sample
@@ -74,12 +78,16 @@ def check_signature(signature: dict, target, checks=SIGNATURE_CHECKS) -> None:
 
 @dataclass
 class ContextCache:
-    """One sequence's context for the drafter: per drafter layer, keys and values [1, Hkv, C, hd] of the
-    first `length` committed tokens."""
+    """One sequence's context for the drafter: keys and values [L, 2, Hkv, C, hd] (index 0 the keys) of the
+    first `length` committed tokens. Slots past them are scratch (a fused drafter call writes its block's
+    keys and values there)."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    kv: torch.Tensor
     length: int = -1  # -1: begin() not called yet
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s committed keys and values, [1, Hkv, length, hd] each (views)."""
+        return self.kv[index, 0, None, :, : self.length], self.kv[index, 1, None, :, : self.length]
 
 
 class BlockDiffusionDrafter(HeadedDrafter):
@@ -100,20 +108,30 @@ class BlockDiffusionDrafter(HeadedDrafter):
             raise DiffdraftError(f"the drafter's q scale must be a positive number, got {q_scale!r}")
         self.q_scale = float(q_scale)
         self.target = target
-        # Decoding runs a copy whose linears are prepared once for the fastest kernel (the net passed
-        # in may still be training); `net` stays the plain network, for saving and inspection.
         self.net = net
-        # (over a target whose head reads float16 weights, its linears do too: q stays the law of what it drafts)
-        self._fast = prepared_copy(net, target.device, target.dtype, half=target.half_head)
         self.tap_layers = tuple(tap_layers)
         self.signature = signature or target_signature(target)
         self.check_compatible(target)
+        # its layers in one C++ call where its target's run so (None: the Python layers of _fast), and why not
+        self._fused, self.fused_note = fused_block_layers(net, target)
+        # Decoding runs a copy whose linears are prepared once for the fastest kernel (the net passed
+        # in may still be training); `net` stays the plain network, for saving and inspection. Its linears
+        # follow the target's: 4-bit beside fused 4-bit layers (a drafter call reads a third of the bytes),
+        # float16 over a float16 head. Either way q stays the law of what it drafts.
+        self._fast = prepared_copy(net, target.device, target.dtype, half=target.half_head,
+                                   four_bit=self.fused_layers)
         # The columns of the target's taps that hold our layers, in our order (the target may tap more).
         index = target.tap_index(self.tap_layers)
         width = target.hidden_size
         self._tap_columns = None if index == list(range(len(target.tap_layers))) else torch.tensor(
             [i * width + j for i in index for j in range(width)], device=target.device)
-        self.head = DraftHead(target, draft_vocab)
+        self.head = DraftHead(target, draft_vocab, four_bit=self.fused_layers)
+        self._key_order = None if self._fused is None else self._fused.key_order().to(target.device)
+
+    @property
+    def fused_layers(self) -> bool:
+        """Whether its layers run as one C++ call on 4-bit weights (drafters/fused_block.py)."""
+        return self._fused is not None
 
     def check_compatible(self, target) -> None:
         check_signature(self.signature, target)
@@ -128,16 +146,16 @@ class BlockDiffusionDrafter(HeadedDrafter):
 
     def cost_id(self) -> str:
         vocab = 0 if self.draft_vocab is None else self.draft_vocab.numel()  # (q_scale costs nothing)
-        return f"{KIND}:{self.net.cfg.to_dict()}:vocab={vocab}"
+        layers = "fused-4-bit" if self.fused_layers else "python"
+        return f"{KIND}:{self.net.cfg.to_dict()}:vocab={vocab}:layers={layers}:block=drafted+1"
 
     # ----- context cache -----
     def new_state(self) -> ContextCache:
-        """A context cache for one sequence: buffers of the target's context length ([1, Hkv, C, hd] per
-        layer for keys and for values), written in place as tokens are committed."""
+        """A context cache for one sequence, room for the target's context and one block past it, written in
+        place as tokens are committed (untouched pages cost nothing until written)."""
         cfg = self.net.cfg
-        shape = (1, cfg.num_kv_heads, self.target.max_context, cfg.head_dim)
-        keys = [torch.empty(shape, device=self.target.device, dtype=self.target.dtype) for _ in range(cfg.num_layers)]
-        return ContextCache(keys=keys, values=[torch.empty_like(k) for k in keys])
+        shape = (cfg.num_layers, 2, cfg.num_kv_heads, self.target.max_context + cfg.block_size, cfg.head_dim)
+        return ContextCache(kv=torch.empty(shape, device=self.target.device, dtype=self.target.dtype))
 
     def begin(self, state: ContextCache, prompt: list[int], taps: torch.Tensor | None) -> None:
         state.length = 0
@@ -155,9 +173,11 @@ class BlockDiffusionDrafter(HeadedDrafter):
         n, start = taps.shape[1], state.length
         positions = torch.arange(start, start + n, device=taps.device)[None]  # [1, n]
         new_kv = self._fast.context_kv(self._fast.fuse_context(taps.to(self.target.dtype)), positions)
-        for (k, v), k_cache, v_cache in zip(new_kv, state.keys, state.values):
-            k_cache[:, :, start : start + n] = k
-            v_cache[:, :, start : start + n] = v
+        for index, (k, v) in enumerate(new_kv):  # [1, Hkv, n, hd] each
+            if self._key_order is not None:
+                k = k[..., self._key_order]  # the fused layers keep each rotary pair side by side
+            state.kv[index, 0, :, start : start + n] = k[0]
+            state.kv[index, 1, :, start : start + n] = v[0]
         state.length += n
 
     # ----- drafting -----
@@ -169,13 +189,17 @@ class BlockDiffusionDrafter(HeadedDrafter):
             raise RuntimeError(
                 f"drafter context holds {state.length} tokens, expected {len(tokens) - 1}: begin/observe were skipped"
             )
-        g = self.block_size
+        rows = count + 1  # the known token and a mask per slot asked for: masks past them would go unread
         device = self.target.device
         known = self.target.embed_tokens(torch.tensor([[tokens[-1]]], device=device))  # [1, 1, D]
-        block = self._fast.block_inputs(known, self._fast.mask_vector(self.target.embed_tokens))  # [1, g, D]
-        positions = torch.arange(len(tokens) - 1, len(tokens) - 1 + g, device=device)[None]  # [1, g]
-        context = [(k[:, :, : state.length], v[:, :, : state.length]) for k, v in zip(state.keys, state.values)]
-        hidden = self._fast(block, positions, context, mask=None)[0, 1 : 1 + count]  # [count, D]
+        mask = self._fast.mask_vector(self.target.embed_tokens)
+        block = self._fast.block_inputs(known, mask, size=rows)  # [1, rows, D]
+        if self._fused is not None:
+            hidden = self._fast.norm(self._fused.run(block[0], state.kv, state.length)[1:])  # [count, D]
+        else:
+            positions = torch.arange(state.length, state.length + rows, device=device)[None]  # [1, rows]
+            context = [state.layer(i) for i in range(self.net.cfg.num_layers)]
+            hidden = self._fast(block, positions, context, mask=None)[0, 1:]  # [count, D]
         return self.head.logits(hidden).float()  # [count, N]
 
     @torch.inference_mode()

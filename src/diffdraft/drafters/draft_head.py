@@ -21,7 +21,9 @@ DRAFT_VOCAB_KEY = "draft_vocab"  # tensor name of the id map inside a drafter ch
 
 
 class DraftHead:
-    def __init__(self, target, draft_vocab: torch.Tensor | None = None):
+    def __init__(self, target, draft_vocab: torch.Tensor | None = None, four_bit: bool = False):
+        """four_bit: read the head's rows as 4-bit groups (rounded to nearest), for a drafter whose layers run
+        on 4-bit weights; else float16 where the target's own head is, else the target's dtype."""
         self.target = target
         self.draft_vocab = None
         self._weight = None
@@ -34,7 +36,7 @@ class DraftHead:
         if self.draft_vocab is not None:
             weight, bias = weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
         # [N, D], prepared once for the fastest kernel: float16 weights where the target's own head has them
-        self._weight = prepared_linear(weight, bias, half=target.half_head)
+        self._weight = prepared_linear(weight, bias, half=target.half_head, four_bit=four_bit)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, D] -> logits [n, N] over the draft vocabulary (N = V without one)."""

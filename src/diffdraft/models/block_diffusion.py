@@ -172,11 +172,11 @@ class BlockDiffusionNet(nn.Module):
             return self.mask_embedding
         return embed_tokens.weight[self.cfg.mask_token_id]
 
-    def block_inputs(self, known_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def block_inputs(self, known_embeds: torch.Tensor, mask: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """Block input embeddings: known_embeds [B, nb, D], mask [D] (mask_vector) -> [B, nb*g, D] as
-        [tok, MASK x (g-1)] per block."""
+        [tok, MASK x (g-1)] per block, g the block size (or `size`, for a shorter block)."""
         b, nb, d = known_embeds.shape
-        g = self.cfg.block_size
+        g = size or self.cfg.block_size
         blocks = mask.to(known_embeds.dtype).expand(b, nb, g, d).clone()
         blocks[:, :, 0] = known_embeds
         return blocks.reshape(b, nb * g, d)
