@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 from conftest import make_llama
 from diffdraft.backends import LeanLlamaTarget, build_target, resolve_weights
-from diffdraft.backends import kernels
+from diffdraft.backends import fused, kernels
 from diffdraft.backends.gguf_llama import LINEARS, MODULE_PATHS, read_native_linears, unpermute_rows
 from diffdraft.backends.lean import BULK_ROWS
 from diffdraft.backends.int4 import GGUF_INT4_KINDS, Int4Weight, from_gguf, round_to_nearest
@@ -125,15 +125,76 @@ def test_unpermute_rows_inverts_the_llama_cpp_interleaving():
     assert torch.equal(stored[unpermute_rows(rows, heads)], original)
 
 
-def test_the_int4_kernel_rows_are_invariant_and_equal_the_rounded_weight():
+def eight_bit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the 8-bit activation kernel sees it: per row and group of 32, round(x / d) * d, d = max |x| / 127."""
+    groups = x.view(x.shape[0], -1, 32)
+    d = groups.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(groups / torch.where(d > 0, d, 1)) * d).view_as(x)
+
+
+def eight_bit_weight(weight: Int4Weight) -> torch.Tensor:
+    """The weight as the 8-bit activation kernel sees it: w = q s + (z - 8 s), s and z - 8 s in float16."""
+    s, m = weight.scale.half().float(), (weight.zero - 8 * weight.scale).half().float()
+    return Int4Weight(weight.q, s, m + 8 * s).dequantize()
+
+
+@pytest.mark.parametrize("eight_bit", [True, False], ids=["8-bit-activations", "pytorch-int4"])
+def test_the_int4_kernel_rows_are_invariant_and_equal_the_rounded_weight(eight_bit, monkeypatch):
+    """Either kernel: rows invariant, and the product of the rows and the weight as that kernel rounds them (the
+    8-bit one exactly up to float32 sums; PyTorch's with its output rounded to bfloat16)."""
+    if not eight_bit:
+        monkeypatch.setattr(fused, "library", lambda: None)
     weight = round_to_nearest(torch.randn(96, 64, generator=torch.Generator().manual_seed(4)))
     linear = kernels.Int4Linear(weight)
+    assert linear.eight_bit == eight_bit
     x = torch.randn(MAX_K, 64, generator=torch.Generator().manual_seed(5))
     rows = linear(x)
     assert rows.dtype == torch.float32
     assert torch.equal(rows, torch.cat([linear(x[i : i + 1]) for i in range(MAX_K)]))
-    expected = x.bfloat16().float() @ kernel_weight(weight).T
-    torch.testing.assert_close(rows, expected, rtol=0.02, atol=0.05)  # the output is rounded to bfloat16
+    if eight_bit:
+        torch.testing.assert_close(rows, eight_bit_rows(x) @ eight_bit_weight(weight).T, rtol=1e-5, atol=1e-4)
+    else:
+        torch.testing.assert_close(rows, x.bfloat16().float() @ kernel_weight(weight).T, rtol=0.02, atol=0.05)
+    # the control: the 8-bit kernel is not the float product (its activations are rounded)
+    assert not torch.allclose(rows, x @ weight.dequantize().T, rtol=1e-5, atol=1e-4)
+
+
+_EIGHT_BIT_ROWS = """\
+import sys, torch
+from diffdraft.backends import kernels
+from diffdraft.backends.int4 import round_to_nearest
+weight = round_to_nearest(torch.randn(96, 64, generator=torch.Generator().manual_seed(4)))
+linear = kernels.Int4Linear(weight)
+assert linear.eight_bit
+x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
+torch.save((linear(x), torch.cat([linear(x[i : i + 1]) for i in range(5)])), sys.argv[1])
+"""
+
+
+def eight_bit_rows_built_for(march: str, folder) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of a 5-row call, the same rows one at a time) from a library built for `march` in a fresh cache."""
+    (folder / "rows.py").write_text(_EIGHT_BIT_ROWS)
+    env = dict(os.environ, DIFFDRAFT_CACHE=str(folder / "cache"), DIFFDRAFT_FUSED_MARCH=march)
+    done = subprocess.run([sys.executable, "rows.py", str(folder / "rows.pt")], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return torch.load(folder / "rows.pt")
+
+
+@pytest.fixture(scope="module")
+def native_eight_bit_rows(tmp_path_factory):
+    return eight_bit_rows_built_for("native", tmp_path_factory.mktemp("native-build"))
+
+
+@pytest.mark.parametrize("march", ["haswell", "x86-64"], ids=["avx2", "plain-c++"])
+def test_the_8_bit_kernel_gives_the_same_bits_on_every_instruction_set(tmp_path, march, native_eight_bit_rows):
+    """The kernel's AVX2 path (haswell) and its plain C++ one (x86-64), built here in a fresh cache, give exactly
+    the bits of this machine's own build (integer sums are exact; the float steps are the same fused
+    multiply-adds in the same order), with rows invariant."""
+    native, native_alone = native_eight_bit_rows
+    other, other_alone = eight_bit_rows_built_for(march, tmp_path)
+    assert torch.equal(native, native_alone) and torch.equal(other, other_alone)
+    assert torch.equal(native, other)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-layers", "python-layers"])
@@ -170,12 +231,11 @@ def test_the_identity_fails_when_a_non_invariant_kernel_is_swapped_in(tiny_model
     target = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(0, 2, 4), weights="int4",
                           report=lambda line: None, fused=False)
     dense = {}
+    kernel = kernels.Int4Linear.__call__
 
     def f_linear(self, x, widen=True):
         if id(self) not in dense:
-            q = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(self.in_features, dtype=torch.bfloat16),
-                                                           self.packed, 32, self.scale_zero)  # [in, out]
-            dense[id(self)] = q.float().T.contiguous()
+            dense[id(self)] = kernel(self, torch.eye(self.in_features)).T.contiguous()  # [out, in]
         return torch.nn.functional.linear(x, dense[id(self)])
 
     monkeypatch.setattr(kernels.Int4Linear, "__call__", f_linear)
@@ -402,7 +462,8 @@ def test_a_4_bit_target_reads_its_head_in_float16_and_its_drafter_follows(tiny_m
             {type(drafter.head._weight)}
 
     if kernels.half_supported():
-        half = int4_target(tiny_model, tiny_tokenizer)
+        half = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(2,), weights="int4", fused=False,
+                            report=lambda line: None)  # (over fused 4-bit layers the drafter's run 4-bit too)
         assert half.half_head and drafter_kernels(half) == {kernels.HalfLinear}
         full = int4_target(tiny_model, tiny_tokenizer)
         full.half_head, full._head = False, kernels.PreparedLinear(tiny_model.lm_head.weight)

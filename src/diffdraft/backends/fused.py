@@ -23,25 +23,35 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffdraft.backends.kernels import Int4Linear, cpuinfo_field
+from diffdraft.backends.kernels import cpuinfo_field
 from diffdraft.loading import cache_dir
 
 SOURCE = Path(__file__).with_name("fused_layers.cpp")
+HEADERS = (Path(__file__).with_name("int4_kernel.h"),)  # included by SOURCE
 NAME = "diffdraft_fused"
 # A layer's attention over fewer (keys x heads x head dim) than this stays on one thread, where waking the
 # others would cost more than they save. Measured on SmolLM2 at 2 threads (docs/native-weights.md): from
 # 32 tokens of context up, threads already pay at one row (8.4 against 8.5 ms a step; 15.5 against 20.7
 # ms at 1,500 tokens).
 PARALLEL_WORK = 1 << 12
+# The instruction set the library is compiled for: this CPU's own by default; a test sets an older one (haswell:
+# AVX2 without AVX-512; x86-64: neither) to run the kernels' other paths on this machine.
+MARCH_ENV = "DIFFDRAFT_FUSED_MARCH"
 _state: dict[str, object] = {}
 
 
 @functools.cache
 def build_key() -> str:
     """Which build this process needs: a hash of the source, the torch version and this CPU's instruction-set
-    flags (the library is compiled with -march=native)."""
+    flags (the library is compiled with -march=native, or the MARCH_ENV asked for)."""
     flags = cpuinfo_field("flags") or torch.backends.cpu.get_cpu_capability()
-    return hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
+    flags += f" march={march()}"
+    code = b"".join(path.read_bytes() for path in (SOURCE, *HEADERS))
+    return hashlib.sha256(code + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
+
+
+def march() -> str:
+    return os.environ.get(MARCH_ENV, "native")
 
 
 def build_folder() -> Path:
@@ -53,19 +63,20 @@ def compile_command(source: Path, output: Path) -> list[str]:
     torch_dir = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     # -fopenmp with torch's own libgomp (already loaded by torch): at::parallel_for then runs on torch's threads
-    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC",
+    return [os.environ.get("CXX", "c++"), "-O3", f"-march={march()}", "-fopenmp", "-std=c++20", "-shared", "-fPIC",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(torch_dir / "include"),
             "-isystem", str(torch_dir / "include" / "torch" / "csrc" / "api" / "include"),
             str(source), "-o", str(output), f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-lgomp"]
 
 
-def _build() -> Callable:
+def _build():
+    """The loaded library's ops (torch.ops.diffdraft_fused), built first where needed."""
     folder = build_folder()
     built = folder / f"{NAME}.so"
     if built.exists():
         try:
             torch.ops.load_library(str(built))
-            return torch.ops.diffdraft_fused.run_layers
+            return torch.ops.diffdraft_fused
         except OSError:  # a damaged library (a disk that filled, say): built again below
             built.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,43 +92,54 @@ def _build() -> Callable:
         partial.unlink(missing_ok=True)
     print(f"compiled in {time.perf_counter() - tick:.0f} s", file=sys.stderr, flush=True)
     torch.ops.load_library(str(built))
-    return torch.ops.diffdraft_fused.run_layers
+    return torch.ops.diffdraft_fused
+
+
+def library():
+    """The library's ops (run_layers, pack_int4, int4_linear) where it runs here, else None (fused_layers says
+    why). Built at most once per process."""
+    if os.environ.get("DIFFDRAFT_FUSED", "1") == "0":
+        return None
+    if "ops" not in _state:
+        try:
+            _state["ops"], _state["why"] = _build(), ""
+        except Exception as error:  # no compiler, no headers, a failed build: the Python layers run instead
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            _state["ops"], _state["why"] = None, f"the fused layers did not build ({first})"
+    return _state["ops"]
 
 
 def fused_layers() -> tuple[Callable | None, str]:
-    """(the op, "") where the fused layers run here, else (None, why not). Built at most once per process."""
+    """(the layer op, "") where the fused layers run here, else (None, why not)."""
     if os.environ.get("DIFFDRAFT_FUSED", "1") == "0":
         return None, "DIFFDRAFT_FUSED=0"
-    if "op" not in _state:
-        try:
-            _state["op"], _state["why"] = _build(), ""
-        except Exception as error:  # no compiler, no headers, a failed build: the Python layers run instead
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            _state["op"], _state["why"] = None, f"the fused layers did not build ({first})"
-    return _state["op"], _state["why"]  # type: ignore[return-value]
+    ops = library()
+    return (None, _state["why"]) if ops is None else (ops.run_layers, "")  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
 class FusedStack:
     """A stack of Llama-shaped layers for the fused op: per layer two RMSNorm weights and four 4-bit linears
-    (q/k/v with q and k rows in rotary-pair order, o, gate/up, down). Weights only: no request's state."""
+    (q/k/v with q and k rows in rotary-pair order, o, gate/up, down), in the 8-bit activation kernel's layout
+    (kernels.Int4Linear's codes and sm). Weights only: no request's state."""
 
     op: Callable
     attn_norms: list[torch.Tensor]
     mlp_norms: list[torch.Tensor]
-    packed: list[torch.Tensor]
-    scale_zero: list[torch.Tensor]
+    codes: list[torch.Tensor]
+    sm: list[torch.Tensor]
     heads: int
     kv_heads: int
     head_dim: int
     eps: float
 
     @classmethod
-    def of(cls, op: Callable, norms: Sequence[tuple[torch.Tensor, torch.Tensor]], linears: Sequence[Int4Linear],
+    def of(cls, op: Callable, norms: Sequence[tuple[torch.Tensor, torch.Tensor]], linears: Sequence,
            heads: int, kv_heads: int, head_dim: int, eps: float) -> "FusedStack":
-        """norms: per layer (attention norm, MLP norm); linears: four per layer, in the order a layer runs them."""
+        """norms: per layer (attention norm, MLP norm); linears: four kernels.Int4Linear per layer, in the order a
+        layer runs them, each on the 8-bit activation kernel."""
         return cls(op, [a.float().contiguous() for a, _ in norms], [m.float().contiguous() for _, m in norms],
-                   [lin.packed for lin in linears], [lin.scale_zero for lin in linears], heads, kv_heads,
+                   [lin.codes for lin in linears], [lin.sm for lin in linears], heads, kv_heads,
                    head_dim, float(eps))
 
     def run(self, x: torch.Tensor, caches: list[torch.Tensor], sizes: list[int], starts: list[int],
@@ -125,6 +147,6 @@ class FusedStack:
             taps: list[int] = ()) -> list[torch.Tensor]:
         """Every layer over x [R, D] float32, in place (the arguments as fused_layers.cpp's run_layers states
         them); returns x after each layer listed in taps."""
-        return self.op(x, self.attn_norms, self.mlp_norms, self.packed, self.scale_zero, caches, sizes, starts,
+        return self.op(x, self.attn_norms, self.mlp_norms, self.codes, self.sm, caches, sizes, starts,
                        chains, seen, seen_offsets, pairs, self.heads, self.kv_heads, self.head_dim, self.eps,
                        list(taps), PARALLEL_WORK)

@@ -1,6 +1,6 @@
 // The lean runtime's decoder layers for 4-bit weights, as one C++ call per forward (docs/native-weights.md,
-// "The fused layer stack"). Between the 4-bit matmuls (ATen's _weight_int4pack_mm_for_cpu, as the Python path
-// runs them) everything a layer does -- RMSNorm, RoPE, the cache writes, attention, SiLU -- is a plain loop
+// "The fused layer stack"). Between the 4-bit matmuls (int4_kernel.h's, which the Python path's Int4Linear
+// runs too) everything a layer does -- RMSNorm, RoPE, the cache writes, attention, SiLU -- is a plain loop
 // here, so a one-row step costs the matmuls plus microseconds instead of some forty PyTorch ops per layer.
 //
 // Every row is computed alone, in the same order whatever the other rows are: a k-row forward gives each row
@@ -13,9 +13,10 @@
 #include <cmath>
 #include <vector>
 
+#include "int4_kernel.h"
+
 namespace {
 
-using at::BFloat16;
 using at::Tensor;
 
 constexpr int64_t kLanes = 16;  // independent partial sums: the compiler vectorizes them without reassociating
@@ -31,17 +32,20 @@ float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// out[r] = bfloat16(w * x[r] / rms(x[r])): Llama's RMSNorm, rounded for the 4-bit matmul's input.
-void norm_rows(const float* x, const float* w, BFloat16* out, int64_t rows, int64_t dim, float eps) {
+// out[r] = w * x[r] / rms(x[r]): Llama's RMSNorm.
+void norm_rows(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * dim;
     const float inv = 1.0f / std::sqrt(dot(xr, xr, dim) / static_cast<float>(dim) + eps);
-    for (int64_t d = 0; d < dim; ++d) out[r * dim + d] = BFloat16(w[d] * (xr[d] * inv));
+    for (int64_t d = 0; d < dim; ++d) out[r * dim + d] = w[d] * (xr[d] * inv);
   }
 }
 
-Tensor int4_mm(const Tensor& rows, const Tensor& packed, const Tensor& scale_zero) {
-  return at::_weight_int4pack_mm_for_cpu(rows, packed, 32, scale_zero);
+// y [R, N] = x [R, K] W^T for one packed weight (int4_kernel.h), float32 in and out.
+Tensor int4_mm(const Tensor& x, const Tensor& codes, const Tensor& sm) {
+  Tensor y = at::empty({x.size(0), codes.size(0) * diffdraft_int4::kBlock}, x.options());
+  diffdraft_int4::matmul(x.data_ptr<float>(), x.size(0), x.size(1), codes, sm, y.data_ptr<float>());
+  return y;
 }
 
 // One row's keys and values: the committed cache slots 0..start-1, then the new rows it sees (slot start + j).
@@ -76,21 +80,21 @@ void attend(const float* q, const float* keys, const float* values, const RowVie
   }
 }
 
-// x [R, D] float32, updated in place through every layer. Per layer l, weights[4 l .. 4 l + 3] are the packed
-// q/k/v, o, gate/up and down weights (their scales and zeros in scale_zero alike), q and k rows in rotary-pair
-// order. caches: one [L, 2, Hkv, C, hd] float32 per sequence; sizes / starts: each sequence's new rows and its
+// x [R, D] float32, updated in place through every layer. Per layer l, codes[4 l .. 4 l + 3] are the packed
+// q/k/v, o, gate/up and down weights (int4_kernel.h; their scales and offsets in sm alike), q and k rows in
+// rotary-pair order. caches: one [L, 2, Hkv, C, hd] float32 per sequence; sizes / starts: each sequence's new rows and its
 // committed length; chains[s] = 1 where sequence s's rows form a chain, else seen / seen_offsets [R + 1] list
 // what each row sees. phases [R, hd / 2, 2]: each row's rotation (cos, sin). Attention runs on torch's threads
 // where a layer's (keys x heads x head dim) reaches parallel_work. Returns x after each layer in taps.
 std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorList mlp_norm, at::TensorList weights,
-                               at::TensorList scale_zero, at::TensorList caches, at::IntArrayRef sizes,
+                               at::TensorList sm, at::TensorList caches, at::IntArrayRef sizes,
                                at::IntArrayRef starts, at::IntArrayRef chains, const Tensor& seen,
                                const Tensor& seen_offsets, const Tensor& phases, int64_t heads, int64_t kv_heads,
                                int64_t head_dim, double eps, at::IntArrayRef taps,
                                int64_t parallel_work) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be [R, D] float32");
   const int64_t rows = x.size(0), dim = x.size(1), layers = attn_norm.size();
-  TORCH_CHECK(weights.size() == 4 * layers && scale_zero.size() == 4 * layers, "four linears per layer");
+  TORCH_CHECK(weights.size() == 4 * layers && sm.size() == 4 * layers, "four linears per layer");
   TORCH_CHECK(phases.scalar_type() == at::kFloat && phases.is_contiguous(), "phases must be float32 [R, hd/2, 2]");
   const int64_t group = heads / kv_heads, q_width = heads * head_dim;
 
@@ -119,21 +123,21 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const float* rot = phases.data_ptr<float>();
   float* xs = x.data_ptr<float>();
-  Tensor normed = at::empty({rows, dim}, x.options().dtype(at::kBFloat16));
+  Tensor normed = at::empty({rows, dim}, x.options());
   Tensor q = at::empty({rows, q_width}, x.options());
-  Tensor attended = at::empty({rows, q_width}, x.options().dtype(at::kBFloat16));
+  Tensor attended = at::empty({rows, q_width}, x.options());
   std::vector<Tensor> tapped;
   std::vector<bool> tap_after(layers + 1, false);
   for (int64_t t : taps) if (t >= 0 && t <= layers) tap_after[t] = true;
 
   for (int64_t l = 0; l < layers; ++l) {
     // attention block
-    norm_rows(xs, attn_norm[l].data_ptr<float>(), normed.data_ptr<BFloat16>(), rows, dim, static_cast<float>(eps));
-    Tensor qkv = int4_mm(normed, weights[4 * l], scale_zero[4 * l]);  // [R, (H + 2 Hkv) hd] bfloat16
-    const BFloat16* qkv_data = qkv.data_ptr<BFloat16>();
+    norm_rows(xs, attn_norm[l].data_ptr<float>(), normed.data_ptr<float>(), rows, dim, static_cast<float>(eps));
+    Tensor qkv = int4_mm(normed, weights[4 * l], sm[4 * l]);  // [R, (H + 2 Hkv) hd]
+    const float* qkv_data = qkv.data_ptr<float>();
     const int64_t qkv_width = qkv.size(1);
     for (int64_t r = 0; r < rows; ++r) {
-      const BFloat16* in = qkv_data + r * qkv_width;
+      const float* in = qkv_data + r * qkv_width;
       const float* c = rot + r * head_dim;  // [hd / 2, 2]
       const RowView& row = views[r];
       float* cache = caches[row.part].data_ptr<float>();
@@ -143,7 +147,7 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
       for (int64_t h = 0; h < heads + kv_heads; ++h) {  // queries, then keys: rotate each pair
         float* dst = h < heads ? qr + h * head_dim
                                : cache + layer_at + ((h - heads) * capacity + row.slot) * head_dim;
-        const BFloat16* src = in + h * head_dim;
+        const float* src = in + h * head_dim;
         for (int64_t p = 0; p < head_dim / 2; ++p) {
           const float a = src[2 * p], b = src[2 * p + 1], cs = c[2 * p], sn = c[2 * p + 1];
           dst[2 * p] = a * cs - b * sn;
@@ -152,7 +156,7 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
       }
       for (int64_t h = 0; h < kv_heads; ++h) {  // values, as they are
         float* dst = cache + layer_at + ((kv_heads + h) * capacity + row.slot) * head_dim;
-        const BFloat16* src = in + (heads + kv_heads + h) * head_dim;
+        const float* src = in + (heads + kv_heads + h) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = src[d];
       }
     }
@@ -170,38 +174,54 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
         const int64_t layer_at = l * 2 * kv_heads * capacity * head_dim;
         attend(q.data_ptr<float>() + r * q_width + h * head_dim, cache + layer_at + kvh * capacity * head_dim,
                cache + layer_at + (kv_heads + kvh) * capacity * head_dim, row, head_dim, scale, scores, out.data());
-        BFloat16* dst = attended.data_ptr<BFloat16>() + r * q_width + h * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) dst[d] = BFloat16(out[d]);
+        float* dst = attended.data_ptr<float>() + r * q_width + h * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = out[d];
       }
     });
-    Tensor o = int4_mm(attended, weights[4 * l + 1], scale_zero[4 * l + 1]);  // [R, D] bfloat16
-    const BFloat16* od = o.data_ptr<BFloat16>();
-    for (int64_t i = 0; i < rows * dim; ++i) xs[i] += static_cast<float>(od[i]);
+    Tensor o = int4_mm(attended, weights[4 * l + 1], sm[4 * l + 1]);  // [R, D]
+    const float* od = o.data_ptr<float>();
+    for (int64_t i = 0; i < rows * dim; ++i) xs[i] += od[i];
 
     // MLP block
-    norm_rows(xs, mlp_norm[l].data_ptr<float>(), normed.data_ptr<BFloat16>(), rows, dim, static_cast<float>(eps));
-    Tensor gate_up = int4_mm(normed, weights[4 * l + 2], scale_zero[4 * l + 2]);  // [R, 2 I] bfloat16
+    norm_rows(xs, mlp_norm[l].data_ptr<float>(), normed.data_ptr<float>(), rows, dim, static_cast<float>(eps));
+    Tensor gate_up = int4_mm(normed, weights[4 * l + 2], sm[4 * l + 2]);  // [R, 2 I]
     const int64_t inter = gate_up.size(1) / 2;
     Tensor act = at::empty({rows, inter}, normed.options());
-    const BFloat16* gu = gate_up.data_ptr<BFloat16>();
-    BFloat16* ad = act.data_ptr<BFloat16>();
+    const float* gu = gate_up.data_ptr<float>();
+    float* ad = act.data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t i = 0; i < inter; ++i) {
         const float g = gu[r * 2 * inter + i], u = gu[r * 2 * inter + inter + i];
-        ad[r * inter + i] = BFloat16(g / (1.0f + std::exp(-g)) * u);
+        ad[r * inter + i] = g / (1.0f + std::exp(-g)) * u;
       }
-    Tensor down = int4_mm(act, weights[4 * l + 3], scale_zero[4 * l + 3]);  // [R, D] bfloat16
-    const BFloat16* dd = down.data_ptr<BFloat16>();
-    for (int64_t i = 0; i < rows * dim; ++i) xs[i] += static_cast<float>(dd[i]);
+    Tensor down = int4_mm(act, weights[4 * l + 3], sm[4 * l + 3]);  // [R, D]
+    const float* dd = down.data_ptr<float>();
+    for (int64_t i = 0; i < rows * dim; ++i) xs[i] += dd[i];
     if (tap_after[l + 1]) tapped.push_back(x.clone());
   }
   return tapped;
 }
 
+std::vector<Tensor> pack_int4(const Tensor& q, const Tensor& scale, const Tensor& zero) {
+  return diffdraft_int4::pack(q, scale, zero);
+}
+
+// y [R, N] float32 = x [R, K] float32 W^T through the 8-bit activation kernel (int4_kernel.h).
+Tensor int4_linear(const Tensor& x, const Tensor& codes, const Tensor& sm) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [R, K] float32");
+  TORCH_CHECK(codes.dim() == 3 && codes.size(1) * diffdraft_int4::kGroup == x.size(1),
+              "the packed weight's inputs must be x's");
+  return int4_mm(x.contiguous(), codes, sm);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(diffdraft_fused, m) {
-  m.def("run_layers(Tensor(a!) x, Tensor[] attn_norm, Tensor[] mlp_norm, Tensor[] weights, Tensor[] scale_zero, "
+  m.def("pack_int4(Tensor q, Tensor scale, Tensor zero) -> Tensor[]");
+  m.impl("pack_int4", c10::DispatchKey::CPU, &pack_int4);
+  m.def("int4_linear(Tensor x, Tensor codes, Tensor sm) -> Tensor");
+  m.impl("int4_linear", c10::DispatchKey::CPU, &int4_linear);
+  m.def("run_layers(Tensor(a!) x, Tensor[] attn_norm, Tensor[] mlp_norm, Tensor[] weights, Tensor[] sm, "
         "Tensor(b!)[] caches, int[] sizes, int[] starts, int[] chains, Tensor seen, Tensor seen_offsets, "
         "Tensor phases, int heads, int kv_heads, int head_dim, float eps, int[] taps, int parallel_work) -> Tensor[]");
   m.impl("run_layers", c10::DispatchKey::CPU, &run_layers);

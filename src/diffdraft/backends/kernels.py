@@ -8,9 +8,10 @@ k tokens computes exactly what k one-token forwards compute. `F.linear` has no s
 Elsewhere (CUDA, or when oneDNN is missing) the weight is kept as it is and `F.linear` runs.
 `row_invariant` says which of the two a layer got.
 
-Int4Linear runs 4-bit weights (backends/int4.py) through PyTorch's int4 CPU kernel, with
-the activations rounded to bfloat16 on the way in and the output widened to float32 on the
-way out; its rows are invariant too (tested).
+Int4Linear runs 4-bit weights (backends/int4.py) through the fused library's 8-bit activation
+kernel where it builds (backends/int4_kernel.h), else through PyTorch's int4 CPU kernel with the
+activations rounded to bfloat16; either way float32 in and out, and its rows are invariant too
+(tested).
 
 HalfLinear keeps a weight in float16 in FBGEMM's packed layout and multiplies float32 rows
 by it with float32 accumulation and a float32 output: half the bytes a float32 weight reads
@@ -134,20 +135,42 @@ def int4_fits(out_features: int, in_features: int) -> bool:
 
 class Int4Linear:
     """y = x W^T (+ b) for 4-bit weights in groups of 32 (an Int4Weight). x: [..., in] float32 -> [..., out]
-    float32; the matmul reads x in bfloat16, and the scales and zeros are rounded to bfloat16. CPU only."""
+    float32. CPU only. Two kernels, by what this machine has:
+    - where the fused C++ library builds (backends/fused.py), its 8-bit activation kernel (int4_kernel.h): each
+      row rounded per group of 32 to 8-bit integers, exact integer dot products, the codes read once for all
+      rows; `codes` and `sm` hold the weight in its layout, and the fused layers run on them too;
+    - else PyTorch's int4 kernel, the rows rounded to bfloat16, the scales and zeros too (`packed`, `scale_zero`).
+    """
 
-    row_invariant = True  # the int4 kernel computes each row alone (tests/test_native_weights.py)
+    row_invariant = True  # either kernel computes each row alone (tests/test_native_weights.py)
 
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None):
+        from diffdraft.backends import fused  # (fused.py reads this module's cpuinfo_field)
+
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32).contiguous(), 1)
-        # [in / 32, out, 2]: each group's scale and zero, as the kernel takes them
-        self.scale_zero = torch.stack([weight.scale.T, weight.zero.T], dim=-1).to(INT4_ACTIVATIONS).contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
+        library = fused.library()
+        self.codes = self.sm = self.packed = self.scale_zero = None
+        if library is not None:  # [out / 16, in / 32, 256] uint8 codes; [out / 16, in / 32, 2, 16] float16 s and m
+            self.codes, self.sm = library.pack_int4(weight.q.contiguous(), weight.scale, weight.zero)
+            self._linear = library.int4_linear
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32).contiguous(), 1)
+            # [in / 32, out, 2]: each group's scale and zero, as the kernel takes them
+            self.scale_zero = torch.stack([weight.scale.T, weight.zero.T], dim=-1).to(INT4_ACTIVATIONS).contiguous()
+
+    @property
+    def eight_bit(self) -> bool:
+        """Whether it runs the 8-bit activation kernel (else PyTorch's int4 kernel)."""
+        return self.codes is not None
 
     def __call__(self, x: torch.Tensor, widen: bool = True) -> torch.Tensor:
-        """widen=False returns the kernel's bfloat16 output as it is, for a caller that adds it to a float32
-        tensor (the addition widens it exactly, in the same kernel)."""
+        """widen=False may return PyTorch's kernel's bfloat16 output as it is, for a caller that adds it to a
+        float32 tensor (the addition widens it exactly, in the same kernel)."""
+        if self.eight_bit:
+            y = self._linear(x.reshape(-1, self.in_features).float(), self.codes, self.sm)  # [R, out] float32
+            y = y if self.bias is None else y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features).to(INT4_ACTIVATIONS)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, 32, self.scale_zero)
         if widen or self.bias is not None:

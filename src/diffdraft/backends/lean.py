@@ -270,6 +270,8 @@ class LeanLlamaTarget(TargetBackend):
         op, why = fused_kernels.fused_layers()
         if op is None:
             return None, f"decoder layers in Python ({why})"
+        if not all(lin.eight_bit for lin in kernels):  # (made before the library was asked for, or without it)
+            return None, "decoder layers in Python (their 4-bit weights are in PyTorch's layout)"
         stack = fused_kernels.FusedStack.of(op, [(layer.attn_norm, layer.mlp_norm) for layer in self._layers],
                                             kernels, self.num_heads, self.num_kv_heads, self.head_dim, self.eps)
         return stack, "decoder layers fused (C++)"
