@@ -28,7 +28,7 @@ REPEATS = 3
 # The target's rounds stop once they have taken this long (at least one round runs): a slow machine or
 # a busy one gets a rougher curve in bounded time rather than minutes of measuring.
 BUDGET_S = 20.0
-CURVE_VERSION = 5  # 5: the drafter cost per further token
+CURVE_VERSION = 6  # 5: the drafter cost per further token; 6: drafter steps timed as decoding runs them
 OPENMP_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
 
 
@@ -105,22 +105,39 @@ def measure_target(target, max_tokens: int, rounds: int = 2 * REPEATS + 1, budge
     return tuple(medians.cummax(dim=0).values.tolist())
 
 
-def measure_drafter(target, drafter, max_tokens: int) -> tuple[float, float]:
-    """(d(1), what each further token adds): seconds of a drafter call for one token and for `max_tokens` tokens
-    after CONTEXT tokens, the second turned into a cost per further token (never below 0)."""
-    ids = context_ids(target, 1)
-    out = target.prefill(target.new_state(), ids, want_taps=drafter.wants_taps)
-    tokens = ids[0].tolist()
-    state = drafter.new_state()
-    drafter.begin(state, tokens[:-1], None if out.taps is None else out.taps[:, :-1])
-    generator = torch.Generator().manual_seed(0)
-    greedy = SamplingConfig()
-    drafter.propose(state, tokens, max_tokens, greedy, generator)  # warm up
-    one = median_time(lambda: drafter.propose(state, tokens, 1, greedy, generator))
+def measure_drafter(target, drafter, max_tokens: int, repeats: int = 2 * REPEATS + 1) -> tuple[float, float]:
+    """(d(1), what each further token adds): seconds of a drafter step as decoding runs one, asking for one token
+    and for `max_tokens`, after CONTEXT tokens: right after a target forward (whose weights push the drafter's
+    out of the CPU's caches), the drafter takes in the token that forward committed, then proposes. The median
+    of `repeats` steps each; the second figure becomes a cost per further token (never below 0)."""
+    ids = context_ids(target, 2)
+    seq = ids[0, :-1].tolist()  # what the drafter proposes after; the last id only feeds the target's forward
+    taps = target.prefill(target.new_state(), ids[:, :-1], want_taps=drafter.wants_taps).taps
+    before, last = (None, None) if taps is None else (taps[:, :-2], taps[:, -2:-1])
+    target_state = target.new_state()
+    target.prefill(target_state, ids[:, :-1])
+    generator, greedy = torch.Generator().manual_seed(0), SamplingConfig()
+
+    def step(count: int) -> float:
+        state = drafter.new_state()
+        drafter.begin(state, seq[:-2], before)
+        target.forward(target_state, ids[:, -1:])  # as in decoding, the target's forward comes first
+        target.crop(target_state, len(seq))
+        start = time.perf_counter()
+        drafter.observe(state, last)
+        drafter.propose(state, seq, count, greedy, generator)
+        if target.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def median(count: int) -> float:
+        return sorted(step(count) for _ in range(repeats))[repeats // 2]
+
+    step(max_tokens)  # warm up
+    one = median(1)
     if max_tokens == 1:
         return one, 0.0
-    most = median_time(lambda: drafter.propose(state, tokens, max_tokens, greedy, generator))
-    return one, max(most - one, 0.0) / (max_tokens - 1)
+    return one, max(median(max_tokens) - one, 0.0) / (max_tokens - 1)
 
 
 def cost_curve(target, drafter, max_tokens: int, use_cache: bool = True) -> CostCurve:

@@ -120,7 +120,7 @@ def fused_layers() -> tuple[Callable | None, str]:
 @dataclass(frozen=True)
 class FusedStack:
     """A stack of Llama-shaped layers for the fused op: per layer two RMSNorm weights and four 4-bit linears
-    (q/k/v with q and k rows in rotary-pair order, o, gate/up, down), in the 8-bit activation kernel's layout
+    (q/k/v with q and k rows in rotary-pair order, o, gate/up, down), in the integer kernel's layout
     (kernels.Int4Linear's codes and sm). Weights only: no request's state."""
 
     op: Callable
@@ -137,7 +137,7 @@ class FusedStack:
     def of(cls, op: Callable, norms: Sequence[tuple[torch.Tensor, torch.Tensor]], linears: Sequence,
            heads: int, kv_heads: int, head_dim: int, eps: float) -> "FusedStack":
         """norms: per layer (attention norm, MLP norm); linears: four kernels.Int4Linear per layer, in the order a
-        layer runs them, each on the 8-bit activation kernel."""
+        layer runs them, each on the integer kernel."""
         return cls(op, [a.float().contiguous() for a, _ in norms], [m.float().contiguous() for _, m in norms],
                    [lin.codes for lin in linears], [lin.sm for lin in linears], heads, kv_heads,
                    head_dim, float(eps))

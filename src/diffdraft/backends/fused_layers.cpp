@@ -206,7 +206,7 @@ std::vector<Tensor> pack_int4(const Tensor& q, const Tensor& scale, const Tensor
   return diffdraft_int4::pack(q, scale, zero);
 }
 
-// y [R, N] float32 = x [R, K] float32 W^T through the 8-bit activation kernel (int4_kernel.h).
+// y [R, N] float32 = x [R, K] float32 W^T through the integer kernel (int4_kernel.h).
 Tensor int4_linear(const Tensor& x, const Tensor& codes, const Tensor& sm) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [R, K] float32");
   TORCH_CHECK(codes.dim() == 3 && codes.size(1) * diffdraft_int4::kGroup == x.size(1),

@@ -1,9 +1,12 @@
-// A 4-bit matmul for a few rows (docs/native-weights.md, "The 8-bit activation kernel"): y = x W^T with W in
+// A 4-bit matmul for a few rows (docs/native-weights.md, "The integer 4-bit kernel"): y = x W^T with W in
 // groups of 32 inputs, w = q * s + m (q in 0..15; m = zero - 8 s), and each row of x rounded per group of 32
-// to 8-bit integers with one scale (d = max |x| / 127), as llama.cpp rounds its activations. A group's dot
-// product is then an exact integer sum, sum_k q_k a_k, which the CPU adds four products at a time
-// (AVX-512 VNNI's vpdpbusd, or AVX2's vpmaddubsw and vpmaddwd, or plain C++ elsewhere); the float part is
-// y += d (s S + m sum_k a_k) per group, in a fixed order. Every row is computed alone: a k-row call gives
+// to 15-bit integers a with one scale (d = max |x| / 16383), each split into two bytes, a = 128 h + l (h in
+// -128..127, l in 0..127). A group's dot product is then an exact integer sum,
+// S = 128 sum_k q_k h_k + sum_k q_k l_k, which the CPU adds four byte products at a time (AVX-512 VNNI's
+// vpdpbusd, or AVX2's vpmaddubsw and vpmaddwd, or plain C++ elsewhere); the float part is
+// y += d (s S + m sum_k a_k) per group, in a fixed order. (One byte per activation, as llama.cpp rounds
+// them, drifted three times as far from float32 on SmolLM2: an outlier in a group of 32 leaves the other
+// inputs few levels.) Every row is computed alone: a k-row call gives
 // each row the bits a one-row call gives. The 4-bit codes are read once for all the rows of a call (up to
 // kRowTile at a time), so extra rows cost only their integer products.
 //
@@ -33,33 +36,38 @@ constexpr int64_t kBlock = 16;    // outputs per block
 constexpr int64_t kRowTile = 8;   // rows that share one read of the codes
 constexpr int64_t kCodeBytes = kGroup * kBlock / 2;  // 256 bytes of codes per (block, group)
 
-// A row's inputs as 8-bit integers: per group, codes a_k = round(x_k / d) with d = max |x| / 127, the scale d and
-// the sum of the codes.
+constexpr float kLevels = 16383.0f;  // a in -16383..16383
+
+// A row's inputs as integers: per group, a_k = round(x_k / d) with d = max |x| / kLevels, kept as its high byte
+// h_k = floor(a_k / 128) and low byte l_k = a_k - 128 h_k; the scale d and the sum of the a_k.
 struct QuantizedRow {
-  const int8_t* codes;
+  const int8_t* high;
+  const int8_t* low;
   const float* scales;
   const int32_t* sums;
 };
 
-inline void quantize_row(const float* x, int64_t k, int8_t* codes, float* scales, int32_t* sums) {
+inline void quantize_row(const float* x, int64_t k, int8_t* high, int8_t* low, float* scales, int32_t* sums) {
   for (int64_t g = 0; g < k / kGroup; ++g) {
     const float* xg = x + g * kGroup;
     float top = 0;
     for (int64_t i = 0; i < kGroup; ++i) top = std::max(top, std::fabs(xg[i]));
-    const float d = top / 127.0f;
+    const float d = top / kLevels;
     const float inv = d > 0 ? 1.0f / d : 0.0f;
     int32_t sum = 0;
     for (int64_t i = 0; i < kGroup; ++i) {
-      const int32_t q = static_cast<int32_t>(std::nearbyint(xg[i] * inv));
-      codes[g * kGroup + i] = static_cast<int8_t>(q);
-      sum += q;
+      const int32_t a = std::clamp(static_cast<int32_t>(std::nearbyint(xg[i] * inv)), -16383, 16383);
+      const int32_t h = a >> 7;  // floor(a / 128): an arithmetic shift
+      high[g * kGroup + i] = static_cast<int8_t>(h);
+      low[g * kGroup + i] = static_cast<int8_t>(a - 128 * h);
+      sum += a;
     }
     scales[g] = d;
     sums[g] = sum;
   }
 }
 
-// The 16 integer sums S_j = sum_k q_jk a_k of one (block, group) for one row, into out[16].
+// The 16 integer sums S_j = sum_k q_jk a_k of one (block, group) for one row's bytes a, into out[16].
 inline void group_sums_scalar(const uint8_t* codes, const int8_t* a, int32_t* out) {
   for (int64_t j = 0; j < kBlock; ++j) out[j] = 0;
   for (int64_t p = 0; p < 4; ++p)
@@ -96,9 +104,14 @@ inline void tile(const uint8_t* codes, const uint16_t* sm, const QuantizedRow* r
       const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + g * 2 * kBlock)));
       const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + g * 2 * kBlock + kBlock)));
       for (int64_t r = 0; r < row_count; ++r) {
-        const int32_t* a = reinterpret_cast<const int32_t*>(rows[r].codes + g * kGroup);  // 8 x 4 codes
-        __m512i sum = _mm512_setzero_si512();
-        for (int t = 0; t < 8; ++t) sum = _mm512_dpbusd_epi32(sum, w[t], _mm512_set1_epi32(a[t]));
+        const int32_t* h = reinterpret_cast<const int32_t*>(rows[r].high + g * kGroup);  // 8 x 4 bytes
+        const int32_t* l = reinterpret_cast<const int32_t*>(rows[r].low + g * kGroup);
+        __m512i high = _mm512_setzero_si512(), low_sum = _mm512_setzero_si512();
+        for (int t = 0; t < 8; ++t) {
+          high = _mm512_dpbusd_epi32(high, w[t], _mm512_set1_epi32(h[t]));
+          low_sum = _mm512_dpbusd_epi32(low_sum, w[t], _mm512_set1_epi32(l[t]));
+        }
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(high, 7), low_sum);
         const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s,
                                             _mm512_mul_ps(m, _mm512_set1_ps(static_cast<float>(rows[r].sums[g]))));
         acc[r] = _mm512_fmadd_ps(part, _mm512_set1_ps(rows[r].scales[g]), acc[r]);
@@ -125,13 +138,17 @@ inline void tile(const uint8_t* codes, const uint16_t* sm, const QuantizedRow* r
         m[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + g * 2 * kBlock + kBlock + 8 * h)));
       }
       for (int64_t r = 0; r < row_count; ++r) {
-        const int32_t* a = reinterpret_cast<const int32_t*>(rows[r].codes + g * kGroup);
+        const int32_t* hi = reinterpret_cast<const int32_t*>(rows[r].high + g * kGroup);
+        const int32_t* lo = reinterpret_cast<const int32_t*>(rows[r].low + g * kGroup);
         const __m256 d = _mm256_set1_ps(rows[r].scales[g]);
         const __m256 total = _mm256_set1_ps(static_cast<float>(rows[r].sums[g]));
         for (int h = 0; h < 2; ++h) {
-          __m256i sum = _mm256_setzero_si256();
-          for (int t = 0; t < 8; ++t)  // |products| <= 15 * 128, pairs <= 3840: no int16 saturation
-            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(w[t][h], _mm256_set1_epi32(a[t])), ones));
+          __m256i high = _mm256_setzero_si256(), low_sum = _mm256_setzero_si256();
+          for (int t = 0; t < 8; ++t) {  // |products| <= 15 * 128, pairs <= 3840: no int16 saturation
+            high = _mm256_add_epi32(high, _mm256_madd_epi16(_mm256_maddubs_epi16(w[t][h], _mm256_set1_epi32(hi[t])), ones));
+            low_sum = _mm256_add_epi32(low_sum, _mm256_madd_epi16(_mm256_maddubs_epi16(w[t][h], _mm256_set1_epi32(lo[t])), ones));
+          }
+          const __m256i sum = _mm256_add_epi32(_mm256_slli_epi32(high, 7), low_sum);
           const __m256 part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), s[h], _mm256_mul_ps(m[h], total));
           acc[r][h] = _mm256_fmadd_ps(part, d, acc[r][h]);
         }
@@ -141,11 +158,13 @@ inline void tile(const uint8_t* codes, const uint16_t* sm, const QuantizedRow* r
       for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + r * n + b * kBlock + 8 * h, acc[r][h]);
 #else
     float acc[kRowTile][kBlock] = {};
-    int32_t sums[kBlock];
+    int32_t sums[kBlock], low_sums[kBlock];
     for (int64_t g = 0; g < groups; ++g) {
       const uint16_t* sg = sb + g * 2 * kBlock;
       for (int64_t r = 0; r < row_count; ++r) {
-        group_sums_scalar(cb + g * kCodeBytes, rows[r].codes + g * kGroup, sums);
+        group_sums_scalar(cb + g * kCodeBytes, rows[r].high + g * kGroup, sums);
+        group_sums_scalar(cb + g * kCodeBytes, rows[r].low + g * kGroup, low_sums);
+        for (int64_t j = 0; j < kBlock; ++j) sums[j] = sums[j] * 128 + low_sums[j];
         const float total = static_cast<float>(rows[r].sums[g]);
         for (int64_t j = 0; j < kBlock; ++j) {
           const float part = std::fma(static_cast<float>(sums[j]), half_to_float(sg[j]), half_to_float(sg[kBlock + j]) * total);
@@ -164,7 +183,7 @@ inline void tile(const uint8_t* codes, const uint16_t* sm, const QuantizedRow* r
 inline std::vector<at::Tensor> pack(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte, "codes must be [N, K] uint8");
   const int64_t n = q.size(0), k = q.size(1);
-  TORCH_CHECK(n % kBlock == 0 && k % kGroup == 0, "the 8-bit activation kernel needs N % 16 == 0 and K % 32 == 0");
+  TORCH_CHECK(n % kBlock == 0 && k % kGroup == 0, "the integer 4-bit kernel needs N % 16 == 0 and K % 32 == 0");
   const at::Tensor qc = q.contiguous();
   const at::Tensor sc = scale.to(at::kFloat).contiguous(), zc = zero.to(at::kFloat).contiguous();
   const int64_t groups = k / kGroup;
@@ -198,13 +217,15 @@ inline std::vector<at::Tensor> pack(const at::Tensor& q, const at::Tensor& scale
 // blocks (never a row's sum), so their number changes no bits.
 inline void matmul(const float* x, int64_t rows, int64_t k, const at::Tensor& codes, const at::Tensor& sm, float* y) {
   const int64_t n = codes.size(0) * kBlock, groups = k / kGroup;
-  std::vector<int8_t> a_codes(rows * k);
+  std::vector<int8_t> a_high(rows * k), a_low(rows * k);
   std::vector<float> a_scales(rows * groups);
   std::vector<int32_t> a_sums(rows * groups);
   std::vector<QuantizedRow> quantized(rows);
   for (int64_t r = 0; r < rows; ++r) {
-    quantize_row(x + r * k, k, a_codes.data() + r * k, a_scales.data() + r * groups, a_sums.data() + r * groups);
-    quantized[r] = {a_codes.data() + r * k, a_scales.data() + r * groups, a_sums.data() + r * groups};
+    quantize_row(x + r * k, k, a_high.data() + r * k, a_low.data() + r * k, a_scales.data() + r * groups,
+                 a_sums.data() + r * groups);
+    quantized[r] = {a_high.data() + r * k, a_low.data() + r * k, a_scales.data() + r * groups,
+                    a_sums.data() + r * groups};
   }
   const uint8_t* cd = codes.data_ptr<uint8_t>();
   const uint16_t* sd = reinterpret_cast<const uint16_t*>(sm.data_ptr<at::Half>());

@@ -8,7 +8,7 @@ k tokens computes exactly what k one-token forwards compute. `F.linear` has no s
 Elsewhere (CUDA, or when oneDNN is missing) the weight is kept as it is and `F.linear` runs.
 `row_invariant` says which of the two a layer got.
 
-Int4Linear runs 4-bit weights (backends/int4.py) through the fused library's 8-bit activation
+Int4Linear runs 4-bit weights (backends/int4.py) through the fused library's integer
 kernel where it builds (backends/int4_kernel.h), else through PyTorch's int4 CPU kernel with the
 activations rounded to bfloat16; either way float32 in and out, and its rows are invariant too
 (tested).
@@ -136,8 +136,8 @@ def int4_fits(out_features: int, in_features: int) -> bool:
 class Int4Linear:
     """y = x W^T (+ b) for 4-bit weights in groups of 32 (an Int4Weight). x: [..., in] float32 -> [..., out]
     float32. CPU only. Two kernels, by what this machine has:
-    - where the fused C++ library builds (backends/fused.py), its 8-bit activation kernel (int4_kernel.h): each
-      row rounded per group of 32 to 8-bit integers, exact integer dot products, the codes read once for all
+    - where the fused C++ library builds (backends/fused.py), its integer kernel (int4_kernel.h): each row
+      rounded per group of 32 to 15-bit integers, exact integer dot products, the codes read once for all
       rows; `codes` and `sm` hold the weight in its layout, and the fused layers run on them too;
     - else PyTorch's int4 kernel, the rows rounded to bfloat16, the scales and zeros too (`packed`, `scale_zero`).
     """
@@ -160,14 +160,14 @@ class Int4Linear:
             self.scale_zero = torch.stack([weight.scale.T, weight.zero.T], dim=-1).to(INT4_ACTIVATIONS).contiguous()
 
     @property
-    def eight_bit(self) -> bool:
-        """Whether it runs the 8-bit activation kernel (else PyTorch's int4 kernel)."""
+    def fused_kernel(self) -> bool:
+        """Whether it runs the fused library's integer kernel (else PyTorch's int4 kernel)."""
         return self.codes is not None
 
     def __call__(self, x: torch.Tensor, widen: bool = True) -> torch.Tensor:
         """widen=False may return PyTorch's kernel's bfloat16 output as it is, for a caller that adds it to a
         float32 tensor (the addition widens it exactly, in the same kernel)."""
-        if self.eight_bit:
+        if self.fused_kernel:
             y = self._linear(x.reshape(-1, self.in_features).float(), self.codes, self.sm)  # [R, out] float32
             y = y if self.bias is None else y + self.bias
             return y.view(*x.shape[:-1], self.out_features)

@@ -270,11 +270,11 @@ class LeanLlamaTarget(TargetBackend):
         op, why = fused_kernels.fused_layers()
         if op is None:
             return None, f"decoder layers in Python ({why})"
-        if not all(lin.eight_bit for lin in kernels):  # (made before the library was asked for, or without it)
+        if not all(lin.fused_kernel for lin in kernels):  # (made before the library was asked for, or without it)
             return None, "decoder layers in Python (their 4-bit weights are in PyTorch's layout)"
         stack = fused_kernels.FusedStack.of(op, [(layer.attn_norm, layer.mlp_norm) for layer in self._layers],
                                             kernels, self.num_heads, self.num_kv_heads, self.head_dim, self.eps)
-        return stack, "decoder layers fused (C++)"
+        return stack, "decoder layers fused (C++, integer 4-bit kernel)"
 
     def _run_fused(self, x: torch.Tensor, parts: list[SequenceRows], starts: list[int], sizes: list[int],
                    phases: torch.Tensor, want_taps: bool) -> dict[int, torch.Tensor]:
