@@ -91,17 +91,17 @@ def test_a_block_holds_only_the_masks_asked_for(tiny_model, tiny_tokenizer):
         short, long = slot_logits(drafter, target, prompt, 2), slot_logits(drafter, target, prompt, 5)
         assert short.shape[0] == 2 and long.shape[0] == 5
         assert not torch.allclose(short, long[:2])
-        net = drafter.net
-        with torch.no_grad():  # the block of 3 rows by hand, through the plain network on the same context
+        if not fused:  # the block of 3 rows by hand, through the prepared network on the same context
+            net = drafter.net
             state = drafter.new_state()
             out = target.prefill(target.new_state(), torch.tensor([prompt[:-1]]), want_taps=True)
             drafter.begin(state, prompt[:-1], out.taps)
-        if not fused:
             known = target.embed_tokens(torch.tensor([[prompt[-1]]]))
             block = net.block_inputs(known, net.mask_vector(target.embed_tokens), size=3)
             positions = torch.arange(len(prompt) - 1, len(prompt) + 2)[None]
             context = [state.layer(i) for i in range(net.cfg.num_layers)]
-            hidden = drafter._fast(block, positions, context, mask=None)[0, 1:]
+            with torch.no_grad():
+                hidden = drafter._fast(block, positions, context, mask=None)[0, 1:]
             torch.testing.assert_close(drafter.head.logits(hidden).float(), short)
 
 
