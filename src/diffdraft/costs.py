@@ -112,10 +112,9 @@ def measure_drafter(target, drafter, max_tokens: int, repeats: int = 2 * REPEATS
     of `repeats` steps each; the second figure becomes a cost per further token (never below 0)."""
     ids = context_ids(target, 2)
     seq = ids[0, :-1].tolist()  # what the drafter proposes after; the last id only feeds the target's forward
-    taps = target.prefill(target.new_state(), ids[:, :-1], want_taps=drafter.wants_taps).taps
-    before, last = (None, None) if taps is None else (taps[:, :-2], taps[:, -2:-1])
     target_state = target.new_state()
-    target.prefill(target_state, ids[:, :-1])
+    taps = target.prefill(target_state, ids[:, :-1], want_taps=drafter.wants_taps).taps
+    before, last = (None, None) if taps is None else (taps[:, :-2], taps[:, -2:-1])
     generator, greedy = torch.Generator().manual_seed(0), SamplingConfig()
 
     def step(count: int) -> float:

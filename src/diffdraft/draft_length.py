@@ -113,6 +113,12 @@ def _in_batch(curve: CostCurve, sequences: int) -> CostCurve:
                      curve.draft_slot_s)
 
 
+def _pulled_rate(hits: torch.Tensor, reached: torch.Tensor, prior, explore: float) -> torch.Tensor:
+    """(hits + w prior) / (reached + w), w = PRIOR_WEIGHT, raised by explore / sqrt(1 + reached), at most 1."""
+    rate = (hits + PRIOR_WEIGHT * prior) / (reached + PRIOR_WEIGHT)
+    return (rate + explore / (1 + reached).sqrt()).clamp(max=1.0)
+
+
 @dataclass
 class AcceptanceCalibration:
     """a_i from a drafter's confidence at slot i, learned online.
@@ -138,17 +144,13 @@ class AcceptanceCalibration:
     def estimate(self, confidence: torch.Tensor | None, n: int, explore: float = 0.0) -> torch.Tensor:
         """a_1..a_n: [n] float64 in [0, 1], raised by explore / sqrt(1 + reached) where asked."""
         slots, buckets, prior = self._cells(confidence, n)
-        hits, reached = self.hits[slots, buckets], self.reached[slots, buckets]
-        rate = (hits + PRIOR_WEIGHT * prior) / (reached + PRIOR_WEIGHT)
-        return (rate + explore / (1 + reached).sqrt()).clamp(max=1.0)
+        return _pulled_rate(self.hits[slots, buckets], self.reached[slots, buckets], prior, explore)
 
     def marginal(self, n: int, explore: float = 0.0) -> torch.Tensor:
         """a_1..a_n whatever the confidence: each slot's rate over all its buckets, pulled towards NO_CONFIDENCE
         as estimate() pulls towards the confidence; [n] float64."""
         slots = torch.arange(n).clamp(max=MAX_SLOT - 1)
-        hits, reached = self.hits.sum(dim=1)[slots], self.reached.sum(dim=1)[slots]
-        rate = (hits + PRIOR_WEIGHT * NO_CONFIDENCE) / (reached + PRIOR_WEIGHT)
-        return (rate + explore / (1 + reached).sqrt()).clamp(max=1.0)
+        return _pulled_rate(self.hits.sum(dim=1)[slots], self.reached.sum(dim=1)[slots], NO_CONFIDENCE, explore)
 
     def observe(self, confidence: torch.Tensor | None, verified: int, accepted: int) -> None:
         """A step verified `verified` drafted tokens and accepted the first `accepted` of them."""

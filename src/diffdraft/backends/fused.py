@@ -5,7 +5,7 @@ One call of the C++ compiler (c++, or $CXX) against torch's own headers and libr
 the torch version and this CPU's instruction sets (it is compiled for this CPU), about 10 s on two cores,
 said on stderr when it happens. Without a compiler the lean runtime runs its layers in Python and its
 load line says why; DIFFDRAFT_FUSED=0 asks for the Python layers. A FusedStack holds what the op takes
-that does not change between calls (a stack's norms and 4-bit weights, its head shape). Knows nothing of
+that does not change between calls (a stack's norms and 4-bit weights, its attention's head counts). Knows nothing of
 models: the lean runtime and the block-diffusion drafter decide when to use it.
 """
 
@@ -98,7 +98,7 @@ def _build():
 def library():
     """The library's ops (run_layers, pack_int4, int4_linear) where it runs here, else None (fused_layers says
     why). Built at most once per process."""
-    if os.environ.get("DIFFDRAFT_FUSED", "1") == "0":
+    if _turned_off():
         return None
     if "ops" not in _state:
         try:
@@ -111,10 +111,14 @@ def library():
 
 def fused_layers() -> tuple[Callable | None, str]:
     """(the layer op, "") where the fused layers run here, else (None, why not)."""
-    if os.environ.get("DIFFDRAFT_FUSED", "1") == "0":
-        return None, "DIFFDRAFT_FUSED=0"
     ops = library()
-    return (None, _state["why"]) if ops is None else (ops.run_layers, "")  # type: ignore[return-value]
+    if ops is None:
+        return None, "DIFFDRAFT_FUSED=0" if _turned_off() else _state["why"]  # type: ignore[return-value]
+    return ops.run_layers, ""
+
+
+def _turned_off() -> bool:
+    return os.environ.get("DIFFDRAFT_FUSED", "1") == "0"
 
 
 @dataclass(frozen=True)
