@@ -395,6 +395,39 @@ def test_long_prefills_take_the_bulk_kernels_only_where_the_cpu_runs_bfloat16(ti
         kernels.BulkLinear(round_to_nearest(torch.randn(8, 32)))
 
 
+def test_a_long_prefill_runs_in_the_fused_stack_on_the_bfloat16_copies(tiny_model, tiny_tokenizer, monkeypatch):
+    """Where the CPU runs bfloat16, a prefill of BULK_ROWS tokens or more runs in the fused C++ stack on the
+    bfloat16 copies (no Python layer runs it) and agrees with the Python layers' bulk prefill: logits, taps and
+    every cache row close. Control: the same prefill with each row rotated for the next position is not close."""
+    ids = torch.randint(0, 256, (1, BULK_ROWS + 8), generator=torch.Generator().manual_seed(7))
+    calls = []
+    bulk_call = kernels.BulkLinear.__call__
+    monkeypatch.setattr(kernels.BulkLinear, "__call__", lambda self, x, widen=True: calls.append(1) or
+                        bulk_call(self, x, widen))
+
+    def prefill(fused):
+        target = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(0, 2, 4), weights="int4",
+                              report=lambda line: None, fused=fused)
+        state = target.new_state()
+        calls.clear()
+        out = target.prefill(state, ids, want_taps=True)
+        return target, (out.logits, out.taps, state.cache[:, :, :, : ids.shape[1]]), len(calls)
+
+    target, fused_out, fused_calls = prefill(True)
+    if not kernels.onednn_bf16_supported():
+        assert "prefills bfloat16" not in target.fused_note
+        return
+    assert target.fused_layers and "prefills bfloat16" in target.fused_note
+    _, python_out, python_calls = prefill(False)
+    assert fused_calls == 0 and python_calls > 0
+    for fused_part, python_part in zip(fused_out, python_out):
+        torch.testing.assert_close(fused_part, python_part, rtol=0, atol=0.05)
+    phases = LeanLlamaTarget._rope_phases
+    monkeypatch.setattr(LeanLlamaTarget, "_rope_phases", lambda self, rotary: phases(self, rotary).roll(-1, dims=0))
+    _, shifted, _ = prefill(True)
+    assert not all(torch.allclose(a, b, rtol=0, atol=0.05) for a, b in zip(shifted, python_out))
+
+
 def test_drift_measures_on_the_tiny_model(tiny_model, tiny_tokenizer):
     """The quality check's arithmetic: a target against itself agrees everywhere with equal NLL; int4 against
     float32 agrees less; greedy divergence is found where answers part."""

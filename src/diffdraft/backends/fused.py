@@ -125,7 +125,8 @@ def _turned_off() -> bool:
 class FusedStack:
     """A stack of Llama-shaped layers for the fused op: per layer two RMSNorm weights and four 4-bit linears
     (q/k/v with q and k rows in rotary-pair order, o, gate/up, down), in the integer kernel's layout
-    (kernels.Int4Linear's codes and sm). Weights only: no request's state."""
+    (kernels.Int4Linear's codes and sm), and optionally the same four as bfloat16 copies in oneDNN's layout
+    (kernels.BulkLinear's) for long prefills. Weights only: no request's state."""
 
     op: Callable
     attn_norms: list[torch.Tensor]
@@ -136,21 +137,34 @@ class FusedStack:
     kv_heads: int
     head_dim: int
     eps: float
+    bulk_op: Callable | None = None  # run_layers_bulk, where `packed` holds the bfloat16 copies
+    packed: tuple[torch.Tensor, ...] = ()
 
     @classmethod
     def of(cls, op: Callable, norms: Sequence[tuple[torch.Tensor, torch.Tensor]], linears: Sequence,
-           heads: int, kv_heads: int, head_dim: int, eps: float) -> "FusedStack":
+           heads: int, kv_heads: int, head_dim: int, eps: float, bulk: Sequence = ()) -> "FusedStack":
         """norms: per layer (attention norm, MLP norm); linears: four kernels.Int4Linear per layer, in the order a
-        layer runs them, each on the integer kernel."""
+        layer runs them, each on the integer kernel; bulk: the same four per layer as kernels.BulkLinear (or
+        none: prefills then run on the 4-bit kernel too)."""
+        packed = tuple(lin.packed_weight for lin in bulk)
         return cls(op, [a.float().contiguous() for a, _ in norms], [m.float().contiguous() for _, m in norms],
                    [lin.codes for lin in linears], [lin.sm for lin in linears], heads, kv_heads,
-                   head_dim, float(eps))
+                   head_dim, float(eps), library().run_layers_bulk if packed else None, packed)
+
+    @property
+    def has_bulk(self) -> bool:
+        return self.bulk_op is not None
 
     def run(self, x: torch.Tensor, caches: list[torch.Tensor], sizes: list[int], starts: list[int],
             chains: list[int], seen: torch.Tensor, seen_offsets: torch.Tensor, pairs: torch.Tensor,
-            taps: list[int] = ()) -> list[torch.Tensor]:
+            taps: list[int] = (), bulk: bool = False) -> list[torch.Tensor]:
         """Every layer over x [R, D] float32, in place (the arguments as fused_layers.cpp's run_layers states
-        them); returns x after each layer listed in taps."""
-        return self.op(x, self.attn_norms, self.mlp_norms, self.codes, self.sm, caches, sizes, starts,
-                       chains, seen, seen_offsets, pairs, self.heads, self.kv_heads, self.head_dim, self.eps,
-                       list(taps), PARALLEL_WORK)
+        them); returns x after each layer listed in taps. bulk: on the bfloat16 copies (has_bulk), for a prefill
+        whose rows no one-token forward has to match."""
+        shared = (caches, sizes, starts, chains, seen, seen_offsets, pairs, self.heads, self.kv_heads, self.head_dim,
+                  self.eps, list(taps), PARALLEL_WORK)
+        if bulk:
+            if not self.has_bulk:
+                raise ValueError("this stack has no bfloat16 copies of its weights")
+            return self.bulk_op(x, self.attn_norms, self.mlp_norms, list(self.packed), *shared)
+        return self.op(x, self.attn_norms, self.mlp_norms, self.codes, self.sm, *shared)

@@ -2,15 +2,22 @@
 // "The fused layer stack"). Between the 4-bit matmuls (int4_kernel.h's, which the Python path's Int4Linear
 // runs too) everything a layer does -- RMSNorm, RoPE, the cache writes, attention, SiLU -- is a plain loop
 // here, so a one-row step costs the matmuls plus microseconds instead of some forty PyTorch ops per layer.
+// A long prefill runs the same layers with oneDNN's bfloat16 linear on a bfloat16 copy of the weights
+// (run_layers_bulk; docs/native-weights.md, "Prefills in the fused stack"): the weight reads are shared
+// across its many rows there, and no one-token forward has to match its rows.
 //
 // Every row is computed alone, in the same order whatever the other rows are: a k-row forward gives each row
 // the bits a one-row forward at its position gives. Knows nothing of models, tokenizers or Python.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <functional>
+#include <optional>
+#include <string_view>
 #include <vector>
 
 #include "int4_kernel.h"
@@ -32,13 +39,28 @@ float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// Below this many rows a row loop stays on the calling thread (a step's few rows); a prefill's rows split among
+// torch's threads. Each row is computed alone either way, so the split changes no bits.
+constexpr int64_t kRowsPerThread = 16;
+
+// body(r) for every row r < rows.
+void for_rows(int64_t rows, const std::function<void(int64_t)>& body) {
+  if (rows < 2 * kRowsPerThread) {
+    for (int64_t r = 0; r < rows; ++r) body(r);
+    return;
+  }
+  at::parallel_for(0, rows, kRowsPerThread, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) body(r);
+  });
+}
+
 // out[r] = w * x[r] / rms(x[r]): Llama's RMSNorm.
 void norm_rows(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps) {
-  for (int64_t r = 0; r < rows; ++r) {
+  for_rows(rows, [&](int64_t r) {
     const float* xr = x + r * dim;
     const float inv = 1.0f / std::sqrt(dot(xr, xr, dim) / static_cast<float>(dim) + eps);
     for (int64_t d = 0; d < dim; ++d) out[r * dim + d] = w[d] * (xr[d] * inv);
-  }
+  });
 }
 
 // y [R, N] = x [R, K] W^T for one packed weight (int4_kernel.h), float32 in and out.
@@ -46,6 +68,43 @@ Tensor int4_mm(const Tensor& x, const Tensor& codes, const Tensor& sm) {
   Tensor y = at::empty({x.size(0), codes.size(0) * diffdraft_int4::kBlock}, x.options());
   diffdraft_int4::matmul(x.data_ptr<float>(), x.size(0), x.size(1), codes, sm, y.data_ptr<float>());
   return y;
+}
+
+// y [R, N] float32 = x [R, K] W^T through oneDNN's bfloat16 linear: x rounded to bfloat16, W a bfloat16 weight
+// reordered by mkldnn::_reorder_linear_weight, the output rounded to bfloat16 (as kernels.BulkLinear).
+Tensor bf16_mm(const Tensor& x, const Tensor& packed) {
+  static auto linear = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+      .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, std::string_view,
+                    c10::List<std::optional<c10::Scalar>>, std::optional<std::string_view>)>();
+  return linear.call(x.to(at::kBFloat16), packed, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(),
+                     std::nullopt).to(at::kFloat);
+}
+
+// y [R, N] float32 = x [R, K] float32 times the index-th linear of the stack (four per layer).
+using Linear = std::function<Tensor(const Tensor& x, int64_t index)>;
+
+// act [R, I] = silu(gate) * up for gate_up [R, 2 I] (gate, then up, per row): a loop over the rows, each row
+// alone, for a forward whose rows must be a one-row forward's bits.
+Tensor gated_rows(const Tensor& gate_up) {
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
+  Tensor act = at::empty({rows, inter}, gate_up.options());
+  const float* gu = gate_up.data_ptr<float>();
+  float* ad = act.data_ptr<float>();
+  for_rows(rows, [&](int64_t r) {
+    for (int64_t i = 0; i < inter; ++i) {
+      const float g = gu[r * 2 * inter + i], u = gu[r * 2 * inter + inter + i];
+      ad[r * inter + i] = g / (1.0f + std::exp(-g)) * u;
+    }
+  });
+  return act;
+}
+
+// The same through ATen's vectorized SiLU, several times faster over a prefill's rows, whose bits no one-row
+// forward has to match.
+Tensor gated_vectorized(const Tensor& gate_up) {
+  const int64_t inter = gate_up.size(1) / 2;
+  return at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
 }
 
 // One row's keys and values: the committed cache slots 0..start-1, then the new rows it sees (slot start + j).
@@ -80,21 +139,21 @@ void attend(const float* q, const float* keys, const float* values, const RowVie
   }
 }
 
-// x [R, D] float32, updated in place through every layer. Per layer l, codes[4 l .. 4 l + 3] are the packed
-// q/k/v, o, gate/up and down weights (int4_kernel.h; their scales and offsets in sm alike), q and k rows in
-// rotary-pair order. caches: one [L, 2, Hkv, C, hd] float32 per sequence; sizes / starts: each sequence's new rows and its
-// committed length; chains[s] = 1 where sequence s's rows form a chain, else seen / seen_offsets [R + 1] list
-// what each row sees. phases [R, hd / 2, 2]: each row's rotation (cos, sin). Attention runs on torch's threads
-// where a layer's (keys x heads x head dim) reaches parallel_work. Returns x after each layer in taps.
-std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorList mlp_norm, at::TensorList weights,
-                               at::TensorList sm, at::TensorList caches, at::IntArrayRef sizes,
-                               at::IntArrayRef starts, at::IntArrayRef chains, const Tensor& seen,
-                               const Tensor& seen_offsets, const Tensor& phases, int64_t heads, int64_t kv_heads,
-                               int64_t head_dim, double eps, at::IntArrayRef taps,
-                               int64_t parallel_work) {
+// x [R, D] float32, updated in place through every layer. Per layer l, linear(., 4 l .. 4 l + 3) runs the
+// q/k/v, o, gate/up and down projections, q and k rows in rotary-pair order. caches: one [L, 2, Hkv, C, hd]
+// float32 per sequence; sizes / starts: each sequence's new rows and its committed length; chains[s] = 1 where
+// sequence s's rows form a chain, else seen / seen_offsets [R + 1] list what each row sees. phases
+// [R, hd / 2, 2]: each row's rotation (cos, sin). Attention runs on torch's threads where a layer's (keys x
+// heads x head dim) reaches parallel_work. vectorized: SiLU through ATen (gated_vectorized). Returns x after each
+// layer in taps.
+std::vector<Tensor> run_stack(Tensor x, at::TensorList attn_norm, at::TensorList mlp_norm, const Linear& linear,
+                              bool vectorized,
+                              at::TensorList caches, at::IntArrayRef sizes, at::IntArrayRef starts,
+                              at::IntArrayRef chains, const Tensor& seen, const Tensor& seen_offsets,
+                              const Tensor& phases, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps,
+                              at::IntArrayRef taps, int64_t parallel_work) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be [R, D] float32");
   const int64_t rows = x.size(0), dim = x.size(1), layers = attn_norm.size();
-  TORCH_CHECK(weights.size() == 4 * layers && sm.size() == 4 * layers, "four linears per layer");
   TORCH_CHECK(phases.scalar_type() == at::kFloat && phases.is_contiguous(), "phases must be float32 [R, hd/2, 2]");
   const int64_t group = heads / kv_heads, q_width = heads * head_dim;
 
@@ -133,10 +192,10 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
   for (int64_t l = 0; l < layers; ++l) {
     // attention block
     norm_rows(xs, attn_norm[l].data_ptr<float>(), normed.data_ptr<float>(), rows, dim, static_cast<float>(eps));
-    Tensor qkv = int4_mm(normed, weights[4 * l], sm[4 * l]);  // [R, (H + 2 Hkv) hd]
+    Tensor qkv = linear(normed, 4 * l);  // [R, (H + 2 Hkv) hd]
     const float* qkv_data = qkv.data_ptr<float>();
     const int64_t qkv_width = qkv.size(1);
-    for (int64_t r = 0; r < rows; ++r) {
+    for_rows(rows, [&](int64_t r) {
       const float* in = qkv_data + r * qkv_width;
       const float* c = rot + r * head_dim;  // [hd / 2, 2]
       const RowView& row = views[r];
@@ -159,7 +218,7 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
         const float* src = in + (heads + kv_heads + h) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = src[d];
       }
-    }
+    });
     // each (row, head) alone, so the split among threads changes no bits; short contexts stay on this thread
     int64_t keys_seen = 0;
     for (const RowView& row : views) keys_seen += row.start + row.seen_count;
@@ -178,28 +237,46 @@ std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorLis
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = out[d];
       }
     });
-    Tensor o = int4_mm(attended, weights[4 * l + 1], sm[4 * l + 1]);  // [R, D]
+    Tensor o = linear(attended, 4 * l + 1);  // [R, D]
     const float* od = o.data_ptr<float>();
-    for (int64_t i = 0; i < rows * dim; ++i) xs[i] += od[i];
+    for_rows(rows, [&](int64_t r) { for (int64_t i = r * dim; i < (r + 1) * dim; ++i) xs[i] += od[i]; });
 
     // MLP block
     norm_rows(xs, mlp_norm[l].data_ptr<float>(), normed.data_ptr<float>(), rows, dim, static_cast<float>(eps));
-    Tensor gate_up = int4_mm(normed, weights[4 * l + 2], sm[4 * l + 2]);  // [R, 2 I]
-    const int64_t inter = gate_up.size(1) / 2;
-    Tensor act = at::empty({rows, inter}, normed.options());
-    const float* gu = gate_up.data_ptr<float>();
-    float* ad = act.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t i = 0; i < inter; ++i) {
-        const float g = gu[r * 2 * inter + i], u = gu[r * 2 * inter + inter + i];
-        ad[r * inter + i] = g / (1.0f + std::exp(-g)) * u;
-      }
-    Tensor down = int4_mm(act, weights[4 * l + 3], sm[4 * l + 3]);  // [R, D]
+    Tensor gate_up = linear(normed, 4 * l + 2);  // [R, 2 I]
+    Tensor act = vectorized ? gated_vectorized(gate_up) : gated_rows(gate_up);  // [R, I]
+    Tensor down = linear(act, 4 * l + 3);  // [R, D]
     const float* dd = down.data_ptr<float>();
-    for (int64_t i = 0; i < rows * dim; ++i) xs[i] += dd[i];
+    for_rows(rows, [&](int64_t r) { for (int64_t i = r * dim; i < (r + 1) * dim; ++i) xs[i] += dd[i]; });
     if (tap_after[l + 1]) tapped.push_back(x.clone());
   }
   return tapped;
+}
+
+// run_stack on the 4-bit weights: codes[4 l .. 4 l + 3] are layer l's packed q/k/v, o, gate/up and down weights
+// (int4_kernel.h; their scales and offsets in sm alike).
+std::vector<Tensor> run_layers(Tensor x, at::TensorList attn_norm, at::TensorList mlp_norm, at::TensorList codes,
+                               at::TensorList sm, at::TensorList caches, at::IntArrayRef sizes,
+                               at::IntArrayRef starts, at::IntArrayRef chains, const Tensor& seen,
+                               const Tensor& seen_offsets, const Tensor& phases, int64_t heads, int64_t kv_heads,
+                               int64_t head_dim, double eps, at::IntArrayRef taps, int64_t parallel_work) {
+  TORCH_CHECK(codes.size() == 4 * attn_norm.size() && sm.size() == codes.size(), "four linears per layer");
+  const Linear linear = [&](const Tensor& in, int64_t i) { return int4_mm(in, codes[i], sm[i]); };
+  return run_stack(x, attn_norm, mlp_norm, linear, false, caches, sizes, starts, chains, seen, seen_offsets, phases,
+                   heads, kv_heads, head_dim, eps, taps, parallel_work);
+}
+
+// run_stack on bfloat16 copies of the weights (bf16_mm) and ATen's SiLU, for a prefill's many rows.
+std::vector<Tensor> run_layers_bulk(Tensor x, at::TensorList attn_norm, at::TensorList mlp_norm,
+                                    at::TensorList packed, at::TensorList caches, at::IntArrayRef sizes,
+                                    at::IntArrayRef starts, at::IntArrayRef chains, const Tensor& seen,
+                                    const Tensor& seen_offsets, const Tensor& phases, int64_t heads,
+                                    int64_t kv_heads, int64_t head_dim, double eps, at::IntArrayRef taps,
+                                    int64_t parallel_work) {
+  TORCH_CHECK(packed.size() == 4 * attn_norm.size(), "four linears per layer");
+  const Linear linear = [&](const Tensor& in, int64_t i) { return bf16_mm(in, packed[i]); };
+  return run_stack(x, attn_norm, mlp_norm, linear, true, caches, sizes, starts, chains, seen, seen_offsets, phases,
+                   heads, kv_heads, head_dim, eps, taps, parallel_work);
 }
 
 std::vector<Tensor> pack_int4(const Tensor& q, const Tensor& scale, const Tensor& zero) {
@@ -225,4 +302,9 @@ TORCH_LIBRARY(diffdraft_fused, m) {
         "Tensor(b!)[] caches, int[] sizes, int[] starts, int[] chains, Tensor seen, Tensor seen_offsets, "
         "Tensor phases, int heads, int kv_heads, int head_dim, float eps, int[] taps, int parallel_work) -> Tensor[]");
   m.impl("run_layers", c10::DispatchKey::CPU, &run_layers);
+  // the packed weights are oneDNN tensors (their own dispatch key): one kernel for every key
+  m.def("run_layers_bulk(Tensor(a!) x, Tensor[] attn_norm, Tensor[] mlp_norm, Tensor[] packed, "
+        "Tensor(b!)[] caches, int[] sizes, int[] starts, int[] chains, Tensor seen, Tensor seen_offsets, "
+        "Tensor phases, int heads, int kv_heads, int head_dim, float eps, int[] taps, int parallel_work) -> Tensor[]",
+        &run_layers_bulk);
 }

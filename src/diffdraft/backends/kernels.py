@@ -195,6 +195,11 @@ class BulkLinear:
             raise ValueError("BulkLinear needs oneDNN's bfloat16 linear (onednn_bf16_supported())")
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
+    @property
+    def packed_weight(self) -> torch.Tensor:
+        """The bfloat16 weight in oneDNN's layout (one reduction: the whole input width), for the fused stack."""
+        return self.kernel.parts[0]
+
     def __call__(self, x: torch.Tensor, widen: bool = True) -> torch.Tensor:
         y = self.kernel(x.to(torch.bfloat16))
         if widen or self.bias is not None:

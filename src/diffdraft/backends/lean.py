@@ -272,13 +272,18 @@ class LeanLlamaTarget(TargetBackend):
             return None, f"decoder layers in Python ({why})"
         if not all(lin.fused_kernel for lin in kernels):  # (made before the library was asked for, or without it)
             return None, "decoder layers in Python (their 4-bit weights are in PyTorch's layout)"
+        bulk = [lin for layer in self._layers for lin in layer.bulk.all()] if self.bulk_prefill else []
+        if not all(type(lin) is BulkLinear and lin.bias is None for lin in bulk):
+            bulk = []  # (a bias, say): long prefills run the Python layers on their bulk kernels
         stack = fused_kernels.FusedStack.of(op, [(layer.attn_norm, layer.mlp_norm) for layer in self._layers],
-                                            kernels, self.num_heads, self.num_kv_heads, self.head_dim, self.eps)
-        return stack, "decoder layers fused (C++, integer 4-bit kernel)"
+                                            kernels, self.num_heads, self.num_kv_heads, self.head_dim, self.eps,
+                                            bulk=bulk)
+        return stack, "decoder layers fused (C++, integer 4-bit kernel" + (", prefills bfloat16)" if bulk else ")")
 
     def _run_fused(self, x: torch.Tensor, parts: list[SequenceRows], starts: list[int], sizes: list[int],
-                   phases: torch.Tensor, want_taps: bool) -> dict[int, torch.Tensor]:
-        """Every layer over x [R, D] (in place) in one C++ call; returns the taps of layers 1..L-1 asked for."""
+                   phases: torch.Tensor, want_taps: bool, bulk: bool = False) -> dict[int, torch.Tensor]:
+        """Every layer over x [R, D] (in place) in one C++ call, on the bfloat16 copies if bulk; returns the taps
+        of layers 1..L-1 asked for."""
         chains = [1 if part.rows is None or part.rows.is_chain else 0 for part in parts]
         if all(chains):
             seen = offsets = torch.empty(0, dtype=torch.long)
@@ -290,7 +295,7 @@ class LeanLlamaTarget(TargetBackend):
         taps = [i for i in self.tap_layers if 0 < i < self.num_layers] if want_taps else []
         pairs = torch.view_as_real(phases[:, 0]).contiguous()  # [R, hd / 2, 2]
         tapped = self._fused.run(x, [part.state.cache for part in parts], sizes, starts, chains, seen, offsets, pairs,
-                                 taps)
+                                 taps, bulk=bulk)
         return dict(zip(taps, tapped))
 
     def _rope_phases(self, rotary: nn.Module) -> torch.Tensor:
@@ -356,11 +361,12 @@ class LeanLlamaTarget(TargetBackend):
         bulk = last_only and len(parts) == 1 and rows_total >= BULK_ROWS
         taps = {0: x} if want_taps and 0 in self.tap_layers else {}
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        fused = self._fused is not None and not bulk  # all layers in one C++ call (a long prefill: bulk kernels)
+        # all layers in one C++ call, a long prefill's on the stack's bfloat16 copies where it has them
+        fused = self._fused is not None and (not bulk or self._fused.has_bulk)
         if fused:
             if 0 in taps:
                 taps[0] = x.clone()  # the fused layers update x in place
-            taps.update(self._run_fused(x, parts, starts, sizes, phases, want_taps))
+            taps.update(self._run_fused(x, parts, starts, sizes, phases, want_taps, bulk=bulk))
         for index, layer in enumerate(() if fused else self._layers):  # else layer by layer, here
             linears = layer.bulk if bulk else layer.rowwise
             qkv = linears.qkv(rms_norm(x, layer.attn_norm, self.eps))  # [R, (H + 2 Hkv) hd]
