@@ -474,3 +474,57 @@ def test_the_served_model_id_is_a_short_name(tmp_path):
     assert served_name(str(gguf)) == "model.Q4_1"
     assert served_name(str(tmp_path / "some")) == "some"
     assert served_name(None) == "smollm2" and served_name("org/name") == "org/name"
+
+
+def test_run_decodes_on_the_callers_thread_and_stops_cleanly_on_sigterm(pipe, monkeypatch):
+    """serve.run (what `diffdraft serve` calls): the generation loop runs on the thread that called it (the one
+    that loaded the model; docs/design.md, "Serving"), HTTP on a thread of its own; SIGTERM lets the request
+    under way finish, then run returns and its signal handlers are gone."""
+    import os
+    import signal
+    import urllib.request
+
+    from diffdraft.serve import run
+
+    expected = pipe.generate(PROMPT, max_new_tokens=24, sampling=SamplingConfig()).text
+    decoded_on = []
+    generate_ids = pipe.generate_ids
+    monkeypatch.setattr(pipe, "generate_ids",
+                        lambda *a, **kw: decoded_on.append(threading.get_ident()) or generate_ids(*a, **kw))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    answers = []
+
+    def client() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except OSError:
+                time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        answers.append(chat(client).choices[0].message.content)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    asking = threading.Thread(target=client, daemon=True)
+    asking.start()
+    run(pipe, ServerSettings(model_name="tiny"), port=port, log_level="warning")
+    asking.join(10)
+    assert answers == [expected]
+    assert decoded_on == [threading.get_ident()]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+def test_run_on_a_port_in_use_is_one_clear_error(pipe):
+    from diffdraft.errors import DiffdraftError
+    from diffdraft.serve import run
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(DiffdraftError, match=f"could not serve on http://127.0.0.1:{port}"):
+            run(pipe, ServerSettings(model_name="tiny"), port=port, log_level="critical")

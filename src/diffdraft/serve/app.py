@@ -72,17 +72,21 @@ class ServerSettings:
 log = logging.getLogger("diffdraft.serve")
 
 
-def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = None) -> FastAPI:
-    """The app over a loaded pipeline (diffdraft.api Pipeline or DLLMPipeline)."""
+def create_app(pipeline, settings: ServerSettings, draft: DraftConfig | None = None,
+               loop_on_caller: bool = False) -> FastAPI:
+    """The app over a loaded pipeline (diffdraft.api Pipeline or DLLMPipeline). Its generation loops run on
+    threads of their own, or one of them on the thread that calls `app.state.worker.run_here()`
+    (loop_on_caller; serve.run)."""
     metrics = Metrics()
     if settings.max_batch > 1:
         if not pipeline.decoder(draft).takes_batches:
             raise DiffdraftError(f"the {decoder_name_of(pipeline)} decoder does not batch requests: "
                                  "serve it with --max-batch 1")
         worker = BatchWorker(pipeline, draft, metrics, settings.queue_limit, settings.max_batch,
-                             settings.kv_memory_bytes)
+                             settings.kv_memory_bytes, on_caller=loop_on_caller)
     else:
-        worker = Worker(pipeline, draft, metrics, settings.queue_limit, threads=settings.workers)
+        worker = Worker(pipeline, draft, metrics, settings.queue_limit, threads=settings.workers,
+                        on_caller=loop_on_caller)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

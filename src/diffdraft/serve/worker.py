@@ -3,7 +3,10 @@
 Two kinds. Worker answers requests on worker threads, one request per thread at a time
 (each request's decoding state is its own, so several threads may share the loaded weights).
 BatchWorker runs every admitted request on one thread, all of them in each step's one
-target forward (continuous batching, diffdraft.batching), up to a maximum batch. Requests wait in a queue of fixed size: `submit` refuses when it
+target forward (continuous batching, diffdraft.batching), up to a maximum batch. With
+`on_caller`, one loop runs on the thread that calls `run_here` instead of a thread of its own:
+`serve.run` gives it the thread that loaded the model, so that torch's thread pool serves one
+thread only (docs/design.md, "Serving"). Requests wait in a queue of fixed size: `submit` refuses when it
 is full (the server answers 429). Each job reports back to the event loop through an asyncio
 queue: "started", then "text" deltas (stop strings already applied) each with the log
 probabilities of the tokens that arrived since the last one (when asked for), then "done" with the
@@ -60,18 +63,17 @@ class Job:
             pass
 
 
-class Worker:
-    """`threads` threads that each run jobs one after another through `pipeline.generate_ids`."""
+class _Loops:
+    """The queue and the loops that take jobs from it: `count` loops, each on a thread of its own, or one of
+    them on the caller's thread (`on_caller`, run by run_here). close() ends every loop once its work is done."""
 
-    def __init__(self, pipeline, draft: DraftConfig | None, metrics: Metrics, queue_limit: int, threads: int = 1):
+    def __init__(self, queue_limit: int, count: int, on_caller: bool, name: str):
         if queue_limit < 1:
             raise DiffdraftError(f"the queue limit must be at least 1, got {queue_limit}")
-        if threads < 1:
-            raise DiffdraftError(f"the server needs at least 1 worker, got {threads}")
-        self.pipeline, self.draft, self.metrics = pipeline, draft, metrics
         self.waiting: queue.Queue[Job | None] = queue.Queue(maxsize=queue_limit)
-        self.threads = [threading.Thread(target=self._loop, name=f"diffdraft-worker-{i}", daemon=True)
-                        for i in range(threads)]
+        self.loops, self.on_caller, self.closed = count, on_caller, False
+        self.threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
+                        for i in range(count - on_caller)]
         for thread in self.threads:
             thread.start()
 
@@ -81,8 +83,31 @@ class Worker:
         self.metrics.queue(+1)
 
     def close(self) -> None:
-        for _ in self.threads:
-            self.waiting.put(None)
+        """Let every loop end after the jobs already queued (once; again does nothing)."""
+        if not self.closed:
+            self.closed = True
+            for _ in range(self.loops):
+                self.waiting.put(None)
+
+    def run_here(self) -> None:
+        """Run the caller's loop (on_caller) until close()."""
+        if not self.on_caller:
+            raise RuntimeError("this worker runs its loops on threads of its own")
+        self._loop()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Worker(_Loops):
+    """`threads` loops that each run jobs one after another through `pipeline.generate_ids`."""
+
+    def __init__(self, pipeline, draft: DraftConfig | None, metrics: Metrics, queue_limit: int, threads: int = 1,
+                 on_caller: bool = False):
+        if threads < 1:
+            raise DiffdraftError(f"the server needs at least 1 worker, got {threads}")
+        self.pipeline, self.draft, self.metrics = pipeline, draft, metrics
+        super().__init__(queue_limit, threads, on_caller, "diffdraft-worker")
 
     def _loop(self) -> None:
         while (job := self.waiting.get()) is not None:
@@ -153,29 +178,17 @@ class JobRun:
                                         code="internal_error"))
 
 
-class BatchWorker:
-    """One thread that steps every running request together (diffdraft.batching): at each step boundary it
+class BatchWorker(_Loops):
+    """One loop that steps every running request together (diffdraft.batching): at each step boundary it
     admits waiting jobs up to `max_batch`, and while their KV caches fit `memory_limit` bytes together (a job
     that could never fit answers 503; one that fits later waits), then runs one batch step, one target
     forward for all of them. Same queue, events and endings as Worker; each answer is what it would be alone."""
 
     def __init__(self, pipeline, draft: DraftConfig | None, metrics: Metrics, queue_limit: int, max_batch: int,
-                 memory_limit: int | None = None):
-        if queue_limit < 1:
-            raise DiffdraftError(f"the queue limit must be at least 1, got {queue_limit}")
+                 memory_limit: int | None = None, on_caller: bool = False):
         self.pipeline, self.draft, self.metrics = pipeline, draft, metrics
         self.batch = pipeline.batch(max_batch, memory_limit)
-        self.waiting: queue.Queue[Job | None] = queue.Queue(maxsize=queue_limit)
-        self.thread = threading.Thread(target=self._loop, name="diffdraft-batch", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: Job) -> None:
-        """Queue a job; queue.Full when the queue is full."""
-        self.waiting.put_nowait(job)
-        self.metrics.queue(+1)
-
-    def close(self) -> None:
-        self.waiting.put(None)
+        super().__init__(queue_limit, 1, on_caller, "diffdraft-batch")
 
     def _loop(self) -> None:
         closing = False
