@@ -144,7 +144,8 @@ void attend(const float* q, const float* keys, const float* values, const RowVie
 // float32 per sequence; sizes / starts: each sequence's new rows and its committed length; chains[s] = 1 where
 // sequence s's rows form a chain, else seen / seen_offsets [R + 1] list what each row sees. phases
 // [R, hd / 2, 2]: each row's rotation (cos, sin). Attention runs on torch's threads where a layer's (keys x
-// heads x head dim) reaches parallel_work. vectorized: SiLU through ATen (gated_vectorized). Returns x after each
+// heads x head dim) reaches parallel_work. vectorized (a prefill, whose rows no one-row forward has to match): SiLU
+// through ATen (gated_vectorized), and a prompt from slot 0 attends in one causal ATen call. Returns x after each
 // layer in taps.
 std::vector<Tensor> run_stack(Tensor x, at::TensorList attn_norm, at::TensorList mlp_norm, const Linear& linear,
                               bool vectorized,
@@ -179,6 +180,8 @@ std::vector<Tensor> run_stack(Tensor x, at::TensorList attn_norm, at::TensorList
   }
   TORCH_CHECK(static_cast<int64_t>(views.size()) == rows, "the sequences' sizes must add up to x's rows");
 
+  // bulk (a prefill) over one chain from slot 0 attends in one causal call; every other forward row by row
+  const bool whole_prompt = vectorized && sizes.size() == 1 && starts[0] == 0 && chains[0];
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const float* rot = phases.data_ptr<float>();
   float* xs = x.data_ptr<float>();
@@ -219,6 +222,15 @@ std::vector<Tensor> run_stack(Tensor x, at::TensorList attn_norm, at::TensorList
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = src[d];
       }
     });
+    if (whole_prompt) {  // a prompt from slot 0: one causal call, as the Python layers' bulk prefill makes
+      const Tensor layer = caches[0].select(0, l);  // [2, Hkv, C, hd]
+      const Tensor keys = layer.select(0, 0).narrow(1, 0, rows).unsqueeze(0);  // [1, Hkv, R, hd]
+      const Tensor values = layer.select(0, 1).narrow(1, 0, rows).unsqueeze(0);
+      const Tensor queries = q.view({rows, heads, head_dim}).transpose(0, 1).unsqueeze(0);  // [1, H, R, hd]
+      const Tensor out = at::scaled_dot_product_attention(queries, keys, values, std::nullopt, 0.0, true,
+                                                          std::nullopt, true);  // [1, H, R, hd]
+      attended.view({rows, heads, head_dim}).copy_(out[0].transpose(0, 1));
+    } else {
     // each (row, head) alone, so the split among threads changes no bits; short contexts stay on this thread
     int64_t keys_seen = 0;
     for (const RowView& row : views) keys_seen += row.start + row.seen_count;
@@ -237,6 +249,7 @@ std::vector<Tensor> run_stack(Tensor x, at::TensorList attn_norm, at::TensorList
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = out[d];
       }
     });
+    }
     Tensor o = linear(attended, 4 * l + 1);  // [R, D]
     const float* od = o.data_ptr<float>();
     for_rows(rows, [&](int64_t r) { for (int64_t i = r * dim; i < (r + 1) * dim; ++i) xs[i] += od[i]; });

@@ -31,8 +31,9 @@ runs it), else float32.
 With 4-bit weights the decoder layers run as one C++ call per forward where it builds
 (backends/fused.py, docs/native-weights.md "The fused layer stack"): the same int4 matmuls, and
 the norms, RoPE, cache writes, attention and SiLU between them as loops over the rows, each row
-alone, so the bit-identity above holds for it too; the Python loop below stays for float
-weights, LoRA updates, long prefills and machines without a compiler.
+alone, so the bit-identity above holds for it too. A long prefill runs in the same C++ call on
+the bfloat16 copies where they exist (docs/native-weights.md, "Prefills in the fused stack"). The
+Python loop below stays for float weights, LoRA updates and machines without a compiler.
 
 Several sequences' rows run through one forward (forward_many, a batch of requests): the
 row-wise parts over all rows at once, the cache writes and attention per sequence and row,
