@@ -228,6 +228,22 @@ def test_the_fused_attention_on_two_threads_gives_the_one_thread_bits(tiny_model
     assert torch.equal(batched, single) and torch.equal(batched, serial)
 
 
+def test_the_row_loops_of_a_long_forward_split_among_threads_without_changing_bits(tiny_model, tiny_tokenizer):
+    """From 32 rows the fused stack's row loops (norms, RoPE and cache writes, SiLU, the residual adds) run on
+    torch's threads (fused_layers.cpp, for_rows); each row still gets a one-token forward's bits."""
+    target = build_target(tiny_model, tiny_tokenizer, backend="lean", tap_layers=(0, 2, 4), weights="int4",
+                          report=lambda line: None)
+    assert target.fused_layers, target.fused_note
+    ids = torch.randint(0, 256, (1, CONTEXT + 40), generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batched, single = k_token_vs_one_token(target, ids, 40)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batched, single), f"max difference {(batched - single).abs().max()}"
+
+
 def test_the_identity_fails_when_a_non_invariant_kernel_is_swapped_in(tiny_model, tiny_tokenizer, monkeypatch):
     """Negative control: the int4 linears replaced by F.linear on their weights (MKL) lose the identity
     (the Python layers, where a kernel can be swapped)."""
