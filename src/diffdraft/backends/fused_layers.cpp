@@ -139,6 +139,46 @@ void attend(const float* q, const float* keys, const float* values, const RowVie
   }
 }
 
+// attended [R, H hd] = each row's attention over what it sees in layer l of its sequence's cache, q [R, H hd]
+// its queries. Each (row, head) alone, so the split among threads changes no bits; a layer's attention over
+// fewer (keys x heads x head dim) than parallel_work stays on this thread.
+void attend_rows(const Tensor& q, Tensor& attended, at::TensorList caches, const std::vector<RowView>& views,
+                 int64_t l, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t parallel_work) {
+  const int64_t rows = q.size(0), q_width = heads * head_dim, group = heads / kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  int64_t keys_seen = 0;
+  for (const RowView& row : views) keys_seen += row.start + row.seen_count;
+  const int64_t grain = keys_seen * heads * head_dim >= parallel_work ? 1 : rows * heads;
+  at::parallel_for(0, rows * heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, out(head_dim);
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t r = job / heads, h = job % heads, kvh = h / group;
+      const RowView& row = views[r];
+      const float* cache = caches[row.part].data_ptr<float>();
+      const int64_t capacity = caches[row.part].size(3);
+      const int64_t layer_at = l * 2 * kv_heads * capacity * head_dim;
+      attend(q.data_ptr<float>() + r * q_width + h * head_dim, cache + layer_at + kvh * capacity * head_dim,
+             cache + layer_at + (kv_heads + kvh) * capacity * head_dim, row, head_dim, scale, scores, out.data());
+      float* dst = attended.data_ptr<float>() + r * q_width + h * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) dst[d] = out[d];
+    }
+  });
+}
+
+// The same for a prompt's rows 0..R-1, each seeing the rows before it: one causal ATen call (flash attention
+// on the CPU), as the Python layers' bulk prefill makes; far faster than row by row for a long prompt.
+void attend_prompt(const Tensor& q, Tensor& attended, const Tensor& cache, int64_t l, int64_t heads,
+                   int64_t head_dim) {
+  const int64_t rows = q.size(0);
+  const Tensor layer = cache.select(0, l);  // [2, Hkv, C, hd]
+  const Tensor keys = layer.select(0, 0).narrow(1, 0, rows).unsqueeze(0);  // [1, Hkv, R, hd]
+  const Tensor values = layer.select(0, 1).narrow(1, 0, rows).unsqueeze(0);
+  const Tensor queries = q.view({rows, heads, head_dim}).transpose(0, 1).unsqueeze(0);  // [1, H, R, hd]
+  const Tensor out = at::scaled_dot_product_attention(queries, keys, values, std::nullopt, 0.0, /*is_causal=*/true,
+                                                      std::nullopt, /*enable_gqa=*/true);  // [1, H, R, hd]
+  attended.view({rows, heads, head_dim}).copy_(out[0].transpose(0, 1));
+}
+
 // x [R, D] float32, updated in place through every layer. Per layer l, linear(., 4 l .. 4 l + 3) runs the
 // q/k/v, o, gate/up and down projections, q and k rows in rotary-pair order. caches: one [L, 2, Hkv, C, hd]
 // float32 per sequence; sizes / starts: each sequence's new rows and its committed length; chains[s] = 1 where
@@ -156,7 +196,7 @@ std::vector<Tensor> run_stack(Tensor x, at::TensorList attn_norm, at::TensorList
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be [R, D] float32");
   const int64_t rows = x.size(0), dim = x.size(1), layers = attn_norm.size();
   TORCH_CHECK(phases.scalar_type() == at::kFloat && phases.is_contiguous(), "phases must be float32 [R, hd/2, 2]");
-  const int64_t group = heads / kv_heads, q_width = heads * head_dim;
+  const int64_t q_width = heads * head_dim;
 
   // Each row's sequence, cache slot and the new rows it sees (a chain's row i sees 0..i).
   std::vector<int64_t> chain_seen(rows);
@@ -182,7 +222,6 @@ std::vector<Tensor> run_stack(Tensor x, at::TensorList attn_norm, at::TensorList
 
   // bulk (a prefill) over one chain from slot 0 attends in one causal call; every other forward row by row
   const bool whole_prompt = vectorized && sizes.size() == 1 && starts[0] == 0 && chains[0];
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const float* rot = phases.data_ptr<float>();
   float* xs = x.data_ptr<float>();
   Tensor normed = at::empty({rows, dim}, x.options());
@@ -222,33 +261,10 @@ std::vector<Tensor> run_stack(Tensor x, at::TensorList attn_norm, at::TensorList
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = src[d];
       }
     });
-    if (whole_prompt) {  // a prompt from slot 0: one causal call, as the Python layers' bulk prefill makes
-      const Tensor layer = caches[0].select(0, l);  // [2, Hkv, C, hd]
-      const Tensor keys = layer.select(0, 0).narrow(1, 0, rows).unsqueeze(0);  // [1, Hkv, R, hd]
-      const Tensor values = layer.select(0, 1).narrow(1, 0, rows).unsqueeze(0);
-      const Tensor queries = q.view({rows, heads, head_dim}).transpose(0, 1).unsqueeze(0);  // [1, H, R, hd]
-      const Tensor out = at::scaled_dot_product_attention(queries, keys, values, std::nullopt, 0.0, true,
-                                                          std::nullopt, true);  // [1, H, R, hd]
-      attended.view({rows, heads, head_dim}).copy_(out[0].transpose(0, 1));
+    if (whole_prompt) {
+      attend_prompt(q, attended, caches[0], l, heads, head_dim);
     } else {
-    // each (row, head) alone, so the split among threads changes no bits; short contexts stay on this thread
-    int64_t keys_seen = 0;
-    for (const RowView& row : views) keys_seen += row.start + row.seen_count;
-    const int64_t grain = keys_seen * heads * head_dim >= parallel_work ? 1 : rows * heads;
-    at::parallel_for(0, rows * heads, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, out(head_dim);
-      for (int64_t job = begin; job < end; ++job) {
-        const int64_t r = job / heads, h = job % heads, kvh = h / group;
-        const RowView& row = views[r];
-        const float* cache = caches[row.part].data_ptr<float>();
-        const int64_t capacity = caches[row.part].size(3);
-        const int64_t layer_at = l * 2 * kv_heads * capacity * head_dim;
-        attend(q.data_ptr<float>() + r * q_width + h * head_dim, cache + layer_at + kvh * capacity * head_dim,
-               cache + layer_at + (kv_heads + kvh) * capacity * head_dim, row, head_dim, scale, scores, out.data());
-        float* dst = attended.data_ptr<float>() + r * q_width + h * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) dst[d] = out[d];
-      }
-    });
+      attend_rows(q, attended, caches, views, l, heads, kv_heads, head_dim, parallel_work);
     }
     Tensor o = linear(attended, 4 * l + 1);  // [R, D]
     const float* od = o.data_ptr<float>();

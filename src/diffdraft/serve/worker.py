@@ -67,11 +67,12 @@ class _Loops:
     """The queue and the loops that take jobs from it: `count` loops, each on a thread of its own, or one of
     them on the caller's thread (`on_caller`, run by run_here). close() ends every loop once its work is done."""
 
-    def __init__(self, queue_limit: int, count: int, on_caller: bool, name: str):
+    def __init__(self, metrics: Metrics, queue_limit: int, count: int, on_caller: bool, name: str):
         if queue_limit < 1:
             raise DiffdraftError(f"the queue limit must be at least 1, got {queue_limit}")
+        self.metrics = metrics
         self.waiting: queue.Queue[Job | None] = queue.Queue(maxsize=queue_limit)
-        self.loops, self.on_caller, self.closed = count, on_caller, False
+        self.loops, self.on_caller, self.closed, self._closing = count, on_caller, False, threading.Lock()
         self.threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
                         for i in range(count - on_caller)]
         for thread in self.threads:
@@ -84,10 +85,12 @@ class _Loops:
 
     def close(self) -> None:
         """Let every loop end after the jobs already queued (once; again does nothing)."""
-        if not self.closed:
+        with self._closing:
+            if self.closed:
+                return
             self.closed = True
-            for _ in range(self.loops):
-                self.waiting.put(None)
+        for _ in range(self.loops):
+            self.waiting.put(None)
 
     def run_here(self) -> None:
         """Run the caller's loop (on_caller) until close()."""
@@ -106,8 +109,8 @@ class Worker(_Loops):
                  on_caller: bool = False):
         if threads < 1:
             raise DiffdraftError(f"the server needs at least 1 worker, got {threads}")
-        self.pipeline, self.draft, self.metrics = pipeline, draft, metrics
-        super().__init__(queue_limit, threads, on_caller, "diffdraft-worker")
+        self.pipeline, self.draft = pipeline, draft
+        super().__init__(metrics, queue_limit, threads, on_caller, "diffdraft-worker")
 
     def _loop(self) -> None:
         while (job := self.waiting.get()) is not None:
@@ -186,9 +189,9 @@ class BatchWorker(_Loops):
 
     def __init__(self, pipeline, draft: DraftConfig | None, metrics: Metrics, queue_limit: int, max_batch: int,
                  memory_limit: int | None = None, on_caller: bool = False):
-        self.pipeline, self.draft, self.metrics = pipeline, draft, metrics
+        self.pipeline, self.draft = pipeline, draft
         self.batch = pipeline.batch(max_batch, memory_limit)
-        super().__init__(queue_limit, 1, on_caller, "diffdraft-batch")
+        super().__init__(metrics, queue_limit, 1, on_caller, "diffdraft-batch")
 
     def _loop(self) -> None:
         closing = False
