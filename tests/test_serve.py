@@ -478,8 +478,8 @@ def test_the_served_model_id_is_a_short_name(tmp_path):
 
 def test_run_decodes_on_the_callers_thread_and_stops_cleanly_on_sigterm(pipe, monkeypatch):
     """serve.run (what `diffdraft serve` calls): the generation loop runs on the thread that called it (the one
-    that loaded the model; docs/design.md, "Serving"), HTTP on a thread of its own; SIGTERM lets the request
-    under way finish, then run returns and its signal handlers are gone."""
+    that loaded the model; docs/design.md, "Serving"), HTTP on a thread of its own, and the answer is generate's;
+    then SIGTERM stops the server cleanly: run returns and its signal handlers are gone."""
     import os
     import signal
     import urllib.request
