@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -301,7 +302,15 @@ def test_without_a_build_the_layers_run_in_python_and_the_load_line_says_why(tin
 
 def test_a_damaged_build_is_made_again(tmp_path):
     """A library in the cache that does not load (here: garbage bytes) is compiled again, in a fresh process
-    (a process loads the op's library once)."""
+    (a process loads the op's library once); the build then prunes the builds beside it that no process has
+    loaded for UNUSED_BUILD_DAYS, and keeps a recent one."""
+    builds = tmp_path / "fused"
+    stale, recent = builds / "0000000000000000", builds / "1111111111111111"
+    for folder in (stale, recent):
+        folder.mkdir(parents=True)
+        (folder / "diffdraft_fused.so").write_bytes(b"an old build")
+    month_ago = time.time() - (fused.UNUSED_BUILD_DAYS + 1) * 86400
+    os.utime(stale, (month_ago, month_ago))
     script = (
         "from diffdraft.backends import fused\n"
         "path = fused.build_folder() / (fused.NAME + '.so')\n"
@@ -317,6 +326,7 @@ def test_a_damaged_build_is_made_again(tmp_path):
     assert "rebuilt True" in done.stdout
     assert "compiling the fused CPU layers" in done.stderr
     assert not list(tmp_path.rglob("*.partial"))
+    assert not stale.exists() and recent.exists()
 
 
 def test_int4_weights_stay_close_to_float32(tiny_model, tiny_tokenizer):

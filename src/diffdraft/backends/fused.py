@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +35,8 @@ NAME = "diffdraft_fused"
 # 32 tokens of context up, threads already pay at one row (8.4 against 8.5 ms a step; 15.5 against 20.7
 # ms at 1,500 tokens).
 PARALLEL_WORK = 1 << 12
+# A build in the cache that no process has loaded for this many days is removed (fused._prune_builds).
+UNUSED_BUILD_DAYS = 30
 # The instruction set the library is compiled for: this CPU's own by default; a test sets an older one (haswell:
 # AVX2 without AVX-512; x86-64: neither) to run the kernels' other paths on this machine.
 MARCH_ENV = "DIFFDRAFT_FUSED_MARCH"
@@ -76,6 +79,7 @@ def _build():
     if built.exists():
         try:
             torch.ops.load_library(str(built))
+            _prune_builds(keep=folder)
             return torch.ops.diffdraft_fused
         except OSError:  # a damaged library (a disk that filled, say): built again below
             built.unlink(missing_ok=True)
@@ -92,7 +96,19 @@ def _build():
         partial.unlink(missing_ok=True)
     print(f"compiled in {time.perf_counter() - tick:.0f} s", file=sys.stderr, flush=True)
     torch.ops.load_library(str(built))
+    _prune_builds(keep=folder)
     return torch.ops.diffdraft_fused
+
+
+def _prune_builds(keep: Path, unused_days: float = UNUSED_BUILD_DAYS) -> None:
+    """Mark `keep` used now and remove the other builds in its cache folder that no process has loaded for
+    `unused_days` (older sources, torch versions or CPUs; a few hundred KB each). Best effort: a build another process
+    is using was loaded recently, and whatever cannot be removed stays."""
+    now = time.time()
+    os.utime(keep, (now, now))
+    for other in keep.parent.iterdir():
+        if other != keep and other.is_dir() and now - other.stat().st_mtime > unused_days * 86400:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def library():
