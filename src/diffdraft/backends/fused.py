@@ -79,7 +79,6 @@ def _build():
     if built.exists():
         try:
             torch.ops.load_library(str(built))
-            _prune_builds(keep=folder)
             return torch.ops.diffdraft_fused
         except OSError:  # a damaged library (a disk that filled, say): built again below
             built.unlink(missing_ok=True)
@@ -96,7 +95,6 @@ def _build():
         partial.unlink(missing_ok=True)
     print(f"compiled in {time.perf_counter() - tick:.0f} s", file=sys.stderr, flush=True)
     torch.ops.load_library(str(built))
-    _prune_builds(keep=folder)
     return torch.ops.diffdraft_fused
 
 
@@ -105,10 +103,13 @@ def _prune_builds(keep: Path, unused_days: float = UNUSED_BUILD_DAYS) -> None:
     `unused_days` (older sources, torch versions or CPUs; a few hundred KB each). Best effort: a build another process
     is using was loaded recently, and whatever cannot be removed stays."""
     now = time.time()
-    os.utime(keep, (now, now))
-    for other in keep.parent.iterdir():
-        if other != keep and other.is_dir() and now - other.stat().st_mtime > unused_days * 86400:
-            shutil.rmtree(other, ignore_errors=True)
+    try:
+        os.utime(keep, (now, now))
+        for other in keep.parent.iterdir():
+            if other != keep and other.is_dir() and now - other.stat().st_mtime > unused_days * 86400:
+                shutil.rmtree(other, ignore_errors=True)
+    except OSError:  # a read-only cache, a folder another process removed meanwhile
+        pass
 
 
 def library():
@@ -122,6 +123,8 @@ def library():
         except Exception as error:  # no compiler, no headers, a failed build: the Python layers run instead
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             _state["ops"], _state["why"] = None, f"the fused layers did not build ({first})"
+        if _state["ops"] is not None:
+            _prune_builds(keep=build_folder())
     return _state["ops"]
 
 

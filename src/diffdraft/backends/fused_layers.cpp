@@ -63,6 +63,11 @@ void norm_rows(const float* x, const float* w, float* out, int64_t rows, int64_t
   });
 }
 
+// x[r] += y[r] for every row: the residual stream.
+void add_rows(float* x, const float* y, int64_t rows, int64_t dim) {
+  for_rows(rows, [&](int64_t r) { for (int64_t i = r * dim; i < (r + 1) * dim; ++i) x[i] += y[i]; });
+}
+
 // y [R, N] = x [R, K] W^T for one packed weight (int4_kernel.h), float32 in and out.
 Tensor int4_mm(const Tensor& x, const Tensor& codes, const Tensor& sm) {
   Tensor y = at::empty({x.size(0), codes.size(0) * diffdraft_int4::kBlock}, x.options());
@@ -267,16 +272,14 @@ std::vector<Tensor> run_stack(Tensor x, at::TensorList attn_norm, at::TensorList
       attend_rows(q, attended, caches, views, l, heads, kv_heads, head_dim, parallel_work);
     }
     Tensor o = linear(attended, 4 * l + 1);  // [R, D]
-    const float* od = o.data_ptr<float>();
-    for_rows(rows, [&](int64_t r) { for (int64_t i = r * dim; i < (r + 1) * dim; ++i) xs[i] += od[i]; });
+    add_rows(xs, o.data_ptr<float>(), rows, dim);
 
     // MLP block
     norm_rows(xs, mlp_norm[l].data_ptr<float>(), normed.data_ptr<float>(), rows, dim, static_cast<float>(eps));
     Tensor gate_up = linear(normed, 4 * l + 2);  // [R, 2 I]
     Tensor act = vectorized ? gated_vectorized(gate_up) : gated_rows(gate_up);  // [R, I]
     Tensor down = linear(act, 4 * l + 3);  // [R, D]
-    const float* dd = down.data_ptr<float>();
-    for_rows(rows, [&](int64_t r) { for (int64_t i = r * dim; i < (r + 1) * dim; ++i) xs[i] += dd[i]; });
+    add_rows(xs, down.data_ptr<float>(), rows, dim);
     if (tap_after[l + 1]) tapped.push_back(x.clone());
   }
   return tapped;
